@@ -1,0 +1,87 @@
+"""Which parameters of a model are sparse: discovery, dense-layer patterns and model unwrapping."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+#: Module types whose ``weight`` is made sparse by default (stem and classifier included).
+DEFAULT_SPARSE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the user's module inside DDP / DataParallel / ``torch.compile`` wrappers.
+
+    Parameter names are always taken relative to the unwrapped module, so masks keep the same keys
+    whether or not the model is wrapped.
+    """
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _matches(name: str, patterns: Iterable[str]) -> list[str]:
+    return [p for p in patterns if fnmatch.fnmatchcase(name, p)]
+
+
+def find_sparse_params(
+    model: nn.Module,
+    *,
+    dense_layers: Sequence[str] = (),
+    sparse_types: Sequence[type[nn.Module]] = DEFAULT_SPARSE_TYPES,
+) -> dict[str, nn.Parameter]:
+    """Return ``{parameter FQN: parameter}`` of the weights to sparsify, in module order.
+
+    Args:
+        model: the (unwrapped) model.
+        dense_layers: glob patterns (``fnmatch``) matched against module names (``"conv1"``,
+            ``"features.0"``, ``"layer*.0.downsample.0"``) or parameter names (``"fc.weight"``); a
+            matching layer stays dense. Each pattern must match at least one sparse-type layer.
+        sparse_types: module types whose ``weight`` is sparsified.
+
+    Raises:
+        ValueError: when a pattern matches nothing, or when no sparsifiable layer is left.
+    """
+    used: set[str] = set()
+    found: dict[str, nn.Parameter] = {}
+    candidates = 0
+    for mod_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, tuple(sparse_types)) or not isinstance(weight, nn.Parameter):
+            continue
+        candidates += 1
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        hits = _matches(mod_name, dense_layers) + _matches(name, dense_layers)
+        used.update(hits)
+        if not hits:
+            found[name] = weight
+    unused = [p for p in dense_layers if p not in used]
+    if unused:
+        raise ValueError(
+            f"dense_layers pattern(s) {unused} match no {'/'.join(t.__name__ for t in sparse_types)} layer; "
+            "patterns are fnmatch globs over module names such as 'conv1' or 'features.0'"
+        )
+    if not found:
+        what = "all of them are kept dense by dense_layers" if candidates else "the model has none"
+        kinds = "/".join(t.__name__ for t in sparse_types)
+        raise ValueError(f"no sparsifiable layers: expected {kinds} weights, but {what}")
+    return found
+
+
+def check_optimizer_holds(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> None:
+    """Raise ValueError unless every sparse parameter is in ``optimizer``'s param groups."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in params.items() if id(p) not in held]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"the optimizer does not hold {len(missing)} of the model's sparse parameters ({shown}); "
+            "build the optimizer from this model's parameters"
+        )

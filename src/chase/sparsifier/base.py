@@ -1,0 +1,363 @@
+"""The dynamic sparse training engine: masks, exploration schedule, state, hooks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from chase.sparse import exploration, schedules
+from chase.sparse.distribution import DISTRIBUTIONS, layer_counts, random_masks
+from chase.sparse.masks import MaskSet
+from chase.sparse.targets import DEFAULT_SPARSE_TYPES, check_optimizer_holds, find_sparse_params, unwrap_model
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SCOPES = ("global", "layer")
+GROWTH = ("gradient", "random")
+
+
+@dataclass
+class StepInfo:
+    """What one :meth:`Sparsifier.step` call did.
+
+    Attributes:
+        step: optimizer steps counted so far (including this one).
+        updated: an exploration update changed the masks.
+        skipped: an update was due but skipped because the gradients were not finite.
+        shapes_changed: parameters changed shape (channels were physically removed): re-wrap DDP,
+            re-compile, or rebuild anything that captured shapes.
+        channels_removed: channels removed at this step.
+    """
+
+    step: int
+    updated: bool = False
+    skipped: bool = False
+    shapes_changed: bool = False
+    channels_removed: int = 0
+
+
+def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+
+
+class Sparsifier:
+    """Unstructured dynamic sparse training on any model, with the user's own optimizer.
+
+    Call :meth:`step` once after every ``optimizer.step()`` (and before ``optimizer.zero_grad()``, so an
+    exploration update can read the gradients). Weights and every optimizer state tensor shaped like a
+    weight are zeroed at masked positions right after each optimizer step (an optimizer step post-hook).
+
+    Args:
+        model: the model (DDP-wrapped and ``torch.compile``d models are unwrapped; mask keys are the
+            parameter names of the unwrapped model).
+        optimizer: any ``torch.optim.Optimizer`` holding the model's parameters.
+        density: fraction of the sparse layers' ORIGINAL weights that is kept, in (0, 1].
+        total_steps: optimizer steps in the whole run.
+        distribution: initial per-layer densities: ``"erk"``, ``"er"`` or ``"uniform"``.
+        dense_layers: fnmatch patterns of module or parameter names kept dense (e.g. ``["conv1"]``).
+        sparse_types: module types whose ``weight`` is sparse (default all Conv1d/2d/3d and Linear).
+        update_every: optimizer steps between exploration updates.
+        end_step: last step at which updates happen (exclusive); default ``total_steps``.
+        growth: ``"gradient"`` (RigL: largest |gradient|) or ``"random"`` (SET).
+        scope: ``"global"`` (all layers ranked together) or ``"layer"`` (each layer keeps its count).
+        swap_fraction: fraction of kept weights pruned and regrown at the first update.
+        swap_schedule: ``"cosine"`` (decays to ``swap_floor`` at ``swap_horizon``) or ``"constant"``.
+        swap_floor: value the cosine schedule decays to.
+        swap_horizon: steps over which the cosine decays; default ``end_step``.
+        soft_bound: MEST's extra density delta0 held between updates (0 disables); global scope only.
+        soft_bound_end: step at which delta(t) has decayed to 0; default ``end_step``.
+        seed: seed of the sparsifier's own generator (initial masks, random growth); the global RNG is
+            never touched.
+        sync_distributed: under ``torch.distributed``, broadcast masks from rank 0 after every change.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        density: float,
+        total_steps: int,
+        distribution: str = "erk",
+        dense_layers: Sequence[str] = (),
+        sparse_types: Sequence[type[nn.Module]] = DEFAULT_SPARSE_TYPES,
+        update_every: int = 100,
+        end_step: int | None = None,
+        growth: str = "gradient",
+        scope: str = "layer",
+        swap_fraction: float = 0.3,
+        swap_schedule: str = "cosine",
+        swap_floor: float = 0.0,
+        swap_horizon: int | None = None,
+        soft_bound: float = 0.0,
+        soft_bound_end: int | None = None,
+        seed: int = 0,
+        sync_distributed: bool = True,
+    ) -> None:
+        _check_fraction("density", density)
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {update_every}")
+        if growth not in GROWTH:
+            raise ValueError(f"growth must be one of {GROWTH}, got {growth!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if swap_schedule not in schedules.SWAP_SCHEDULES:
+            raise ValueError(
+                f"swap_schedule must be one of {schedules.SWAP_SCHEDULES}, got {swap_schedule!r}"
+            )
+        _check_fraction("swap_fraction", swap_fraction, low_open=False)
+        _check_fraction("swap_floor", swap_floor, low_open=False)
+        if soft_bound < 0 or density + soft_bound > 1:
+            raise ValueError(f"soft_bound must be >= 0 with density + soft_bound <= 1, got {soft_bound}")
+        if soft_bound > 0 and scope != "global":
+            raise ValueError("the soft memory bound (soft_bound > 0) needs scope='global'")
+
+        self.model = model
+        self.module = unwrap_model(model)
+        self.optimizer = optimizer
+        self.density = float(density)
+        self.total_steps = total_steps
+        self.distribution = distribution
+        self.update_every = int(update_every)
+        self.end_step = total_steps if end_step is None else int(end_step)
+        self.growth = growth
+        self.scope = scope
+        self.swap_fraction = float(swap_fraction)
+        self.swap_schedule = swap_schedule
+        self.swap_floor = float(swap_floor)
+        self.swap_horizon = self.end_step if swap_horizon is None else int(swap_horizon)
+        self.soft_bound = float(soft_bound)
+        self.soft_bound_end = self.end_step if soft_bound_end is None else int(soft_bound_end)
+        self.sync_distributed = sync_distributed
+
+        params = find_sparse_params(self.module, dense_layers=dense_layers, sparse_types=sparse_types)
+        check_optimizer_holds(optimizer, params)
+        #: weights per sparse layer at construction: densities always count against these.
+        self.dense_numel = {n: p.numel() for n, p in params.items()}
+        self.total_dense = sum(self.dense_numel.values())
+        #: kept weights at density ``d`` (never shrinks, even when channels are removed).
+        self.budget = round(self.density * self.total_dense)
+
+        self._step = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        counts = layer_counts(shapes, self.density + self._extra(0), distribution)
+        self._masks = MaskSet(params, random_masks(shapes, counts, self._generator))
+        self._broadcast_masks()
+        self._masks.apply(optimizer)
+        self._hook_fired = False
+        self._hook = optimizer.register_step_post_hook(self._post_step_hook)
+        log.info(
+            "%s: %d sparse layers, %d of %d weights kept (density %.4f)",
+            type(self).__name__,
+            len(params),
+            self.kept,
+            self.total_dense,
+            self.global_density(),
+        )
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps counted so far."""
+        return self._step
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: bool mask}`` (views of the live masks: do not modify)."""
+        return dict(self._masks.masks)
+
+    @property
+    def kept(self) -> int:
+        """Number of kept weights over all sparse layers."""
+        return int(self._masks.flat.sum())
+
+    def global_density(self) -> float:
+        """Kept weights / ORIGINAL dense size of the sparse layers."""
+        return self.kept / self.total_dense
+
+    def layer_densities(self) -> dict[str, float]:
+        """Per-layer kept weights / that layer's ORIGINAL dense size."""
+        counts = self._masks.counts()
+        return {n: c / self.dense_numel[n] for n, c in zip(self._masks.names, counts)}
+
+    def target_kept(self, t: int) -> int:
+        """Kept weights the schedule asks for after an update at step ``t``: the budget, plus MEST's
+        soft-bound extra ``delta(t)`` while it is on."""
+        return round((self.density + self._extra(t)) * self.total_dense)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(density={self.density}, layers={len(self._masks.names)}, "
+            f"step={self._step}/{self.total_steps}, scope={self.scope!r}, growth={self.growth!r})"
+        )
+
+    # ------------------------------------------------------------------ stepping
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._masks.apply(optimizer)
+        self._hook_fired = True
+
+    def _extra(self, t: int) -> float:
+        if self.soft_bound <= 0:
+            return 0.0
+        return schedules.soft_bound_extra(t, delta0=self.soft_bound, end=self.soft_bound_end)
+
+    def is_update_step(self, t: int) -> bool:
+        """Whether an exploration update is due after optimizer step ``t``."""
+        return t % self.update_every == 0 and t < self.end_step
+
+    def step(self) -> StepInfo:
+        """Count one optimizer step; run the exploration update (and subclass events) when due."""
+        if not self._hook_fired:  # the optimizer skipped its step (GradScaler) or does not run hooks
+            self._masks.apply(self.optimizer)
+        self._hook_fired = False
+        self._step += 1
+        info = StepInfo(step=self._step)
+        if self.is_update_step(self._step):
+            if self._grads_finite():
+                self.explore(self._step)
+                info.updated = True
+            else:
+                info.skipped = True
+                warnings.warn(
+                    f"step {self._step}: gradients are not finite (inf/NaN, e.g. a GradScaler overflow); "
+                    "exploration update skipped, masks unchanged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        self._after_step(self._step, info)
+        return info
+
+    def _after_step(self, t: int, info: StepInfo) -> None:
+        """Hook for subclasses (channel events)."""
+
+    def _grads(self) -> list[torch.Tensor]:
+        grads = [self._masks.params[n].grad for n in self._masks.names]
+        missing = [n for n, g in zip(self._masks.names, grads) if g is None]
+        if missing:
+            raise RuntimeError(
+                f"no gradient for {missing[0]} (and {len(missing) - 1} more) at an exploration update: "
+                "call sparsifier.step() after optimizer.step() and BEFORE optimizer.zero_grad()"
+            )
+        return grads
+
+    def _grads_finite(self) -> bool:
+        if self.growth != "gradient":
+            return True
+        grads = self._grads()
+        # One sync for all layers: the norm of the norms is finite iff every entry is finite.
+        return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()))
+
+    # ------------------------------------------------------------------ exploration
+    def growth_region(self) -> torch.Tensor | None:
+        """Flat bool tensor of positions where growth may land (None: anywhere). Subclasses restrict it."""
+        return None
+
+    @torch.no_grad()
+    def explore(self, t: int) -> None:
+        """One prune-and-grow update at step ``t`` (uses the current gradients for gradient growth)."""
+        m = self._masks
+        params = [m.params[n] for n in m.names]
+        prune_scores = exploration.magnitude_scores(params)
+        if self.growth == "gradient":
+            grow_scores = exploration.magnitude_scores(self._grads())
+        else:
+            grow_scores = torch.rand(m.flat.numel(), generator=self._generator).to(m.flat.device)
+        frac = schedules.swap_fraction(
+            t,
+            start=self.swap_fraction,
+            horizon=self.swap_horizon,
+            schedule=self.swap_schedule,
+            floor=self.swap_floor,
+        )
+        if self.scope == "layer":
+            counts = m.counts()
+            swaps = [math.floor(frac * c) for c in counts]
+            exploration.per_layer_prune_grow(m.flat, prune_scores, grow_scores, m.offsets, swaps)
+        else:
+            current = self.kept
+            # While the soft bound is on, an update prunes back to the budget and grows to budget +
+            # delta(t); afterwards it swaps frac * budget weights at a constant budget. Both forms also
+            # regrow weights freed by removed channels, so the budget is restored at every update.
+            swap = 0 if self._extra(t) > 0 else math.floor(frac * self.budget)
+            n_prune = max(0, current - self.budget + swap)
+            exploration.prune_smallest(m.flat, prune_scores, n_prune)
+            allowed = self.growth_region()
+            free = ~m.flat if allowed is None else allowed & ~m.flat
+            n_grow = min(self.target_kept(t) - (current - n_prune), int(free.sum()))
+            exploration.grow_largest(m.flat, grow_scores, n_grow, allowed)
+        m.sync_views()
+        self._broadcast_masks()
+        m.apply(self.optimizer)
+
+    def _broadcast_masks(self) -> None:
+        """Under torch.distributed, make every rank hold rank 0's masks (decide once, share)."""
+        dist = torch.distributed
+        if not (self.sync_distributed and dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() <= 1:
+            return
+        buf = self._masks.flat.to(torch.uint8)
+        dist.broadcast(buf, src=0)
+        self._masks.flat.copy_(buf.bool())
+        self._masks.sync_views()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the run: step, masks, generator state, and the settings they depend on."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "algorithm": type(self).__name__,
+            "step": self._step,
+            "density": self.density,
+            "dense_numel": dict(self.dense_numel),
+            "masks": {n: mask.detach().cpu().clone() for n, mask in self._masks.masks.items()},
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; masks are re-applied to the weights and optimizer state.
+
+        Raises:
+            ValueError: the state comes from another algorithm, model or format version.
+        """
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported sparsifier state format {version!r} (expected {FORMAT_VERSION})")
+        if state.get("algorithm") != type(self).__name__:
+            raise ValueError(f"state_dict was saved by {state.get('algorithm')}, not {type(self).__name__}")
+        saved, mine = set(state["dense_numel"]), set(self.dense_numel)
+        if saved != mine or any(state["dense_numel"][n] != self.dense_numel[n] for n in mine):
+            diff = (
+                sorted(saved ^ mine)[:5]
+                or [n for n in mine if state["dense_numel"][n] != self.dense_numel[n]][:5]
+            )
+            raise ValueError(f"state_dict is from a different model (sparse layers differ: {diff})")
+        self._load_extra_state(state)
+        self._masks.rebuild(state["masks"])
+        self.density = float(state["density"])
+        self.budget = round(self.density * self.total_dense)
+        self._step = int(state["step"])
+        self._generator.set_state(state["generator"])
+        self._masks.apply(self.optimizer)
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Hook for subclasses: restore their own state before the masks are loaded."""
+
+    def remove(self) -> None:
+        """Detach from the optimizer (the masks stop being enforced)."""
+        self._hook.remove()

@@ -1,0 +1,179 @@
+"""Per-module-type rules that recompute a module's shape attributes from its (new) tensor shapes.
+
+A rule is ``rule(module, shapes) -> {attribute: value}``: ``shapes`` maps the module's own parameter and
+buffer names to their shapes after slicing. Rules are pure (they never mutate) and raise ValueError when
+the module cannot take the new shapes, so surgery can check every module before it touches any tensor.
+The table is keyed by type and matched with ``isinstance``; no model class names appear anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Shapes = Mapping[str, torch.Size]
+Rule = Callable[[nn.Module, Shapes], "dict[str, Any]"]
+
+
+def _same_length(shapes: Shapes, names: tuple[str, ...]) -> int | None:
+    """The common dim-0 size of the named tensors that exist; ValueError when they disagree."""
+    sizes = {n: shapes[n][0] for n in names if n in shapes}
+    if not sizes:
+        return None
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"tensors were sliced inconsistently: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _conv_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
+    w = shapes["weight"]
+    groups, c_in, c_out = module.groups, module.in_channels, module.out_channels
+    if groups == 1:
+        # Plain convs hold [out, in, ...]; transposed convs hold [in, out, ...].
+        rows, cols = (w[1], w[0]) if module.transposed else (w[0], w[1])
+        new = {"in_channels": cols, "out_channels": rows}
+    elif groups == c_in:
+        # Depthwise, possibly with a channel multiplier: every input channel is its own group, so a
+        # channel takes its ``mult`` filters with it and ``groups`` follows the width.
+        mult = c_out // c_in
+        if module.transposed:
+            if w[1] != mult:
+                raise ValueError(f"depthwise transposed conv cannot take weight shape {tuple(w)}")
+            n = w[0]
+        else:
+            if w[1] != 1 or w[0] % mult:
+                raise ValueError(f"depthwise conv cannot take weight shape {tuple(w)}")
+            n = w[0] // mult
+        new = {"in_channels": n, "out_channels": n * mult, "groups": n}
+    else:
+        raise ValueError(
+            f"grouped conv (groups={groups}, in={c_in}, out={c_out}) cannot be sliced channel by channel"
+        )
+    bias = shapes.get("bias")
+    if bias is not None and bias[0] != new["out_channels"]:
+        raise ValueError(f"bias size {bias[0]} != out_channels {new['out_channels']}")
+    return new
+
+
+def _linear_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
+    w = shapes["weight"]
+    bias = shapes.get("bias")
+    if bias is not None and bias[0] != w[0]:
+        raise ValueError(f"bias size {bias[0]} != out_features {w[0]}")
+    return {"in_features": w[1], "out_features": w[0]}
+
+
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _batchnorm_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
+    n = _same_length(shapes, _NORM_TENSORS)
+    return {} if n is None else {"num_features": n}
+
+
+def _groupnorm_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
+    n = _same_length(shapes, ("weight", "bias"))
+    if n is None:
+        return {}
+    if n % module.num_groups:
+        raise ValueError(f"{n} channels are not divisible by num_groups={module.num_groups}")
+    return {"num_channels": n}
+
+
+def _normalized_shape_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
+    sizes = {tuple(shapes[n]) for n in ("weight", "bias") if n in shapes}
+    if not sizes:
+        return {}
+    if len(sizes) != 1:
+        raise ValueError(f"weight and bias were sliced inconsistently: {sizes}")
+    return {"normalized_shape": next(iter(sizes))}
+
+
+def _prelu_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
+    return {"num_parameters": shapes["weight"][0]}
+
+
+def _embedding_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
+    w = shapes["weight"]
+    return {"num_embeddings": w[0], "embedding_dim": w[1]}
+
+
+_BATCHNORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+# Order matters only between a type and its subclasses; user rules are inserted first so they win.
+_RULES: list[tuple[type, Rule]] = [
+    (
+        (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+        _conv_rule,
+    ),
+    (nn.Linear, _linear_rule),
+    (_BATCHNORM_TYPES, _batchnorm_rule),
+    (nn.GroupNorm, _groupnorm_rule),
+    (nn.LayerNorm, _normalized_shape_rule),
+    (nn.PReLU, _prelu_rule),
+    (nn.Embedding, _embedding_rule),
+]
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    _RULES.append((nn.RMSNorm, _normalized_shape_rule))
+
+_warned_types: set[type] = set()
+
+
+def register_rule(module_type: type | tuple[type, ...], rule: Rule) -> None:
+    """Teach surgery how to fix the attributes of ``module_type`` (e.g. a no-op for a layer-scale module).
+
+    A registered rule takes precedence over the built-in ones.
+    """
+    _RULES.insert(0, (module_type, rule))
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    """The rule for ``module``'s type, or None when there is none."""
+    for types, rule in _RULES:
+        if isinstance(module, types):
+            return rule
+    return None
+
+
+def new_attributes(name: str, module: nn.Module, shapes: Shapes) -> dict[str, Any]:
+    """Attributes ``module`` (called ``name``) takes after slicing; ValueError naming the layer if none fit.
+
+    Unknown module types get no attribute changes (their tensors are still sliced) and one warning per type.
+    """
+    rule = find_rule(module)
+    if rule is None:
+        kind = type(module)
+        if kind not in _warned_types:
+            _warned_types.add(kind)
+            logger.warning(
+                "no surgery rule for %s (first seen at %r): its tensors were sliced but no attribute was "
+                "updated; register_rule() silences this",
+                kind.__qualname__,
+                name,
+            )
+        return {}
+    try:
+        return rule(module, shapes)
+    except ValueError as e:
+        raise ValueError(f"cannot slice channels of layer {name!r} ({type(module).__name__}): {e}") from e
+
+
+def apply_attributes(module: nn.Module, attrs: Mapping[str, Any]) -> None:
+    """Set the attributes computed by :func:`new_attributes` (plain ints/tuples, never tensors)."""
+    for attr, value in attrs.items():
+        setattr(module, attr, value)

@@ -1,0 +1,61 @@
+"""Small models and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyResNet(nn.Module):
+    """conv-bn-relu stem, one residual block (add), a strided block with a 1x1 shortcut, pool, linear."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.block_a = nn.Conv2d(w, w, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(w)
+        self.block_b = nn.Conv2d(w, w, 3, padding=1, bias=False)
+        self.bn_b = nn.BatchNorm2d(w)
+        self.down = nn.Conv2d(w, 2 * w, 1, stride=2, bias=False)
+        self.conv2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * w)
+        self.fc = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn_a(self.block_a(x)))
+        x = torch.relu(x + self.bn_b(self.block_b(y)))
+        x = torch.relu(self.down(x) + self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def batch(i: int, n: int = 8, size: int = 16, classes: int = 10, dtype=torch.float32):
+    """Deterministic synthetic batch number ``i``."""
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(n, 3, size, size, generator=g, dtype=dtype), torch.randint(
+        0, classes, (n,), generator=g
+    )
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    if name == "nesterov":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    raise ValueError(name)
+
+
+def train_step(model, optimizer, sparsifier, i: int, size: int = 16, n: int = 8):
+    x, y = batch(i, n=n, size=size, dtype=next(model.parameters()).dtype)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    info = sparsifier.step() if sparsifier is not None else None
+    optimizer.zero_grad()
+    return info
