@@ -1,7 +1,23 @@
 """chase: channel-aware dynamic sparse training for PyTorch."""
 
-from chase.sparsifier import MEST, SET, RigL, Sparsifier, Static, StepInfo
+from chase.analysis import ChannelStats, channel_stats
+from chase.export import load_slim
+from chase.graph import channel_groups
+from chase.sparsifier import MEST, SET, Chase, RigL, Sparsifier, Static, StepInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["MEST", "SET", "RigL", "Sparsifier", "Static", "StepInfo", "__version__"]
+__all__ = [
+    "ChannelStats",
+    "channel_stats",
+    "MEST",
+    "SET",
+    "Chase",
+    "RigL",
+    "Sparsifier",
+    "Static",
+    "StepInfo",
+    "__version__",
+    "channel_groups",
+    "load_slim",
+]

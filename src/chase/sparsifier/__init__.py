@@ -2,5 +2,6 @@
 
 from chase.sparsifier.algorithms import MEST, SET, RigL, Static
 from chase.sparsifier.base import Sparsifier, StepInfo
+from chase.sparsifier.chase import Chase
 
-__all__ = ["MEST", "SET", "RigL", "Sparsifier", "Static", "StepInfo"]
+__all__ = ["MEST", "SET", "Chase", "RigL", "Sparsifier", "Static", "StepInfo"]

@@ -148,6 +148,7 @@ class Sparsifier:
         check_optimizer_holds(optimizer, params)
         #: weights per sparse layer at construction: densities always count against these.
         self.dense_numel = {n: p.numel() for n, p in params.items()}
+        self.dense_shapes = {n: tuple(p.shape) for n, p in params.items()}
         self.total_dense = sum(self.dense_numel.values())
         #: kept weights at density ``d`` (never shrinks, even when channels are removed).
         self.budget = round(self.density * self.total_dense)

@@ -1,0 +1,79 @@
+"""``ChannelGraph``: the list of a model's channel groups, with lookup and a readable summary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Union
+
+from chase.graph.types import ChannelGroup, Slot
+
+
+class ChannelGraph:
+    """All channel groups of one model, in module order.
+
+    Iterable and indexable (by position or by group name); :meth:`prunable` lists the groups channel
+    pruning may act on; ``str(graph)`` is a one-line-per-group summary.
+    """
+
+    def __init__(self, groups: list[ChannelGroup], *, prune_skip: bool = False) -> None:
+        self.groups = list(groups)
+        self.prune_skip = prune_skip
+        self._by_name = {g.name: g for g in self.groups}
+
+    def __iter__(self) -> Iterator[ChannelGroup]:
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, key: Union[int, str]) -> ChannelGroup:
+        return self.groups[key] if isinstance(key, int) else self._by_name[key]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def get(self, name: str) -> ChannelGroup | None:
+        """The group called ``name`` (its root layer's FQN, ``"<layer>:in"`` for input-side groups)."""
+        return self._by_name.get(name)
+
+    def prunable(self) -> list[ChannelGroup]:
+        """Groups whose channels may be removed under the options the graph was built with."""
+        return [g for g in self.groups if g.prunable]
+
+    def residual(self) -> list[ChannelGroup]:
+        """Groups of the residual stream (channels summed by an elementwise add)."""
+        return [g for g in self.groups if g.residual]
+
+    def slots_of(self, tensor: str) -> list[tuple[ChannelGroup, Slot]]:
+        """Every (group, slot) that names parameter or buffer ``tensor``."""
+        return [(g, s) for g in self.groups for s in g.slots if s.tensor == tensor]
+
+    def summary(self, max_layers: int = 6) -> str:
+        """One line per group: state, name, width, the layers it touches, and why it is kept if it is."""
+        n_res = len(self.residual())
+        lines = [
+            f"ChannelGraph: {len(self)} groups, {len(self.prunable())} prunable, {n_res} residual "
+            f"(prune_skip={self.prune_skip})"
+        ]
+        width = max((len(g.name) for g in self.groups), default=0)
+        for g in self.groups:
+            mark = "P" if g.prunable else "-"
+            flags = ("R" if g.residual else " ") + (" " if g.exact else "~")
+            mods = [m for m in g.modules if m != g.name]
+            shown = ", ".join(mods[:max_layers]) + (
+                f", ... (+{len(mods) - max_layers})" if len(mods) > max_layers else ""
+            )
+            line = f"  [{mark}{flags}] {g.name:<{width}} {g.width:>5} ch -> {shown or '(no other layer)'}"
+            if not g.prunable:
+                line += f"  | kept: {g.reason}"
+            lines.append(line)
+        lines.append("  legend: P prunable, R residual stream, ~ removal changes a channel-mixing norm")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (
+            f"ChannelGraph({len(self)} groups, {len(self.prunable())} prunable, prune_skip={self.prune_skip})"
+        )

@@ -1,0 +1,246 @@
+"""``channel_groups``: find every coupled channel group of a model from one example forward pass.
+
+Two views of the same forward pass are combined. Torch-Pruning's dependency graph says which layer
+dimensions are coupled and maps positions through concatenations and flattens; our op rules
+(:mod:`chase.graph.rules`, walked by :mod:`chase.graph.propagate`) follow the channel dimension through
+every recorded torch call and catch what the autograd graph cannot show (a mean over channels, a
+permute, a LayerNorm across channels, a broadcast). A group is marked prunable only if both views agree
+on every layer and every position, and nothing on the way forbids removing a channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from chase.graph import tp_groups
+from chase.graph.channel_graph import ChannelGraph
+from chase.graph.propagate import Reach, propagate
+from chase.graph.rule_base import ChanState
+from chase.graph.trace import Trace, unwrap
+from chase.graph.types import ChannelGroup, Slot
+
+log = logging.getLogger(__name__)
+
+RESIDUAL_REASON = "residual stream; pass prune_skip=True"
+_LAYER_OPS = (
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "linear",
+)
+# Tensors of a layer that carry its channels, per role: (attribute, dim, slot role).
+_LAYER_TENSORS = {
+    "producer": (("weight", 0, "producer"), ("bias", 0, "param")),
+    "consumer": (("weight", 1, "consumer"),),
+    "depthwise": (("weight", 0, "depthwise"), ("bias", 0, "param")),
+    "norm": (
+        ("weight", 0, "param"),
+        ("bias", 0, "param"),
+        ("running_mean", 0, "param"),
+        ("running_var", 0, "param"),
+    ),
+}
+
+
+def channel_groups(model: nn.Module, example_inputs: Any, *, prune_skip: bool = False) -> ChannelGraph:
+    """Discover the channel groups of ``model`` by tracing it on ``example_inputs``.
+
+    Args:
+        model: any ``nn.Module``; DistributedDataParallel and ``torch.compile`` wrappers are unwrapped and
+            tensor names are relative to the unwrapped module.
+        example_inputs: a tensor, a tuple/list of positional arguments, or a dict of keyword arguments.
+        prune_skip: also allow removing channels of the residual stream (all coupled layers together) and
+            channels normalized together by a LayerNorm ("Chase (prune skip)").
+
+    Returns:
+        A :class:`ChannelGraph` holding one :class:`ChannelGroup` per coupled set of channels.
+
+    Raises:
+        ValueError: the model cannot be run or traced on ``example_inputs``.
+
+    The model is left as it was: same parameter objects and values, no hooks, no gradients, and every
+    module's train/eval mode restored.
+    """
+    model = unwrap(model)
+    modes = {m: m.training for m in model.modules()}
+    hooks = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
+    try:
+        dg, trace = tp_groups.build(model, example_inputs)
+        groups = _groups(model, dg, trace, prune_skip)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        _drop_new_hooks(hooks)
+    graph = ChannelGraph(groups, prune_skip=prune_skip)
+    log.info(
+        "channel groups: %d found, %d prunable (prune_skip=%s)", len(graph), len(graph.prunable()), prune_skip
+    )
+    return graph
+
+
+def _drop_new_hooks(before: dict[nn.Module, tuple[set[int], set[int]]]) -> None:
+    """Remove hooks added since ``before`` (Torch-Pruning leaves its own behind when the forward raises)."""
+    for m, (fwd, pre) in before.items():
+        for k in set(m._forward_hooks) - fwd:
+            del m._forward_hooks[k]
+            getattr(m, "_forward_hooks_with_kwargs", {}).pop(k, None)
+            getattr(m, "_forward_hooks_always_called", {}).pop(k, None)
+        for k in set(m._forward_pre_hooks) - pre:
+            del m._forward_pre_hooks[k]
+            getattr(m, "_forward_pre_hooks_with_kwargs", {}).pop(k, None)
+
+
+def _groups(model: nn.Module, dg: Any, trace: Trace, prune_skip: bool) -> list[ChannelGroup]:
+    modules = dict(model.named_modules())
+    names: dict[Any, str] = {m: n for n, m in reversed(list(model.named_modules()))}
+    names.update({id(p): n for n, p in reversed(list(model.named_parameters()))})
+    layer_calls: dict[str, list[int]] = {}
+    for c in trace.calls:
+        if c.op in _LAYER_OPS:
+            layer_calls.setdefault(c.module, []).append(c.index)
+    done_out: set[str] = set()
+    done_in: set[str] = set()
+    raw = []
+    roots = tp_groups.roots(dg, model)
+    for side in ("out", "in"):
+        for name, m in roots:
+            if name in (done_out if side == "out" else done_in):
+                continue
+            g = tp_groups.group(dg, names, m, side)
+            outs, ins = tp_groups.covered(g)
+            done_out |= outs
+            done_in |= ins
+            raw.append(g)
+    order = {n: i for i, (n, _) in enumerate(roots)}
+    raw.sort(key=lambda g: (order[g.root], g.side == "in"))
+    groups = [_translate(g, modules, trace, layer_calls, prune_skip) for g in raw]
+    _check_disjoint(groups)
+    return groups
+
+
+def _root_reach(
+    g: tp_groups.TPGroup, modules: dict[str, nn.Module], trace: Trace, layer_calls: dict[str, list[int]]
+) -> Reach:
+    calls = layer_calls.get(g.root, [])
+    if not calls:
+        reach = Reach()
+        reach.problems.append(f"layer '{g.root}' was not called through a conv/linear op")
+        return reach
+    call = trace.calls[calls[0]]
+    if g.side == "out":
+        port, shape = -1, call.out_shapes[0]
+    else:
+        port, shape = 0, call.inputs[0].shape
+    dim = len(shape) - 1 if call.op == "linear" else 1
+    return propagate(trace, modules, call.index, port, ChanState(dim, 0, g.width))
+
+
+def _translate(
+    g: tp_groups.TPGroup,
+    modules: dict[str, nn.Module],
+    trace: Trace,
+    layer_calls: dict[str, list[int]],
+    prune_skip: bool,
+) -> ChannelGroup:
+    """One Torch-Pruning group -> one ChannelGroup, checked against the op rules."""
+    reach = _root_reach(g, modules, trace, layer_calls)
+    problems = list(g.problems) + reach.problems
+    tp_keys = {(i.name, i.role) for i in g.items if i.role != "param"}
+    tp_params = {i.name for i in g.items if i.role == "param"}
+    if not problems and (tp_keys != set(reach.layers) or tp_params != set(reach.params)):
+        diff = sorted(f"{n} ({r})" for n, r in tp_keys ^ set(reach.layers)) + sorted(
+            tp_params ^ set(reach.params)
+        )
+        problems.append(f"torch-pruning and the op rules disagree about {', '.join(diff[:3])}")
+    slots: list[Slot] = []
+    for item in g.items:
+        slots += _slots(item, modules, reach, problems)
+    reason, residual = _decide(g, reach, problems, slots, prune_skip)
+    name = g.root if g.side == "out" else f"{g.root}:in"
+    return ChannelGroup(
+        name=name or "(model)",
+        width=g.width,
+        slots=tuple(slots),
+        prunable=not reason,
+        residual=residual,
+        reason=reason,
+        ops=tuple(reach.ops),
+        exact=not reach.mixing,
+    )
+
+
+def _slots(
+    item: tp_groups.Item, modules: dict[str, nn.Module], reach: Reach, problems: list[str]
+) -> list[Slot]:
+    if item.index is None:
+        problems.append(f"torch-pruning's positions for '{item.name}' do not split evenly over the channels")
+        return []
+    if item.role == "param":
+        st = reach.params.get(item.name)
+        if st is not None and (st.dim != item.dim or not _same(item.index, st)):
+            problems.append(f"torch-pruning and the op rules place the channels of '{item.name}' differently")
+        module = item.name.rpartition(".")[0]
+        return [Slot(item.name, module, item.dim, item.index, "param")]
+    st = reach.layers.get((item.name, item.role))
+    if st is not None and not _same(item.index, st):
+        problems.append(f"torch-pruning and the op rules place the channels of '{item.name}' differently")
+    m = modules[item.name]
+    if item.role == "consumer" and isinstance(m, tp_groups.CONV) and m.groups > 1:
+        return []  # grouped conv: its weight's dim 1 is per group; the group is unprunable anyway
+    prefix = f"{item.name}." if item.name else ""
+    out = []
+    for attr, dim, role in _LAYER_TENSORS[item.role]:
+        if attr == "weight" and getattr(m, "transposed", False):
+            dim = 1 - dim  # ConvTranspose weights are (in, out/groups, ...); such groups stay unprunable
+        t = getattr(m, attr, None)
+        if isinstance(t, torch.Tensor) and t.dim() > dim:
+            out.append(Slot(prefix + attr, item.name, dim, item.index, role))
+    return out
+
+
+def _same(index: torch.Tensor, st: ChanState) -> bool:
+    expect = torch.arange(st.start, st.stop).reshape(-1, st.k)
+    return index.shape == expect.shape and torch.equal(index, expect)
+
+
+def _decide(
+    g: tp_groups.TPGroup, reach: Reach, problems: list[str], slots: list[Slot], prune_skip: bool
+) -> tuple[str, bool]:
+    """(reason the group is kept, or "" if prunable; residual flag)."""
+    residual = bool(reach.residual)
+    if reach.from_input:
+        return "channels come from the model input", residual
+    if reach.to_output or g.output:
+        where = reach.to_output[0] if reach.to_output else "an output"
+        return f"channels reach the model output ({where})", residual
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return problems[0] + more, residual
+    if not any(s.role == "producer" for s in slots):
+        return "no conv/linear layer produces these channels", residual
+    if residual and not prune_skip:
+        return RESIDUAL_REASON, residual
+    if reach.mixing and not prune_skip:
+        return f"{reach.mixing[0]}; pass prune_skip=True", residual
+    return "", residual
+
+
+def _check_disjoint(groups: list[ChannelGroup]) -> None:
+    """A position of a tensor belongs to at most one group; overlapping groups are made unprunable."""
+    owner: dict[tuple[str, int, int], int] = {}
+    for gi, g in enumerate(groups):
+        for s in g.slots:
+            for pos in s.index.flatten().tolist():
+                other: Optional[int] = owner.setdefault((s.tensor, s.dim, pos), gi)
+                if other != gi:
+                    for k in (gi, other):
+                        if groups[k].prunable:
+                            groups[k].prunable = False
+                            groups[k].reason = f"shares '{s.tensor}' [dim {s.dim}] with another group"

@@ -1,0 +1,215 @@
+"""Rules for ops that move, reduce, reshape, concatenate or index dims: where the channel dim ends up.
+
+Reductions and permutations are analysed by running the op on a meta tensor whose dims have distinct
+sizes; views by comparing shapes (a flatten is fine when the channel dim is the outermost merged dim: each
+channel then owns ``k`` consecutive features); concatenation along the channels gives each input a slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from chase.graph.layer_rules import pointwise
+from chase.graph.rule_base import ChanState, Effect, Unsupported, arg, data_port, norm_dim, outs
+from chase.graph.trace import Call, _Port, _tensors
+
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def _probe(call: Call) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Run the op on a meta tensor whose dims have distinct sizes, to see where each dim goes."""
+    ndim = len(call.inputs[0].shape)
+    if ndim > len(_PRIMES):
+        raise Unsupported(f"{call.where()} has too many dims to analyse")
+    sizes = _PRIMES[:ndim]
+    meta = torch.empty(sizes, device="meta")
+
+    def sub(a: Any) -> Any:
+        if isinstance(a, _Port):
+            if a.i:
+                raise Unsupported(f"{call.where()} takes several tensors")
+            return meta
+        if isinstance(a, (list, tuple)) and not isinstance(a, torch.Size):
+            return type(a)(sub(x) for x in a)
+        return a
+
+    try:
+        out = call.func(*sub(call.args), **{k: sub(v) for k, v in call.kwargs.items()})
+    except Unsupported:
+        raise
+    except Exception as e:  # an op the meta device cannot run
+        raise Unsupported(f"{call.where()} could not be analysed: {e}") from e
+    return sizes, tuple(_tensors(out)[0].shape)
+
+
+def probed(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
+    """Reductions and permutations: which output dim (if any) the channel dim becomes."""
+    if call.op in ("max", "min") and len(call.inputs) > 1:
+        return pointwise(call, port, st, module)
+    data_port(call, port)
+    sizes, out = _probe(call)
+    if port == 0:
+        if sizes[st.dim] not in out:
+            raise Unsupported(f"{call.where()} reduces over the channel dim")
+        return Effect({0: st, **outs(call, replace(st, dim=out.index(sizes[st.dim])))})
+    if out[st.dim] not in sizes:
+        raise Unsupported(f"{call.where()}: cannot place the channel dim")
+    return Effect({0: replace(st, dim=sizes.index(out[st.dim])), **outs(call, st)})
+
+
+ALONG_DIM = {
+    "softmax": (1, None),
+    "log_softmax": (1, None),
+    "softmin": (1, None),
+    "cumsum": (1, None),
+    "cumprod": (1, None),
+    "cummax": (1, None),
+    "cummin": (1, None),
+    "logcumsumexp": (1, None),
+    "sort": (1, -1),
+    "argsort": (1, -1),
+    "topk": (2, -1),
+    "flip": (1, None),
+    "roll": (2, None),
+    "narrow": (1, None),
+    "select": (1, None),
+    "index_select": (1, None),
+    "split": (2, 0),
+    "chunk": (2, 0),
+    "tensor_split": (2, 0),
+    "unbind": (1, 0),
+    "split_with_sizes": (2, 0),
+}
+_DROPS_DIM = ("select", "unbind")
+
+
+def along_dim(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
+    """Ops that act along one named dim: fine unless that dim is the channel dim."""
+    data_port(call, port)
+    pos, default = ALONG_DIM[call.op]
+    dims = arg(call, pos, "dims" if call.op in ("flip", "roll") else "dim", default)
+    if dims is None:
+        raise Unsupported(f"{call.where()} acts on all dims, channels included")
+    ndim = len(call.inputs[0].shape)
+    dims = [norm_dim(d, ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    drop = call.op in _DROPS_DIM
+    if port == 0:
+        if st.dim in dims:
+            raise Unsupported(f"{call.where()} acts along the channel dim")
+        out = replace(st, dim=st.dim - (drop and dims[0] < st.dim))
+        return Effect({0: st, **outs(call, out)})
+    d = st.dim + (drop and dims[0] <= st.dim)
+    if d in dims:
+        raise Unsupported(f"{call.where()} acts along the channel dim")
+    return Effect({0: replace(st, dim=d), **outs(call, st)})
+
+
+def _prefix(shape: tuple[int, ...], value: int) -> bool:
+    return any(math.prod(shape[:i]) == value for i in range(len(shape) + 1))
+
+
+def map_view(a: tuple[int, ...], b: tuple[int, ...], st: ChanState, where: str) -> ChanState:
+    """The channel state after viewing a row-major tensor of shape ``a`` as shape ``b``."""
+    d, size = st.dim, a[st.dim]
+    outer = math.prod(a[:d])
+    e, p = 0, 1
+    while e < len(b) and p < outer:
+        p *= b[e]
+        e += 1
+    if p != outer:
+        raise Unsupported(f"{where} merges the channel dim with the dims before it")
+    while e < len(b) - 1 and b[e] == 1 and size != 1:
+        e += 1
+    if e == len(b):
+        raise Unsupported(f"{where} drops the channel dim")
+    if b[e] == size:
+        return replace(st, dim=e)
+    if b[e] > size and b[e] % size == 0 and _prefix(a, outer * b[e]):
+        m = b[e] // size  # flatten: each channel now spans m consecutive features
+        return ChanState(e, st.start * m, st.stop * m, st.k * m)
+    if b[e] < size and size % b[e] == 0:
+        m = size // b[e]  # un-flatten back to channels
+        if st.k % m == 0 and st.start % m == 0 and _prefix(b, outer * size):
+            return ChanState(e, st.start // m, st.stop // m, st.k // m)
+    raise Unsupported(f"{where} reshapes the channel dim ({list(a)} -> {list(b)})")
+
+
+def view(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
+    data_port(call, port)
+    a, b = call.inputs[0].shape, call.out_shapes[0]
+    if port == 0:
+        return Effect({0: st, -1: map_view(a, b, st, call.where())})
+    return Effect({0: map_view(b, a, st, call.where()), -1: st})
+
+
+def expand(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
+    """expand/repeat: new or repeated dims are fine as long as the channel dim keeps its size."""
+    data_port(call, port)
+    a, b = call.inputs[0].shape, call.out_shapes[0]
+    shift = len(b) - len(a)
+    d_in = st.dim if port == 0 else st.dim - shift
+    if d_in < 0 or a[d_in] != b[d_in + shift]:
+        raise Unsupported(f"{call.where()} repeats the channels")
+    return Effect({0: replace(st, dim=d_in), -1: replace(st, dim=d_in + shift)})
+
+
+def cat(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
+    """torch.cat: along the channel dim each input owns a slice; along any other dim all inputs share."""
+    ndim = len(call.out_shapes[0])
+    d = norm_dim(arg(call, 1, "dim", 0), ndim)
+    if call.op == "stack":
+        if port >= 0:
+            out = replace(st, dim=st.dim + (d <= st.dim))
+            return Effect({q: st for q in range(len(call.inputs))} | {-1: out})
+        inner = replace(st, dim=st.dim - (d < st.dim))
+        if d == st.dim:
+            raise Unsupported(f"{call.where()} stacks along the channel dim")
+        return Effect({q: inner for q in range(len(call.inputs))} | {-1: st})
+    if d != st.dim:
+        return Effect({q: st for q in range(len(call.inputs))} | {-1: st})
+    offsets = [0]
+    for r in call.inputs:
+        offsets.append(offsets[-1] + r.shape[d])
+    if port >= 0:
+        o = offsets[port]
+        return Effect({port: st, -1: replace(st, start=st.start + o, stop=st.stop + o)})
+    for q in range(len(call.inputs)):
+        if offsets[q] <= st.start and st.stop <= offsets[q + 1]:
+            o = offsets[q]
+            return Effect({q: replace(st, start=st.start - o, stop=st.stop - o), -1: st})
+    raise Unsupported(f"{call.where()}: a group spans two concatenated inputs")
+
+
+def getitem(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
+    """``x[...]`` with basic indexing that keeps the channel dim whole."""
+    data_port(call, port)
+    idx = call.args[1] if isinstance(call.args[1], tuple) else (call.args[1],)
+    if any(isinstance(i, (_Port, list, bool)) for i in idx):
+        raise Unsupported(f"{call.where()} uses advanced indexing")
+    shape = call.inputs[0].shape
+    used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    full: list[Any] = []
+    for i in idx:
+        full.extend([slice(None)] * (len(shape) - used) if i is Ellipsis else [i])
+    full.extend([slice(None)] * (len(shape) - sum(1 for i in full if i is not None)))
+    mapping, d_in, d_out = {}, 0, 0
+    for i in full:
+        if i is None:
+            d_out += 1
+            continue
+        if isinstance(i, slice):
+            whole = i.start in (None, 0) and i.step in (None, 1) and (i.stop is None or i.stop >= shape[d_in])
+            mapping[d_in] = d_out if whole else None
+            d_out += 1
+        else:
+            mapping[d_in] = None  # an integer index drops the dim
+        d_in += 1
+    d = st.dim if port == 0 else next((k for k, v in mapping.items() if v == st.dim), None)
+    if d is None or mapping.get(d) is None:
+        raise Unsupported(f"{call.where()} slices the channel dim")
+    return Effect({0: replace(st, dim=d), -1: replace(st, dim=mapping[d])})

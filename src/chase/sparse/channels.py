@@ -1,0 +1,58 @@
+"""Pure channel-level functions: channel scores and the global water-filling selection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+CHANNEL_SCORES = ("umm", "kept_mean", "density")
+
+
+def channel_score(
+    weight: torch.Tensor, mask: torch.Tensor | None, original_row_numel: int, kind: str = "umm"
+) -> torch.Tensor:
+    """Score of each output channel (row along dim 0) of one producer weight.
+
+    ``umm`` (the paper's Unmasked Mean Magnitude): mean |w| over the WHOLE original filter, masked zeros
+    included, so it mixes how many weights a channel kept with how large they are. ``kept_mean``: mean
+    |w| over kept weights only. ``density``: kept weights / original filter size. ``original_row_numel``
+    is the filter size before any input channel was removed (removed inputs hold zeros anyway).
+    """
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    if kind == "umm":
+        return rows.abs().sum(1) / original_row_numel
+    if mask is None:
+        mask = torch.ones_like(rows, dtype=torch.bool)
+    kept = mask.reshape(mask.shape[0], -1).sum(1)
+    if kind == "density":
+        return kept.to(rows.dtype) / original_row_numel
+    if kind == "kept_mean":
+        return rows.abs().sum(1) / kept.clamp(min=1).to(rows.dtype)
+    raise ValueError(f"unknown channel score {kind!r}; choose one of {CHANNEL_SCORES}")
+
+
+def water_fill(
+    scores: torch.Tensor, group_ids: torch.Tensor, caps: Sequence[int], quota: int
+) -> torch.Tensor:
+    """Pick ``quota`` channels with the lowest scores overall, at most ``caps[g]`` from group ``g``.
+
+    Exact water-filling: walk all channels from the lowest score up, skipping a channel once its group
+    has given all it may (it reached its floor), until the quota is met. Ties go to the earlier entry.
+    Returns positions into ``scores`` (fewer than ``quota`` only when the caps allow no more).
+    """
+    if quota <= 0 or scores.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    order = torch.sort(scores, stable=True).indices
+    gid = group_ids[order]
+    # Rank of each channel within its own group, in score order: a stable sort by group id keeps the
+    # score order inside each group, so rank = position - first position of that group.
+    by_group = torch.sort(gid, stable=True).indices
+    sorted_gid = gid[by_group]
+    n_groups = len(caps)
+    starts = torch.searchsorted(sorted_gid, torch.arange(n_groups, device=gid.device))
+    rank = torch.empty_like(gid)
+    rank[by_group] = torch.arange(gid.numel(), device=gid.device) - starts[sorted_gid]
+    cap = torch.as_tensor(list(caps), dtype=torch.long, device=gid.device)
+    eligible = order[rank < cap[gid]]
+    return eligible[:quota]
