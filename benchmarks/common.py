@@ -18,7 +18,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in seconds (CUDA-synchronised when a GPU is in use)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    sync = (
+        torch.cuda.synchronize
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else (lambda: None)
+    )
     for _ in range(warmup):
         fn()
     sync()

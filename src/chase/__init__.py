@@ -8,10 +8,9 @@ from chase.sparsifier import MEST, SET, Chase, RigL, Sparsifier, Static, StepInf
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelStats",
-    "channel_stats",
     "MEST",
     "SET",
+    "ChannelStats",
     "Chase",
     "RigL",
     "Sparsifier",
@@ -19,5 +18,6 @@ __all__ = [
     "StepInfo",
     "__version__",
     "channel_groups",
+    "channel_stats",
     "load_slim",
 ]

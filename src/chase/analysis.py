@@ -61,8 +61,9 @@ class ChannelStats:
         ]
         for s in self.layers:
             lines.append(
-                f"  {s.name:<40} {s.density.numel():>5} {s.layer_density:>8.3f} {float(s.density.min()):>7.3f} "
-                f"{float(s.density.max()):>7.3f} {100 * s.amenable_fraction:>8.1f}%"
+                f"  {s.name:<40} {s.density.numel():>5} {s.layer_density:>8.3f} "
+                f"{float(s.density.min()):>7.3f} {float(s.density.max()):>7.3f} "
+                f"{100 * s.amenable_fraction:>8.1f}%"
             )
         return "\n".join(lines)
 
