@@ -305,17 +305,28 @@ class Sparsifier:
         self._broadcast_masks()
         m.apply(self.optimizer)
 
-    def _broadcast_masks(self) -> None:
-        """Under torch.distributed, make every rank hold rank 0's masks (decide once, share)."""
+    def _distributed(self) -> bool:
         dist = torch.distributed
         if not (self.sync_distributed and dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_world_size() <= 1:
-            return
-        buf = self._masks.flat.to(torch.uint8)
-        dist.broadcast(buf, src=0)
-        self._masks.flat.copy_(buf.bool())
-        self._masks.sync_views()
+            return False
+        return dist.get_world_size() > 1
+
+    def _share(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's value of a tensor that has the same shape on every rank (no-op without distributed).
+
+        Sent as uint8/int64 on the parameters' device, which both gloo (CPU) and NCCL (CUDA) accept."""
+        if not self._distributed():
+            return tensor
+        device = self._masks.flat.device
+        buf = tensor.to(device, torch.uint8 if tensor.dtype == torch.bool else tensor.dtype).contiguous()
+        torch.distributed.broadcast(buf, src=0)
+        return buf.to(tensor.device, tensor.dtype)
+
+    def _broadcast_masks(self) -> None:
+        """Under torch.distributed, make every rank hold rank 0's masks (decide once, share)."""
+        if self._distributed():
+            self._masks.flat.copy_(self._share(self._masks.flat))
+            self._masks.sync_views()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import warnings
 from typing import Any
@@ -118,9 +117,6 @@ class Chase(Sparsifier):
         like = next(iter(self._masks.params.values()))
         example_inputs = _like(example_inputs, like)
         self.graph: ChannelGraph = channel_groups(self.module, example_inputs, prune_skip=prune_skip)
-        # Tracing leaves reference cycles that hold autograd nodes of the parameters; an AccumulateGrad
-        # node that outlives a change of shape makes the next backward fail. Free them now.
-        gc.collect()
         self.groups = [
             g for g in self.graph.prunable() if any(s.tensor in self._masks.params for s in g.producers)
         ]
@@ -221,6 +217,10 @@ class Chase(Sparsifier):
         caps = [max(0, a - f) for a, f in zip(alive, self._floors)]
         scores, gids, ids = self._scores()
         chosen = water_fill(scores.float().cpu(), gids.cpu(), caps, quota)
+        if self._distributed():  # every rank removes rank 0's choice (same shape on all ranks)
+            picked = torch.zeros(scores.numel(), dtype=torch.bool)
+            picked[chosen] = True
+            chosen = self._share(picked).nonzero().squeeze(1)
         chosen_gids = gids.cpu()[chosen]
         # Position of each chosen channel inside its group's alive list -> its original channel id.
         starts = torch.tensor([0, *alive]).cumsum(0)[:-1]

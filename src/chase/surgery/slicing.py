@@ -98,6 +98,19 @@ def _plan_attributes(targets: list[_Target]) -> dict[str, tuple[nn.Module, dict[
     return plans
 
 
+def _drop_grad_accumulator(param: torch.Tensor) -> None:
+    """Make autograd forget the parameter's gradient accumulator before its shape changes.
+
+    Autograd caches one accumulator node per leaf, with the leaf's shape, for as long as anything holds it
+    (a DDP reducer, a retained graph, a reference cycle). A later backward through a reshaped parameter
+    would then fail with "invalid gradient ... expected shape compatible with <old shape>". Assigning
+    ``.data`` of another dtype is the documented condition under which autograd drops that cache, so we
+    pass through an empty tensor of another dtype; the real data is assigned right after.
+    """
+    other = torch.float64 if param.dtype != torch.float64 else torch.float32
+    param.data = torch.empty(0, dtype=other, device=param.device)
+
+
 def slice_tensors(
     model: nn.Module,
     keep: Keep,
@@ -127,7 +140,9 @@ def slice_tensors(
                     if isinstance(value, torch.Tensor) and value.shape == old_shape:
                         state[key] = _take(value, cache)
             grad = t.tensor.grad
-            t.tensor.data = _take(t.tensor.data, cache)
+            sliced = _take(t.tensor.data, cache)
+            _drop_grad_accumulator(t.tensor)
+            t.tensor.data = sliced
             if grad is not None:
                 # The grad setter checks the size against the parameter's, hence after ``.data``.
                 t.tensor.grad = _take(grad, cache) if grad.shape == old_shape else None
