@@ -65,16 +65,24 @@ def _run(model, opt, sp, steps, start=0):
     return infos
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "nesterov", "adam", "adamw"])
-def test_mask_and_physical_runs_in_lockstep(opt_name):
-    """A masked run and a physically shrinking run compute the same function and the same updates."""
+def _lockstep(factory, opt_name, size=16, prune_skip=True):
+    """Run Chase with removal='mask' and removal='physical' side by side; both must compute the same
+    function, take the same updates and export the same slim model."""
     runs = {}
+    example = torch.randn(2, 3, size, size, dtype=torch.float64)
     for removal in ("mask", "physical"):
         torch.manual_seed(0)
-        model = TinyResNet().double()
+        model = factory().double()
         opt = make_optimizer(opt_name, model)
-        sp = _chase(model, opt, removal=removal)
-        infos = _run(model, opt, sp, 20)
+        sp = _chase(model, opt, removal=removal, example_inputs=example, prune_skip=prune_skip)
+        infos = []
+        for i in range(20):
+            x, y = batch(i, size=size, dtype=torch.float64)
+            out = model(x)
+            nn.functional.cross_entropy(out, y % out.shape[1]).backward()
+            opt.step()
+            infos.append(sp.step())
+            opt.zero_grad()
         runs[removal] = (model, sp, infos)
     (m_mask, sp_mask, i_mask), (m_phys, sp_phys, i_phys) = runs["mask"], runs["physical"]
     assert sum(i.channels_removed for i in i_mask) > 0
@@ -84,12 +92,24 @@ def test_mask_and_physical_runs_in_lockstep(opt_name):
     for (n, a), b in zip(slim_mask.state_dict().items(), slim_phys.state_dict().values()):
         assert a.shape == b.shape, n
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), n
-    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    x = torch.randn(4, 3, size, size, dtype=torch.float64)
     for m in (m_mask, m_phys, slim_mask, slim_phys):
         m.eval()
     ref = m_mask(x)
     for out in (m_phys(x), slim_mask(x), slim_phys(x)):
         assert torch.allclose(out, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "nesterov", "adam", "adamw"])
+def test_mask_and_physical_runs_in_lockstep(opt_name):
+    _lockstep(TinyResNet, opt_name)
+
+
+@pytest.mark.parametrize("topology", ["residual", "concat", "flatten", "depthwise", "grouped", "se_mul"])
+def test_lockstep_on_each_topology(topology):
+    from tests.test_graph import TOPOLOGIES
+
+    _lockstep(TOPOLOGIES[topology][0], "sgd", size=8, prune_skip=topology == "residual")
 
 
 def test_budget_exact_and_no_growth_in_removed_channels():
