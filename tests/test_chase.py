@@ -257,3 +257,17 @@ def test_channel_stats_hand_made_and_after_shrink():
     stats = chase.channel_stats(model, sp)
     assert stats.channels == sum(model.get_parameter(n).shape[0] for n in sp.masks)
     assert 0.0 <= stats.amenable_fraction <= 1.0
+
+
+def test_shrink_survives_a_live_gradient_accumulator():
+    """Something (a DDP reducer, a retained graph) may hold autograd's accumulator of a weight across a
+    shrink; the next backward must still work with the new shape."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    opt = make_optimizer("sgd", model)
+    sp = _chase(model, opt)
+    held = [p.expand_as(p) for p in model.parameters()]  # each holds its parameter's accumulator alive
+    removed = sp.remove_channels_now(sp.last_event)
+    assert removed > 0
+    _run(model, opt, sp, 2)
+    assert held  # still alive during the backward above
