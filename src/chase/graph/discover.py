@@ -186,8 +186,10 @@ def _slots(
         st = reach.params.get(item.name)
         if st is not None and (st.dim != item.dim or not _same(item.index, st)):
             problems.append(f"torch-pruning and the op rules place the channels of '{item.name}' differently")
-        module = item.name.rpartition(".")[0]
-        return [Slot(item.name, module, item.dim, item.index, "param")]
+        if item.dim is None or int(item.index.max()) >= _param_size(modules, item.name, item.dim):
+            problems.append(f"torch-pruning maps the channels outside '{item.name}'")
+            return []
+        return [Slot(item.name, item.name.rpartition(".")[0], item.dim, item.index, "param")]
     st = reach.layers.get((item.name, item.role))
     if st is not None and not _same(item.index, st):
         problems.append(f"torch-pruning and the op rules place the channels of '{item.name}' differently")
@@ -200,9 +202,20 @@ def _slots(
         if attr == "weight" and getattr(m, "transposed", False):
             dim = 1 - dim  # ConvTranspose weights are (in, out/groups, ...); such groups stay unprunable
         t = getattr(m, attr, None)
-        if isinstance(t, torch.Tensor) and t.dim() > dim:
-            out.append(Slot(prefix + attr, item.name, dim, item.index, role))
+        if not isinstance(t, torch.Tensor) or t.dim() <= dim:
+            continue
+        if int(item.index.max()) >= t.shape[dim]:
+            problems.append(f"torch-pruning maps the channels outside '{prefix + attr}'")
+            continue
+        out.append(Slot(prefix + attr, item.name, dim, item.index, role))
     return out
+
+
+def _param_size(modules: dict[str, nn.Module], fqn: str, dim: int) -> int:
+    """Size of dimension ``dim`` of parameter ``fqn`` (0 if it has no such dim)."""
+    owner, _, attr = fqn.rpartition(".")
+    t = getattr(modules[owner], attr)
+    return t.shape[dim] if -t.dim() <= dim < t.dim() else 0
 
 
 def _same(index: torch.Tensor, st: ChanState) -> bool:
