@@ -38,24 +38,23 @@ def _train_step(model, opt, x, y):
     return run
 
 
+def _make_chase(model: nn.Module, opt: torch.optim.Optimizer, size: int, **options) -> chase.Chase:
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # schedules shorter than the defaults warn; events are triggered by hand
+        return chase.Chase(model, opt, density=0.1, example_inputs=torch.randn(1, 3, size, size), **options)
+
+
 def event_time(name: str, size: int, prune_skip: bool, events: int) -> dict:
     """Median time of ``events`` consecutive channel events (after one training step, so momentum exists)."""
     torch.manual_seed(0)
     model = get_model(name, num_classes=10 if name.startswith("cifar_") else 1000)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     # The ImageNet recipe's shape: 40 events (every 2000 steps) up to T_chan = 80% of training.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sp = chase.Chase(
-            model,
-            opt,
-            density=0.1,
-            total_steps=100_000,
-            example_inputs=torch.randn(1, 3, size, size),
-            channel_sparsity=0.4,
-            channel_every=2000,
-            prune_skip=prune_skip,
-        )
+    sp = _make_chase(
+        model, opt, size, total_steps=100_000, channel_sparsity=0.4, channel_every=2000, prune_skip=prune_skip
+    )
     x, y = torch.randn(2, 3, size, size), torch.randint(0, 10, (2,))
     _train_step(model, opt, x, y)()
     steps = [sp.channel_offset + k * sp.channel_every for k in range(1, events + 1)]
@@ -84,20 +83,17 @@ def step_ratio(name: str, size: int, batch: int, repeats: int) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     dense = timeit(_train_step(model, opt, x, y), repeats=repeats)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sp = chase.Chase(
-            model,
-            opt,
-            density=0.1,
-            total_steps=10,
-            example_inputs=torch.randn(1, 3, size, size),
-            channel_sparsity=0.5,
-            min_channel_ratio=0.2,
-            prune_skip=True,
-            channel_every=2,
-            update_every=2,
-        )
+    sp = _make_chase(
+        model,
+        opt,
+        size,
+        total_steps=10,
+        channel_sparsity=0.5,
+        min_channel_ratio=0.2,
+        prune_skip=True,
+        channel_every=2,
+        update_every=2,
+    )
     sp.remove_channels_now(sp.last_event)
     sp.remove()  # time the narrower network alone (the mask post-hook is measured in overhead.py)
     slim = timeit(_train_step(model, opt, x, y), repeats=repeats)
