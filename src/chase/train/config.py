@@ -1,0 +1,283 @@
+"""The reference trainer's options: one typed dataclass, YAML files with ``base:`` includes, ``key=value``
+overrides.
+
+Only the trainer and the CLI know about YAML; the library itself takes typed keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "config_help", "load_config", "load_yaml"]
+
+METHODS = ("dense", "static", "set", "rigl", "mest", "chase")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "dataset": DATASETS,
+    "augment": ("auto", "cifar", "imagenet", "none"),
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("cosine", "step", "constant"),
+    "amp": ("none", "bf16", "fp16"),
+    "distribution": ("erk", "er", "uniform"),
+    "removal": ("physical", "mask"),
+    "channel_score": ("umm", "kept_mean", "density"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used (unknown key, wrong type, bad value)."""
+
+
+def _opt(default: Any, help: str) -> Any:  # an immutable default with its help string
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``chase train``. YAML files set them, ``--set key=value`` wins."""
+
+    # --- data
+    dataset: str = _opt("cifar10", "cifar10, cifar100, imagefolder (train/ and test/ folders) or synthetic")
+    data_dir: str = _opt(
+        "",
+        "cifar: a folder with train/ and test/ (ImageFolder layout) or torchvision's CIFAR cache; "
+        "imagefolder: the root with train/ and test/; empty: ~/.cache/chase/data",
+    )
+    download: bool = _opt(True, "cifar: download into data_dir when not there (needs network)")
+    augment: str = _opt(
+        "auto", "auto (by dataset), cifar (crop 4 + flip), imagenet (RandomResizedCrop), none"
+    )
+    image_size: int = _opt(0, "input resolution; 0: 32 for CIFAR and synthetic, 224 for imagefolder")
+    num_classes: int = _opt(0, "classifier outputs; 0: from the dataset")
+    val_split: float = _opt(0.0, "fraction of the training set held out for validation (0: none)")
+    num_workers: int = _opt(4, "DataLoader worker processes per rank (0: load in the main process)")
+    synthetic_train: int = _opt(512, "synthetic: training images")
+    synthetic_test: int = _opt(256, "synthetic: test images")
+    # --- model
+    model: str = _opt("cifar_resnet20", "a chase.models name: cifar_resnet20, resnet50, timm:<name>, ...")
+    channels_last: bool = _opt(False, "train in channels_last memory format")
+    compile: bool = _opt(False, "torch.compile the model (re-compiled after each channel removal)")
+    # --- optimisation
+    epochs: int = _opt(10, "training epochs")
+    batch_size: int = _opt(128, "images per optimizer step per process")
+    optimizer: str = _opt("sgd", "sgd (momentum) or adamw")
+    lr: float = _opt(0.1, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "SGD Nesterov momentum")
+    weight_decay: float = _opt(5e-4, "weight decay")
+    no_bn_decay: bool = _opt(False, "no weight decay on norm weights and biases")
+    schedule: str = _opt("cosine", "LR schedule after warm-up: cosine, step or constant")
+    milestones: list[int] = field(
+        default_factory=list,
+        metadata={"help": "step schedule: epochs at which the LR is multiplied by gamma"},
+    )
+    gamma: float = _opt(0.1, "step schedule: LR factor at each milestone")
+    warmup_epochs: float = _opt(0.0, "linear LR warm-up from 0, in epochs")
+    min_lr: float = _opt(0.0, "cosine schedule: final LR")
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    amp: str = _opt("none", "mixed precision: none, bf16 or fp16 (fp16 uses a GradScaler)")
+    # --- sparse training
+    method: str = _opt("chase", "dense, static, set, rigl, mest or chase")
+    density: float = _opt(0.1, "kept fraction of the sparse layers' weights")
+    distribution: str = _opt("erk", "initial per-layer densities: erk, er or uniform")
+    dense_layers: list[str] = field(
+        default_factory=list, metadata={"help": "fnmatch patterns of layers kept dense, e.g. [conv1]"}
+    )
+    update_every: int = _opt(100, "optimizer steps between mask updates (the paper's Delta T_p)")
+    update_end_epoch: float = _opt(0.0, "no mask updates from this epoch on; 0: the method's default")
+    swap_fraction: Optional[float] = _opt(
+        None, "fraction of weights swapped at the first update; null: default"
+    )
+    soft_bound: Optional[float] = _opt(None, "MEST/Chase soft memory bound delta0; null: method default")
+    soft_bound_end_epoch: float = _opt(0.0, "epoch at which the soft bound reaches 0; 0: method default")
+    channel_sparsity: float = _opt(0.5, "chase: final fraction of prunable channels removed (S_c)")
+    channel_every: int = _opt(1000, "chase: optimizer steps between channel events (Delta T)")
+    channel_every_epochs: float = _opt(
+        0.0, "chase: channel event interval in epochs (overrides channel_every)"
+    )
+    channel_end_epoch: float = _opt(0.0, "chase: epoch at which channel pruning ends (T_chan); 0: default")
+    min_channel_ratio: float = _opt(0.2, "chase: a layer keeps at least C (1 - S_c) beta channels (beta)")
+    prune_skip: bool = _opt(False, "chase: also prune residual-stream channels")
+    removal: str = _opt("physical", "chase: physical (slice channels out while training) or mask")
+    channel_score: str = _opt("umm", "chase: channel score: umm, kept_mean or density")
+    # --- run
+    seed: int = _opt(0, "seed of the model, data order and sparsifier")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    threads: int = _opt(0, "CPU threads for torch (torch.set_num_threads); 0: torch's default")
+    out: str = _opt("runs", "parent folder of run folders")
+    name: str = _opt("", "run folder name; empty: <model>-<method>-<dataset>-<time>")
+    eval_every: int = _opt(1, "evaluate on the test (and validation) split every this many epochs")
+    ckpt_every_steps: int = _opt(0, "also checkpoint every this many optimizer steps (0: at epoch ends only)")
+    log_every: int = _opt(50, "write a training metrics line every this many optimizer steps")
+    bn_recalibrate: int = _opt(0, "slim model: re-estimate BatchNorm statistics on this many train batches")
+    speedup_batch: int = _opt(64, "batch size for timing dense vs slim forward (0: skip the timing)")
+    tensorboard: bool = _opt(True, "write TensorBoard logs when tensorboard is installed")
+    quiet: bool = _opt(False, "no progress bar")
+
+    def validate(self) -> TrainConfig:
+        """Check choices and ranges; returns ``self``."""
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(choices)}")
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ConfigError(f"val_split must be in [0, 1), got {self.val_split}")
+        for key in ("epochs", "batch_size", "update_every", "channel_every", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return tp.__name__
+
+
+def _convert(key: str, value: Any, tp: Any, *, from_text: bool) -> Any:
+    """``value`` as type ``tp``; text (from ``--set``) is parsed, YAML values are only checked."""
+    if typing.get_origin(tp) is typing.Union:
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
+        if value is None or (from_text and str(value).strip().lower() in ("none", "null", "")):
+            return None
+        return _convert(key, value, inner, from_text=from_text)
+    if typing.get_origin(tp) is list:
+        item = typing.get_args(tp)[0]
+        if from_text and isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            value = [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
+            return [_convert(key, v, item, from_text=True) for v in value]
+        if isinstance(value, (list, tuple)):
+            return [_convert(key, v, item, from_text=from_text) for v in value]
+        raise ConfigError(f"{key} expects a {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if from_text and str(value).strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} expects a bool (true/false), got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects an {tp.__name__}, got {value!r}")
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
+        if isinstance(value, str) and (from_text or tp is float):
+            try:
+                number = float(value) if tp is float else int(value)
+            except ValueError:
+                pass
+            else:
+                return number
+        raise ConfigError(f"{key} expects {'an' if tp is int else 'a'} {tp.__name__}, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} expects a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported option type {tp!r}")  # pragma: no cover - a bug in TrainConfig
+
+
+def _unknown(keys: Iterable[str], where: str) -> ConfigError:
+    import difflib
+
+    valid = sorted(_fields())
+    parts = []
+    for k in keys:
+        close = difflib.get_close_matches(k, valid, n=1)
+        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"unknown option(s) {', '.join(parts)} in {where}. Valid options: {', '.join(valid)}")
+
+
+def _merge(cfg: dict[str, Any], values: Mapping[str, Any], where: str, *, from_text: bool) -> None:
+    unknown = [k for k in values if k not in _HINTS]
+    if unknown:
+        raise _unknown(unknown, where)
+    for k, v in values.items():
+        cfg[k] = _convert(k, v, _HINTS[k], from_text=from_text)
+
+
+def load_yaml(path: str | pathlib.Path, _seen: tuple[pathlib.Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file; ``base:`` (a path or a list, relative to the file) is loaded first and
+    overridden by the file's own keys."""
+    import yaml  # only the CLI needs YAML
+
+    path = pathlib.Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(map(str, (*_seen, path)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged.update(load_yaml(path.parent / base, (*_seen, path)))
+    unknown = [k for k in data if k not in _HINTS]
+    if unknown:
+        raise _unknown(unknown, str(path))
+    merged.update(data)
+    return merged
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
+    """``["lr=0.1", "method=rigl"]`` -> ``{"lr": "0.1", "method": "rigl"}``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Mapping[str, Any], *, from_text: bool = True) -> TrainConfig:
+    """A copy of ``cfg`` with ``overrides`` applied (text values are converted to each option's type)."""
+    values = cfg.to_dict()
+    _merge(values, overrides, "--set", from_text=from_text)
+    return TrainConfig(**values).validate()
+
+
+def load_config(
+    files: Iterable[str | pathlib.Path] = (), overrides: Iterable[str] | Mapping[str, str] = ()
+) -> TrainConfig:
+    """Defaults, then each YAML file in order, then ``key=value`` overrides; validated."""
+    values = TrainConfig().to_dict()
+    for f in files:
+        _merge(values, load_yaml(f), str(f), from_text=False)
+    pairs = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    _merge(values, pairs, "--set", from_text=True)
+    return TrainConfig(**values).validate()
+
+
+def config_help() -> str:
+    """One line per option: name, type, default and help (for ``chase train --help``)."""
+    lines = []
+    for name, f in _fields().items():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        lines.append(f"  {name:<22} {_type_name(_HINTS[name]):<16} {default!r:<18} {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Datasets and loaders: CIFAR-10/100, ImageFolder-layout folders, and a synthetic set for tests.
+
+The data order is a pure function of (seed, epoch), so a run resumed from a checkpoint -- at an epoch
+boundary or in the middle of an epoch -- sees exactly the batches the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pathlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from chase.train.config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Data", "EpochSampler", "SyntheticDataset", "build_data", "default_data_dir"]
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def default_data_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("CHASE_DATA", pathlib.Path.home() / ".cache" / "chase" / "data"))
+
+
+class SyntheticDataset(Dataset):
+    """Learnable random images: each class is a fixed random pattern plus per-image noise."""
+
+    def __init__(
+        self,
+        n: int,
+        num_classes: int = 10,
+        image_size: int = 32,
+        seed: int = 0,
+        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        g = torch.Generator().manual_seed(12345)  # the same class patterns for train and test
+        patterns = torch.randn(num_classes, 3, image_size, image_size, generator=g)
+        g.manual_seed(seed)
+        self.targets = torch.randint(0, num_classes, (n,), generator=g)
+        self.images = patterns[self.targets] + 1.5 * torch.randn(n, 3, image_size, image_size, generator=g)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), int(self.targets[i])
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or ordered) indices of one epoch, split across ranks like ``DistributedSampler``.
+
+    The permutation depends only on ``(seed, epoch)``; ``start`` skips the first samples of this rank's
+    share, to resume in the middle of an epoch. With ``pad=False`` (evaluation) the shares are not padded,
+    so summing per-rank counts gives exact totals.
+    """
+
+    def __init__(
+        self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, pad: bool = True
+    ) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world, self.pad = n, shuffle, seed, rank, world, pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and self.world > 1:
+            total = math.ceil(self.n / self.world) * self.world
+            order += order[: total - self.n]
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start :])
+
+    def __len__(self) -> int:
+        share = math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
+        return max(0, share - self.start)
+
+
+@dataclass
+class Data:
+    """The loaders of a run and what the model needs to know about the data."""
+
+    train: DataLoader
+    test: DataLoader
+    val: Optional[DataLoader]
+    num_classes: int
+    image_size: int
+    train_sampler: EpochSampler
+    steps_per_epoch: int
+
+
+def _transforms(kind: str, size: int, stats: tuple, train: bool, tensor_input: bool) -> Any:
+    import torchvision.transforms as T
+
+    to_tensor = [] if tensor_input else [T.ToTensor()]
+    norm = [] if stats is None else [T.Normalize(*stats)]
+    if kind == "cifar":
+        aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
+        return T.Compose(aug + to_tensor + norm)
+    if kind == "imagenet":
+        if train:
+            return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *to_tensor, *norm])
+        return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *to_tensor, *norm])
+    if tensor_input:
+        return None
+    return T.Compose([T.Resize((size, size)), *to_tensor, *norm])
+
+
+def _folder_pair(root: pathlib.Path) -> bool:
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def _datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, Dataset, int, int]:
+    """(train with augmentation, train without it (for the validation split), test, classes, size)."""
+    kind = cfg.augment
+    if cfg.dataset == "synthetic":
+        size = cfg.image_size or 32
+        classes = cfg.num_classes or 10
+        aug = _transforms("cifar", size, None, True, True) if kind in ("auto", "cifar") else None
+        make = SyntheticDataset
+        return (
+            make(cfg.synthetic_train, classes, size, cfg.seed, aug),
+            make(cfg.synthetic_train, classes, size, cfg.seed),
+            make(cfg.synthetic_test, classes, size, cfg.seed + 1),
+            classes,
+            size,
+        )
+    from torchvision import datasets
+
+    root = pathlib.Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir()
+    if cfg.dataset == "imagefolder":
+        if not cfg.data_dir:
+            raise ConfigError("dataset=imagefolder needs --data-dir (a folder with train/ and test/)")
+        if not _folder_pair(root):
+            raise ConfigError(f"data_dir {root} must contain train/ and test/ folders (ImageFolder layout)")
+        kind, size, stats = ("imagenet" if kind == "auto" else kind), cfg.image_size or 224, IMAGENET_STATS
+    else:
+        kind, size, stats = (
+            ("cifar" if kind == "auto" else kind),
+            cfg.image_size or 32,
+            CIFAR_STATS[cfg.dataset],
+        )
+
+    def tf(train: bool) -> Any:
+        return _transforms(kind, size, stats, train, False)
+
+    if _folder_pair(root):  # an ImageFolder copy (e.g. CIFAR as JPEGs); works without network
+        sets = [
+            datasets.ImageFolder(str(root / s), transform=t)
+            for s, t in (("train", tf(True)), ("train", tf(False)), ("test", tf(False)))
+        ]
+        classes = len(sets[0].classes)
+    else:
+        cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
+        try:
+            sets = [
+                cls(str(root), train=s, transform=t, download=cfg.download and s)
+                for s, t in ((True, tf(True)), (True, tf(False)), (False, tf(False)))
+            ]
+        except Exception as e:  # no network, no permission, a broken archive
+            raise ConfigError(
+                f"could not load {cfg.dataset} from {root} ({type(e).__name__}: {e}). Pass --data-dir with "
+                "a folder holding torchvision's CIFAR files or an ImageFolder copy with train/ and test/ "
+                "(download needs network)"
+            ) from e
+        classes = NUM_CLASSES[cfg.dataset]
+    return sets[0], sets[1], sets[2], cfg.num_classes or classes, size
+
+
+def build_data(
+    cfg: TrainConfig, *, rank: int = 0, world: int = 1, device: torch.device | None = None
+) -> Data:
+    """Loaders for training (sharded over ranks), validation (``val_split`` held out of train) and test."""
+    train_aug, train_plain, test, classes, size = _datasets(cfg)
+    n = len(train_aug)
+    val = None
+    if cfg.val_split > 0:
+        g = torch.Generator().manual_seed(cfg.seed + 7)  # fixed split, independent of the training order
+        perm = torch.randperm(n, generator=g).tolist()
+        n_val = max(1, round(cfg.val_split * n))
+        train_aug, val = Subset(train_aug, perm[n_val:]), Subset(train_plain, perm[:n_val])
+    pin = device is not None and device.type == "cuda"
+    sampler = EpochSampler(len(train_aug), shuffle=True, seed=cfg.seed, rank=rank, world=world)
+    workers = cfg.num_workers
+
+    def loader(ds: Dataset, smp: Sampler, drop_last: bool, **kw: Any) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=cfg.batch_size,
+            sampler=smp,
+            num_workers=workers,
+            pin_memory=pin,
+            drop_last=drop_last,
+            persistent_workers=False,
+            **kw,
+        )
+
+    # Workers are seeded from the loader's own generator, re-seeded per epoch by the trainer, so the
+    # global RNG is not consumed when an iterator starts (a resumed run would otherwise drift).
+    train = loader(train_aug, sampler, True, generator=torch.Generator())
+    steps = len(sampler) // cfg.batch_size
+    if steps == 0:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the {len(sampler)} training images per process"
+        )
+
+    def evaluation(ds: Dataset) -> DataLoader:
+        return loader(ds, EpochSampler(len(ds), shuffle=False, rank=rank, world=world, pad=False), False)
+
+    return Data(
+        train, evaluation(test), evaluation(val) if val is not None else None, classes, size, sampler, steps
+    )

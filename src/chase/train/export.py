@@ -1,0 +1,51 @@
+"""Turn a training checkpoint into a slim model file, without the data."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from chase.models import get_model
+from chase.train.checkpoint import atomic_save, load_checkpoint
+from chase.train.config import TrainConfig
+from chase.train.loop import build_sparsifier
+from chase.train.optim import build_optimizer
+
+__all__ = ["export_checkpoint"]
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """Rebuild model and sparsifier from the checkpoint's config, load it, write the exported model.
+
+    Chase: the slim checkpoint (``chase.load_slim(get_model(meta["model"], ...), torch.load(out))``);
+    other methods: the masked weights. Returns the file's ``meta``.
+    """
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig(**ckpt["config"])
+    meta = dict(ckpt["meta"])
+    model = get_model(cfg.model, num_classes=meta["num_classes"])
+    optimizer = build_optimizer(model, cfg)
+    sp = build_sparsifier(model, optimizer, cfg, meta["steps_per_epoch"], meta["image_size"])
+    if sp is not None:
+        sp.load_state_dict(ckpt["sparsifier"])
+    model.load_state_dict(ckpt["model"])
+    info = {
+        "model": cfg.model,
+        "num_classes": meta["num_classes"],
+        "image_size": meta["image_size"],
+        "method": cfg.method,
+    }
+    if hasattr(sp, "slim_checkpoint"):
+        slim = sp.slim_checkpoint()
+        slim["meta"] = info
+        atomic_save(slim, out)
+    else:
+        with torch.no_grad():
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+        atomic_save(
+            {"format_version": 1, "meta": info, "model": state, "masks": sp.masks if sp is not None else {}},
+            out,
+        )
+    return info

@@ -1,0 +1,228 @@
+"""One epoch of training and an evaluation pass, in the style of torchvision's references.
+
+The loop calls ``sparsifier.step()`` after ``optimizer.step()`` and before ``zero_grad()`` (updates read
+the gradients); when a channel event changed parameter shapes it re-wraps DDP and re-compiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+import chase
+from chase.train.config import TrainConfig
+from chase.train.distributed import Dist, wrap_ddp
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainState", "build_sparsifier", "evaluate", "train_one_epoch"]
+
+SPARSIFIERS = {"static": chase.Static, "set": chase.SET, "rigl": chase.RigL, "mest": chase.MEST}
+
+
+def build_sparsifier(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    image_size: int,
+) -> Optional[chase.Sparsifier]:
+    """The sparsifier ``cfg.method`` names (None for dense), with epochs converted to optimizer steps."""
+    if cfg.method == "dense":
+        return None
+    total = cfg.epochs * steps_per_epoch
+
+    def steps(epochs: float) -> int:
+        return max(1, round(epochs * steps_per_epoch))
+
+    kw: dict[str, Any] = {
+        "density": cfg.density,
+        "total_steps": total,
+        "distribution": cfg.distribution,
+        "dense_layers": list(cfg.dense_layers),
+        "update_every": cfg.update_every,
+        "seed": cfg.seed,
+    }
+    if cfg.update_end_epoch > 0:
+        kw["end_step"] = steps(cfg.update_end_epoch)
+    if cfg.swap_fraction is not None:
+        kw["swap_fraction"] = cfg.swap_fraction
+    if cfg.soft_bound is not None:
+        kw["soft_bound"] = cfg.soft_bound
+    if cfg.soft_bound_end_epoch > 0:
+        kw["soft_bound_end"] = steps(cfg.soft_bound_end_epoch)
+    if cfg.method != "chase":
+        return SPARSIFIERS[cfg.method](module, optimizer, **kw)
+    # Channel groups are traced once from an example input; its values do not matter, and a private
+    # generator keeps the global RNG (data augmentation, dropout) untouched.
+    example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return chase.Chase(
+        module,
+        optimizer,
+        example_inputs=example,
+        channel_sparsity=cfg.channel_sparsity,
+        channel_every=steps(cfg.channel_every_epochs) if cfg.channel_every_epochs > 0 else cfg.channel_every,
+        channel_end=steps(cfg.channel_end_epoch) if cfg.channel_end_epoch > 0 else None,
+        min_channel_ratio=cfg.min_channel_ratio,
+        prune_skip=cfg.prune_skip,
+        removal=cfg.removal,
+        channel_score=cfg.channel_score,
+        **kw,
+    )
+
+
+@dataclass
+class TrainState:
+    """Everything the loop mutates. ``module`` is the bare model; ``model`` is what runs the forward
+    (``module`` itself, or wrapped in DDP and/or ``torch.compile``)."""
+
+    cfg: TrainConfig
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sparsifier: Optional[chase.Sparsifier]
+    dist: Dist
+    scaler: Optional[torch.amp.GradScaler] = None
+    #: what rebuilding model and sparsifier needs without the data (steps_per_epoch, num_classes, image_size)
+    meta: dict[str, int] = field(default_factory=dict)
+    model: nn.Module = field(init=False)
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches finished in the current epoch
+    step: int = 0  # optimizer steps finished
+    #: this epoch's running sums (loss, correct, count); a tensor so that no step waits for the device.
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+
+    def __post_init__(self) -> None:
+        self.sums = self.sums.to(self.device)
+        self.wrap()
+
+    def wrap(self) -> None:
+        """(Re-)build the forward wrapper: DDP's buckets and compiled graphs are sized for the old shapes."""
+        model = wrap_ddp(self.module, self.dist)
+        if self.cfg.compile:
+            torch._dynamo.reset()  # drop graphs guarded on the old shapes instead of piling up recompiles
+            model = torch.compile(model)
+        self.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _to(x: torch.Tensor, y: torch.Tensor, st: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(st.device, non_blocking=True)
+    if st.cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(st.device, non_blocking=True)
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train_one_epoch(
+    st: TrainState,
+    loader: torch.utils.data.DataLoader,
+    steps_per_epoch: int,
+    after_step: Optional[Callable[[TrainState, torch.Tensor], None]] = None,
+) -> dict[str, float]:
+    """Train until the epoch's ``steps_per_epoch`` batches are done (continuing from ``st.batch``).
+
+    Returns the epoch's mean training loss and accuracy (summed over ranks).
+    """
+    cfg = st.cfg
+    st.model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    bar = _progress(
+        steps_per_epoch, st.batch, f"epoch {st.epoch + 1}/{cfg.epochs}", st.dist.main and not cfg.quiet
+    )
+    sums = st.sums
+    seen, start = 0, time.perf_counter()
+    for x, y in loader:
+        if st.batch >= steps_per_epoch:
+            break
+        x, y = _to(x, y, st)
+        with autocast(cfg, st.device):
+            out = st.model(x)
+            loss = criterion(out, y)
+        if st.scaler is not None:
+            st.scaler.scale(loss).backward()
+            st.scaler.unscale_(st.optimizer)  # the sparsifier ranks true gradients
+            st.scaler.step(st.optimizer)
+            st.scaler.update()
+        else:
+            loss.backward()
+            st.optimizer.step()
+        info = st.sparsifier.step() if st.sparsifier is not None else None
+        st.optimizer.zero_grad(set_to_none=True)
+        st.scheduler.step()
+        st.step += 1
+        st.batch += 1
+        with torch.no_grad():
+            sums += torch.stack(
+                [
+                    loss.detach().double() * len(y),
+                    (out.argmax(1) == y).sum().double(),
+                    sums.new_tensor(len(y)),
+                ]
+            )
+        if info is not None and info.shapes_changed:
+            st.wrap()
+            log.info("step %d: %d channels removed, model re-wrapped", st.step, info.channels_removed)
+        seen += len(y)
+        if bar is not None:
+            bar.update(1)
+            if st.batch % 10 == 0 or st.batch == steps_per_epoch:
+                rate = seen * st.dist.world / (time.perf_counter() - start)
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    acc=f"{float(sums[1] / sums[2].clamp(min=1)):.3f}",
+                    img_s=f"{rate:.0f}",
+                )
+        if after_step is not None:
+            after_step(st, loss.detach())
+    if bar is not None:
+        bar.close()
+    loss_sum, correct, count = st.dist.all_sum(sums.tolist())
+    return {"loss": loss_sum / max(1, count), "acc": correct / max(1, count)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: torch.utils.data.DataLoader, cfg: TrainConfig, d: Dist
+) -> dict[str, float]:
+    """Mean loss and top-1 accuracy over the whole split (exact counts summed over ranks)."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)
+    for x, y in loader:
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg, d.device):
+            out = model(x)
+        sums += torch.stack(
+            [criterion(out.float(), y).double(), (out.argmax(1) == y).sum().double(), sums.new_tensor(len(y))]
+        )
+    loss_sum, correct, count = d.all_sum(sums.tolist())
+    return {"loss": loss_sum / max(1, count), "acc": correct / max(1, count)}

@@ -1,0 +1,253 @@
+"""The end of a run: the exported model, its test accuracy, a measured speedup, and ``report.md``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import pathlib
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from chase.models import get_model
+from chase.train.checkpoint import atomic_save
+from chase.train.config import TrainConfig
+from chase.train.data import Data
+from chase.train.distributed import Dist
+from chase.train.loop import TrainState, autocast, evaluate
+
+log = logging.getLogger(__name__)
+
+__all__ = ["count_macs", "finish", "measure_speedup", "recalibrate_bn"]
+
+SLIM_FILE, FINAL_FILE, REPORT_FILE = "slim.pt", "final.pt", "report.md"
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Any, batches: int, cfg: TrainConfig, d: Dist) -> None:
+    """Re-estimate BatchNorm running statistics over ``batches`` training batches (cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts the same
+    model.train()
+    for x, _ in itertools.islice(loader, batches):
+        x = x.to(d.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg, d.device):
+            model(x)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    if d.enabled:  # ranks saw different batches: keep rank 0's statistics everywhere
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, src=0)
+    model.eval()
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of every Conv/Linear layer for one forward of ``example``, counted dense."""
+    total = 0
+
+    def hook(m: nn.Module, inp: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        w = m.weight
+        total += out.numel() // out.shape[0] * (w[0].numel() if w.ndim > 1 else 1)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    ]
+    try:
+        model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+@torch.no_grad()
+def measure_speedup(
+    dense: nn.Module, slim: nn.Module, x: torch.Tensor, repeats: int = 10
+) -> dict[str, float]:
+    """Median forward time of both models on batch ``x``, timed alternately in this process (after a
+    warm-up; CUDA synchronised), and their ratio."""
+    dense.eval()
+    slim.eval()
+    times: dict[str, list[float]] = {"dense": [], "slim": []}
+
+    def once(m: nn.Module) -> float:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        m(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for _ in range(2):  # warm-up: allocator, kernel selection
+        once(dense), once(slim)
+    for _ in range(repeats):
+        times["dense"].append(once(dense))
+        times["slim"].append(once(slim))
+    dense_s, slim_s = statistics.median(times["dense"]), statistics.median(times["slim"])
+    return {"dense_ms": 1e3 * dense_s, "slim_ms": 1e3 * slim_s, "speedup": dense_s / slim_s}
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def finish(
+    st: TrainState, data: Data, test: dict[str, float], run_dir: pathlib.Path, initial: dict[str, Any]
+) -> dict[str, Any]:
+    """Export, evaluate and time the final model; rank 0 writes the model file and ``report.md``."""
+    cfg, sp, d = st.cfg, st.sparsifier, st.dist
+    size, classes = data.image_size, data.num_classes
+    results: dict[str, Any] = {
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "steps": st.step,
+        "density": sp.global_density() if sp is not None else 1.0,
+    }
+    meta = {"model": cfg.model, "num_classes": classes, "image_size": size, "method": cfg.method}
+    example = torch.zeros(1, 3, size, size, device=d.device)
+    dense_ref = get_model(cfg.model, num_classes=classes).to(d.device)
+    results["params_dense"] = _params(dense_ref)
+    results["macs_dense"] = count_macs(dense_ref, example)
+    if hasattr(sp, "export"):
+        results["channel_sparsity"] = sp.channel_sparsity_now()
+        slim = sp.export().to(d.device)
+        recalibrate_bn(slim, data.train, cfg.bn_recalibrate, cfg, d)
+        slim_test = evaluate(slim, data.test, cfg, d)
+        results.update(
+            slim_test_acc=slim_test["acc"],
+            slim_test_loss=slim_test["loss"],
+            params_slim=_params(slim),
+            macs_slim=count_macs(slim, example),
+        )
+        results["macs_ratio"] = results["macs_slim"] / results["macs_dense"]
+        if d.main:
+            ckpt = sp.slim_checkpoint()
+            ckpt["model"] = {k: v.detach().cpu() for k, v in slim.state_dict().items()}
+            ckpt["meta"] = meta
+            atomic_save(ckpt, run_dir / SLIM_FILE)
+            if cfg.speedup_batch > 0:
+                x = torch.randn(cfg.speedup_batch, 3, size, size, device=d.device)
+                if cfg.channels_last:
+                    x, slim, dense_ref = (
+                        x.contiguous(memory_format=torch.channels_last),
+                        slim.to(memory_format=torch.channels_last),
+                        dense_ref.to(memory_format=torch.channels_last),
+                    )
+                results.update(measure_speedup(dense_ref, slim, x))
+        results["model_file"] = SLIM_FILE
+    else:
+        if d.main:
+            atomic_save(
+                {
+                    "format_version": 1,
+                    "meta": meta,
+                    "model": st.module.state_dict(),
+                    "masks": sp.masks if sp is not None else {},
+                },
+                run_dir / FINAL_FILE,
+            )
+        results["model_file"] = FINAL_FILE
+    if d.main:
+        widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
+        write_report(run_dir, cfg, results, initial.get("widths", {}), widths)
+        log.info("report written to %s", run_dir / REPORT_FILE)
+    return results
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+def write_report(
+    run_dir: pathlib.Path,
+    cfg: TrainConfig,
+    results: dict[str, Any],
+    before: dict[str, int],
+    after: dict[str, int],
+) -> None:
+    """``report.md``: results, per-layer widths before/after, and plots when matplotlib is installed."""
+    lines = [
+        f"# {cfg.model} / {cfg.dataset} / {cfg.method}",
+        "",
+        f"{cfg.epochs} epochs, density {cfg.density}"
+        + (
+            f", channel sparsity {cfg.channel_sparsity}, prune_skip={cfg.prune_skip}"
+            if cfg.method == "chase"
+            else ""
+        ),
+        "",
+        "Test accuracy is the final model's on the test split (no selection on it).",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in results.items()]
+    if "speedup" in results:
+        lines += [
+            "",
+            f"Forward of a batch of {cfg.speedup_batch} at {results.get('slim_ms', 0):.2f} ms (slim) vs "
+            f"{results.get('dense_ms', 0):.2f} ms (dense {cfg.model}): **{results['speedup']:.2f}x**, "
+            "medians of alternating timings in one process on the training device.",
+        ]
+    changed = [n for n in after if before.get(n, after[n]) != after[n]]
+    lines += ["", "## Layer widths (output channels)", "", "| layer | before | after |", "|---|---|---|"]
+    lines += [f"| {n} | {before.get(n, w)} | {w}{' *' if n in changed else ''} |" for n, w in after.items()]
+    plots = _plots(run_dir, before, after)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    (run_dir / REPORT_FILE).write_text("\n".join(lines) + "\n")
+
+
+def _plots(run_dir: pathlib.Path, before: dict[str, int], after: dict[str, int]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    epochs = [r for r in records if r.get("kind") == "epoch" and "test_acc" in r]
+    out = []
+    if epochs:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["epoch"] for r in epochs], [r["test_acc"] for r in epochs], label="test")
+        ax.plot([r["epoch"] for r in epochs], [r["train_acc"] for r in epochs], label="train")
+        ax.set(xlabel="epoch", ylabel="accuracy")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "accuracy.png", dpi=100)
+        plt.close(fig)
+        out.append("accuracy.png")
+    if after:
+        fig, ax = plt.subplots(figsize=(max(6, 0.15 * len(after)), 3.5))
+        idx = range(len(after))
+        ax.bar(idx, [before.get(n, w) for n, w in after.items()], color="lightgray", label="before")
+        ax.bar(idx, list(after.values()), label="after")
+        ax.set(xlabel="layer", ylabel="output channels")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "widths.png", dpi=100)
+        plt.close(fig)
+        out.append("widths.png")
+    return out

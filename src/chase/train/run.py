@@ -1,0 +1,277 @@
+"""A training run: its folder, the epoch loop, checkpoints, metrics, resume, and the final report.
+
+Run folder: ``config.yaml`` (resolved), ``checkpoint.pt`` (the latest, written atomically),
+``metrics.jsonl``, ``tensorboard/`` (when installed), ``report.md`` (+ PNG plots when matplotlib is
+installed) and the exported model (``slim.pt`` for Chase, ``final.pt`` otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Optional
+
+import torch
+
+from chase.models import get_model
+from chase.train import report
+from chase.train.checkpoint import load_checkpoint, restore, save_checkpoint
+from chase.train.config import ConfigError, TrainConfig
+from chase.train.data import build_data
+from chase.train.distributed import Dist, init_distributed
+from chase.train.loop import TrainState, build_sparsifier, evaluate, train_one_epoch
+from chase.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RESUME_SAFE_KEYS", "config_diff", "run_dir_for", "train"]
+
+#: options that may change when a run is resumed: they do not change what is computed.
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "data_dir",
+        "download",
+        "num_workers",
+        "quiet",
+        "tensorboard",
+        "out",
+        "name",
+        "device",
+        "log_every",
+        "speedup_batch",
+        "threads",
+    }
+)
+CHECKPOINT = "checkpoint.pt"
+
+
+def run_dir_for(cfg: TrainConfig) -> pathlib.Path:
+    name = (
+        cfg.name
+        or f"{cfg.model.replace(':', '_')}-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    return pathlib.Path(cfg.out) / name
+
+
+def config_diff(saved: dict[str, Any], new: TrainConfig) -> list[str]:
+    """``key: saved -> new`` for every option that differs and matters for the result."""
+    cur = new.to_dict()
+    return [
+        f"{k}: {saved.get(k)!r} -> {cur[k]!r}"
+        for k in cur
+        if k not in RESUME_SAFE_KEYS and saved.get(k) != cur[k]
+    ]
+
+
+def _kept(record: dict[str, Any], step: int) -> bool:
+    return record.get("step", 0) <= step and record.get("kind") != "final"
+
+
+class Metrics:
+    """JSON lines (one object per event) and TensorBoard scalars; a no-op on ranks other than 0."""
+
+    def __init__(
+        self, run_dir: pathlib.Path, enabled: bool, tensorboard: bool, resume_step: int = -1
+    ) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step >= 0 and self.path.exists():
+            # Lines written after the checkpoint by the interrupted process would be repeated: drop them.
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and _kept(json.loads(line), resume_step)
+            ]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_step < 0 and self.path.exists():  # a new run in a folder whose first run died early
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=max(0, resume_step + 1))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+
+
+def _sparsity_record(st: TrainState) -> dict[str, Any]:
+    sp = st.sparsifier
+    widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
+    rec: dict[str, Any] = {"density": sp.global_density() if sp is not None else 1.0, "widths": widths}
+    if sp is not None and hasattr(sp, "channel_sparsity_now"):
+        rec["channel_sparsity"] = sp.channel_sparsity_now()
+    return rec
+
+
+def _write_config(cfg: TrainConfig, path: pathlib.Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _prepare(
+    cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: Dist
+) -> tuple[pathlib.Path, Any]:
+    """Decide the run folder and, for a resume, read and check the checkpoint. Writes nothing."""
+    if resume:
+        assert run_dir is not None
+        if not (run_dir / CHECKPOINT).exists():
+            raise ConfigError(f"cannot resume: {run_dir / CHECKPOINT} does not exist")
+        ckpt = load_checkpoint(run_dir / CHECKPOINT)
+        diff = config_diff(ckpt["config"], cfg)
+        if diff:
+            raise ConfigError(
+                f"cannot resume {run_dir}: the config differs from the run's ({'; '.join(diff)}). "
+                "Start a new run (another --out/name) instead; nothing was changed"
+            )
+        return run_dir, ckpt
+    run_dir = run_dir or run_dir_for(cfg)
+    if (run_dir / CHECKPOINT).exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another name"
+        )
+    return run_dir, None
+
+
+def train(
+    cfg: TrainConfig, run_dir: Optional[str | os.PathLike] = None, *, resume: bool = False
+) -> dict[str, Any]:
+    """Train ``cfg`` in ``run_dir`` (default ``out/name``), or continue the run there with ``resume``.
+
+    Returns the final results (test accuracy, densities, slim model numbers); rank 0 writes the folder.
+    """
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    d = init_distributed(cfg.device)
+    try:
+        return _train(cfg, pathlib.Path(run_dir) if run_dir else None, resume, d)
+    finally:
+        d.close()
+
+
+def _train(cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: Dist) -> dict[str, Any]:
+    run_dir, ckpt = _prepare(cfg, run_dir, resume, d)
+    data = build_data(cfg, rank=d.rank, world=d.world, device=d.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    module = get_model(cfg.model, num_classes=data.num_classes).to(d.device)
+    if cfg.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(module, cfg)
+    scheduler = build_scheduler(optimizer, cfg, data.steps_per_epoch)
+    sparsifier = build_sparsifier(module, optimizer, cfg, data.steps_per_epoch, data.image_size)
+    scaler = torch.amp.GradScaler(d.device.type) if cfg.amp == "fp16" else None
+    if d.rank:
+        torch.manual_seed(cfg.seed + 1000 * d.rank)  # augmentation differs per rank
+    meta = {
+        "steps_per_epoch": data.steps_per_epoch,
+        "num_classes": data.num_classes,
+        "image_size": data.image_size,
+    }
+    st = TrainState(cfg, module, optimizer, scheduler, sparsifier, d, scaler, meta)
+    if ckpt is not None:
+        restore(st, ckpt)
+        log.info("resumed %s at epoch %d, step %d", run_dir, st.epoch, st.step)
+    elif d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(cfg, run_dir / "config.yaml")
+    initial = _sparsity_record(st) if ckpt is None else None
+    metrics = Metrics(run_dir, d.main, cfg.tensorboard, st.step if ckpt is not None else -1)
+    if initial is not None:
+        metrics.write({"kind": "start", "step": 0, "epoch": 0, **initial})
+
+    def checkpoint() -> None:
+        if d.main:
+            save_checkpoint(st, run_dir / CHECKPOINT)
+
+    def after_step(s: TrainState, loss: torch.Tensor) -> None:
+        if cfg.log_every and s.step % cfg.log_every == 0:
+            metrics.write(
+                {
+                    "kind": "train_step",
+                    "step": s.step,
+                    "epoch": s.epoch + s.batch / data.steps_per_epoch,
+                    "loss": float(loss),
+                    "lr": s.optimizer.param_groups[0]["lr"],
+                    **({"density": s.sparsifier.global_density()} if s.sparsifier else {}),
+                }
+            )
+        if cfg.ckpt_every_steps and s.step % cfg.ckpt_every_steps == 0 and s.batch < data.steps_per_epoch:
+            checkpoint()
+
+    test: dict[str, float] = {}
+    while st.epoch < cfg.epochs:
+        data.train_sampler.set_epoch(st.epoch, start=st.batch * cfg.batch_size)
+        data.train.generator.manual_seed(cfg.seed * 100003 + st.epoch)
+        t0 = time.perf_counter()
+        tr = train_one_epoch(st, data.train, data.steps_per_epoch, after_step)
+        st.epoch, st.batch = st.epoch + 1, 0
+        st.sums.zero_()
+        rec: dict[str, Any] = {
+            "kind": "epoch",
+            "step": st.step,
+            "epoch": st.epoch,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "lr": st.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        if st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs:
+            test = evaluate(st.model, data.test, cfg, d)
+            rec.update(test_loss=test["loss"], test_acc=test["acc"])
+            if data.val is not None:
+                val = evaluate(st.model, data.val, cfg, d)
+                rec.update(val_loss=val["loss"], val_acc=val["acc"])
+        rec.update(_sparsity_record(st))
+        metrics.write(rec)
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.4f%s",
+            st.epoch,
+            cfg.epochs,
+            tr["loss"],
+            tr["acc"],
+            f"  test acc {test['acc']:.4f}" if "test_acc" in rec else "",
+        )
+        checkpoint()
+    if not test:  # resumed a run that had already finished its epochs
+        test = evaluate(st.model, data.test, cfg, d)
+    if initial is None and d.main:
+        initial = (read_metrics(run_dir)[:1] or [{}])[0]
+    results = report.finish(st, data, test, run_dir, initial or {})
+    metrics.write(
+        {
+            "kind": "final",
+            "step": st.step,
+            "epoch": st.epoch,
+            **{k: v for k, v in results.items() if isinstance(v, (int, float))},
+        }
+    )
+    metrics.close()
+    d.barrier()
+    return results
