@@ -12,14 +12,10 @@ non-update step, and a global exploration update (median over several). Writes
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,10 +23,10 @@ from torch import nn
 
 import chase
 from chase.models import get_model
+from common import machine, timeit, write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (model name, input size, batch size); --quick replaces them with tiny ones.
-# ResNet-50 uses batch 16: at batch 32 one training step takes ~25-50 s on 2 CPU cores (--batch 32).
+# ResNet-50 uses batch 16 (--batch 32 for 32): a shorter training step makes the overhead fraction larger.
 FULL = {"resnet50": ("resnet50", 224, 16), "cifar_vgg19_bn": ("cifar_vgg19_bn", 32, 128)}
 QUICK = {"resnet50": ("resnet18", 64, 2), "cifar_vgg19_bn": ("cifar_resnet20", 32, 8)}
 TARGET_STEP_FRACTION = 0.01  # non-update step() + mask post-hook < 1% of a training step
@@ -38,39 +34,8 @@ TARGET_UPDATE_S = {"resnet50": 1.0, "cifar_vgg19_bn": 0.5}
 UPDATE_EVERY = 100  # 10 with --quick
 
 
-def _timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _updated(info: Any) -> bool | None:
-    """Whether ``sp.step()``'s return value reports an exploration update (None if it does not say)."""
-    for key in ("updated", "mask_updated", "did_update", "update", "exploration"):
-        value = info.get(key) if isinstance(info, dict) else getattr(info, key, None)
-        if value is not None:
-            return bool(value)
-    return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _setup(name: str, size: int, batch: int) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], None]]:
@@ -99,20 +64,20 @@ def bench_model(
 
     r: dict[str, Any] = {"model": name, "input_size": size, "batch_size": batch, "algorithm": algo}
     _log(f"{name} b{batch}: dense training steps")
-    r["train_step_s"] = _timeit(dense_step, repeats)
+    r["train_step_s"] = timeit(dense_step, repeats)
     fwd_bwd()  # leave gradients in place for the optimizer-only timings
     cheap = 5 * repeats  # optimizer / hook timings are cheap; the hook is a difference of medians
-    r["optimizer_step_s"] = _timeit(opt.step, cheap, warmup=2)
+    r["optimizer_step_s"] = timeit(opt.step, cheap, warmup=2)
 
     _log(f"{name}: attaching {algo}")
     sp = getattr(chase, algo)(
         model, opt, density=0.1, total_steps=100 * every * n_updates, scope="global", update_every=every
     )
-    r["optimizer_step_with_hook_s"] = _timeit(opt.step, cheap, warmup=2)
+    r["optimizer_step_with_hook_s"] = timeit(opt.step, cheap, warmup=2)
     r["mask_hook_s"] = max(0.0, r["optimizer_step_with_hook_s"] - r["optimizer_step_s"])
     hook = getattr(sp, "_post_step_hook", None)  # cross-check: the hook function timed on its own
     if hook is not None:
-        r["mask_hook_direct_s"] = _timeit(lambda: hook(opt, (), {}), cheap, warmup=2)
+        r["mask_hook_direct_s"] = timeit(lambda: hook(opt, (), {}), cheap, warmup=2)
 
     # sp.step() right after optimizer.step() (whose hook already masked), as in the real loop, no update.
     step_times: list[float] = []
@@ -120,7 +85,7 @@ def bench_model(
         opt.step()
         t0 = time.perf_counter()
         info = sp.step()
-        if not _updated(info):
+        if not info.updated:
             step_times.append(time.perf_counter() - t0)
     r["sp_step_s"] = statistics.median(step_times[2:])
 
@@ -132,7 +97,7 @@ def bench_model(
         opt.step()
         info = sp.step()
         opt.zero_grad()
-        if not _updated(info):
+        if not info.updated:
             train_times.append(time.perf_counter() - t0)
     r["sparse_train_step_s"] = statistics.median(train_times[1:])  # fwd+bwd+opt.step(+hook)+sp.step()
 
@@ -144,9 +109,9 @@ def bench_model(
             sp.step()
         opt.step()
         t0 = time.perf_counter()
-        info = sp.update_now() if hasattr(sp, "update_now") else sp.step()
+        info = sp.step()
         update_times.append(time.perf_counter() - t0)
-        if _updated(info) is False:
+        if not info.updated:
             raise RuntimeError(f"{algo}.step() at step {sp.step_count} did not report an update")
     opt.zero_grad()
     r["update_s"] = statistics.median(update_times[1:])
@@ -168,7 +133,7 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         "# Sparse-training bookkeeping overhead",
         "",
         f"{meta['date']}, torch {meta['torch']}, {meta['device']} ({meta['cpu']}), "
-        f"{meta['threads']} threads, "
+        f"{meta['torch_threads']} threads, "
         f"{meta['dtype']}, density 0.1, global scope, SGD momentum 0.9; medians of {meta['repeats']} "
         f"training steps, {5 * meta['repeats']} optimizer.step() / sp.step() calls, "
         f"{meta['updates']} updates; 1-min load average "
@@ -215,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     every = 10 if args.quick else UPDATE_EVERY
     specs = QUICK if args.quick else FULL
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "device": "cpu",
-        "cpu": _cpu_model(),
-        "threads": torch.get_num_threads(),
+        **machine(),
         "dtype": str(torch.get_default_dtype()).replace("torch.", ""),
         "repeats": repeats,
         "updates": n_updates,
@@ -242,10 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     meta["loadavg_end"] = os.getloadavg()[0]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "overhead_quick" if args.quick else "overhead"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(_markdown(meta, rows))
+    write(
+        "overhead_quick" if args.quick else "overhead", {"meta": meta, "results": rows}, _markdown(meta, rows)
+    )
     return 0 if args.quick or all(r["pass_step"] and r["pass_update"] for r in rows) else 1
 
 

@@ -19,8 +19,9 @@ def prune_smallest(mask: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Te
 
     ``scores`` is consumed (overwritten where the mask is off).
     """
-    scores.masked_fill_(~mask, float("inf"))
-    idx = topk_indices(scores, n, largest=False)
+    # Negated in place and ranked largest-first: saves the copy that ``largest=False`` would make.
+    scores.neg_().masked_fill_(~mask, float("-inf"))
+    idx = topk_indices(scores, n, largest=True)
     mask[idx] = False
     return idx
 

@@ -185,7 +185,7 @@ class Sparsifier:
     @property
     def kept(self) -> int:
         """Number of kept weights over all sparse layers."""
-        return int(self._masks.flat.sum())
+        return int(torch.count_nonzero(self._masks.flat))
 
     def global_density(self) -> float:
         """Kept weights / ORIGINAL dense size of the sparse layers."""
@@ -298,8 +298,11 @@ class Sparsifier:
             n_prune = max(0, current - self.budget + swap)
             exploration.prune_smallest(m.flat, prune_scores, n_prune)
             allowed = self.growth_region()
-            free = ~m.flat if allowed is None else allowed & ~m.flat
-            n_grow = min(self.target_kept(t) - (current - n_prune), int(free.sum()))
+            if allowed is None:
+                room = m.flat.numel() - (current - n_prune)
+            else:
+                room = int(torch.count_nonzero(allowed & ~m.flat))
+            n_grow = min(self.target_kept(t) - (current - n_prune), room)
             exploration.grow_largest(m.flat, grow_scores, n_grow, allowed)
         m.sync_views()
         self._broadcast_masks()
