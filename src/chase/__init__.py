@@ -2,6 +2,7 @@
 
 from chase.analysis import ChannelStats, channel_stats
 from chase.export import load_slim
+from chase.flops import FlopReport, count_flops, training_flops
 from chase.graph import channel_groups
 from chase.sparsifier import MEST, SET, Chase, RigL, Sparsifier, Static, StepInfo
 
@@ -12,6 +13,7 @@ __all__ = [
     "SET",
     "ChannelStats",
     "Chase",
+    "FlopReport",
     "RigL",
     "Sparsifier",
     "Static",
@@ -19,5 +21,7 @@ __all__ = [
     "__version__",
     "channel_groups",
     "channel_stats",
+    "count_flops",
     "load_slim",
+    "training_flops",
 ]

@@ -13,11 +13,7 @@ from typing import Optional
 
 __all__ = ["main"]
 
-PENDING = {
-    "bench": "throughput/latency of dense vs slim models",
-    "flops": "dense, sparse and slim FLOPs of a model or checkpoint",
-    "analyze": "per-channel density statistics and plots of a sparse checkpoint",
-}
+MEASURE = ("flops", "bench", "analyze")
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,14 +73,76 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _export_parser(sub)
-    for name, what in PENDING.items():
-        p = sub.add_parser(
-            name,
-            help=f"{what} (arrives with the measurement issue)",
-            description=f"{what}. Not available yet: arrives with the measurement issue.",
-        )
-        p.add_argument("args", nargs=argparse.REMAINDER, help="reserved")
+    _flops_parser(sub)
+    _bench_parser(sub)
+    _analyze_parser(sub)
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser, source_help: str) -> None:
+    p.add_argument("source", nargs="?", help=source_help)
+    p.add_argument("--model", "-m", help="model name (chase.models.get_model), built untrained")
+    p.add_argument("--input", type=int, help="input image size (default: the run's, or 224)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier size for --model (1000)")
+    p.add_argument(
+        "--channel-sparsity",
+        type=float,
+        metavar="S",
+        help="with --model: also measure a slim model of Chase's final width at S, channels removed at "
+        "once from the untrained model (an UNTRAINED-width model, labelled so)",
+    )
+    p.add_argument("--prune-skip", action="store_true", help="with --channel-sparsity: prune the skip path")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def _flops_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "flops",
+        help="dense, sparse and GPU-supported (slim) MACs of a model or checkpoint",
+        description="Multiply-accumulates of the Conv/Linear layers for one image at inference: dense, "
+        "sparse (kept weights x output size) and GPU-supported (the slim model counted dense), with "
+        "ratios to the dense model.",
+    )
+    _model_args(p, "a run folder or its checkpoint.pt (instead of --model)")
+    p.add_argument("--layers", action="store_true", help="print the per-layer table too")
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="throughput and latency of dense vs slim models",
+        description="Time dense vs slim inference (median after warm-up, CUDA synchronised) over batch "
+        "sizes, dtypes, layouts and eager/compiled; print a table with the realised speedup next to the "
+        "FLOPs ratio and write JSON (--json, or bench.json in the run folder). Unsupported combinations "
+        "are skipped with a note.",
+    )
+    _model_args(p, "a Chase run folder or checkpoint: its exported model is the slim one")
+    p.add_argument("--slim-from", metavar="CHECKPOINT", help="same as the positional run/checkpoint")
+    p.add_argument("--batch-sizes", help="comma-separated (default 1,8,32 on CPU; up to 256 on CUDA)")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated from fp32,bf16,fp16 (default fp32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--channels-last", choices=("off", "on", "both"), default="off", help="memory format")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards first (3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forwards; the median is reported (10)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+
+
+def _analyze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="per-channel density statistics and plots of a sparse checkpoint",
+        description="Per-layer channel densities and the share of sparse amenable channels (chase."
+        "channel_stats), printed, and a PNG histogram (channel_density.png in the run folder or --out).",
+    )
+    p.add_argument("source", help="a run folder or its checkpoint.pt")
+    p.add_argument("--out", "-o", help="PNG file or folder (default: the run folder)")
+    p.add_argument(
+        "--amenable-ratio",
+        type=float,
+        default=0.5,
+        help="a channel is sparse amenable below this x its layer's density (0.5)",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -142,20 +200,20 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``chase`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.command in PENDING:
-        print(
-            f"chase {args.command}: not available yet -- it arrives with the measurement issue "
-            f"({PENDING[args.command]}).",
-            file=sys.stderr,
-        )
-        return 2
-    quiet = getattr(args, "quiet", False)
+    # The measurement commands print their own tables; the library's INFO lines would interleave.
+    quiet = getattr(args, "quiet", False) or args.command in MEASURE
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     from chase.train.config import ConfigError
 
+    errors: tuple[type[Exception], ...] = (ConfigError,)
     try:
+        if args.command in MEASURE:
+            from chase.train import measure
+
+            errors = (ConfigError, measure.CommandError)
+            return getattr(measure, f"{args.command}_command")(args)
         return _train(args) if args.command == "train" else _export(args)
-    except ConfigError as e:
+    except errors as e:
         print(f"chase {args.command}: error: {e}", file=sys.stderr)
         return 2
 

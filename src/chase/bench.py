@@ -1,0 +1,207 @@
+"""Throughput and latency of inference models (dense vs slim) over batch sizes, dtypes and layouts.
+
+Every configuration is timed honestly or skipped with a note (fp16 on CPU, bf16 on a GPU without it,
+a failed ``torch.compile``, out of memory): never substituted by another one.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DTYPES", "benchmark", "format_table", "time_forward"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_forward(model: nn.Module, x: torch.Tensor, *, warmup: int = 3, repeats: int = 10) -> list[float]:
+    """Seconds of each of ``repeats`` forwards of ``x`` after ``warmup`` untimed ones (CUDA synchronised
+    before and after each forward, so the time covers the kernels, not only their launch)."""
+    for _ in range(warmup):
+        model(x)
+    _sync(x.device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(x)
+        _sync(x.device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # platform.processor() is often just "x86_64" on Linux
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _skip_reason(dtype: str, device: torch.device, channels_last: bool, ndim: int) -> Optional[str]:
+    if dtype == "fp16" and device.type != "cuda":
+        return "fp16 is benchmarked on CUDA only (CPU half-precision convolutions are not a deployment path)"
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bf16 support"
+    if channels_last and ndim != 4:
+        return "channels_last needs 4-D (N, C, H, W) inputs"
+    return None
+
+
+def benchmark(
+    models: Mapping[str, nn.Module],
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    dtypes: Sequence[str] = ("fp32",),
+    device: str | torch.device = "cpu",
+    channels_last: Sequence[bool] = (False,),
+    compiled: Sequence[bool] = (False,),
+    warmup: int = 3,
+    repeats: int = 10,
+    macs: Optional[Mapping[str, int]] = None,
+    meta: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """Time every model of ``models`` ({label: model}, e.g. ``{"dense": m, "slim": s}``) on random inputs
+    of shape ``(batch, *input_shape)`` for every combination of the options; the models are copied, not
+    changed. Models are timed alternately within a configuration so that machine load affects them alike.
+
+    Returns ``{"meta": ..., "results": [row, ...], "skipped": [...]}``; a row has model, device, dtype,
+    batch_size, channels_last, compiled, latency_ms (median), latency_ms_min, throughput (images/s at the
+    median), and for every model but the first ``speedup`` (its throughput over the first model's) and,
+    when ``macs`` ({label: MACs per image}) is given, ``flops_ratio`` (first model's MACs over its own:
+    the speedup the FLOPs predict).
+    """
+    dev = torch.device(device)
+    labels = list(models)
+    out: dict[str, Any] = {
+        "meta": {
+            "device": dev.type,
+            "device_name": _device_name(dev),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "input_shape": list(input_shape),
+            "warmup": warmup,
+            "repeats": repeats,
+            "macs": dict(macs or {}),
+            **(meta or {}),
+        },
+        "results": [],
+        "skipped": [],
+    }
+    for dtype in dtypes:
+        for cl in channels_last:
+            for comp in compiled:
+                cfg = {"dtype": dtype, "channels_last": cl, "compiled": comp}
+                reason = _skip_reason(dtype, dev, cl, len(input_shape) + 1)
+                if reason is not None:
+                    out["skipped"].append({**cfg, "reason": reason})
+                    log.info("skipped %s: %s", cfg, reason)
+                    continue
+                _run_config(models, labels, input_shape, batch_sizes, dev, cfg, warmup, repeats, macs, out)
+    return out
+
+
+def _prepare(model: nn.Module, dev: torch.device, cfg: dict[str, Any]) -> nn.Module:
+    m = copy.deepcopy(model).eval().to(dev, DTYPES[cfg["dtype"]])
+    if cfg["channels_last"]:
+        m = m.to(memory_format=torch.channels_last)
+    return torch.compile(m) if cfg["compiled"] else m
+
+
+def _run_config(
+    models: Mapping[str, nn.Module],
+    labels: list[str],
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int],
+    dev: torch.device,
+    cfg: dict[str, Any],
+    warmup: int,
+    repeats: int,
+    macs: Optional[Mapping[str, int]],
+    out: dict[str, Any],
+) -> None:
+    prepared = {k: _prepare(m, dev, cfg) for k, m in models.items()}
+    for bs in batch_sizes:
+        x = torch.randn(bs, *input_shape, device=dev, dtype=DTYPES[cfg["dtype"]])
+        if cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        times: dict[str, list[float]] = {k: [] for k in labels}
+        try:
+            for k in labels:  # warm-up of each model first; a compiled one compiles here, never timed
+                time_forward(prepared[k], x, warmup=max(warmup, 1 if cfg["compiled"] else 0), repeats=0)
+            for _ in range(repeats):  # then one timed forward of each, alternately
+                for k in labels:
+                    times[k] += time_forward(prepared[k], x, warmup=0, repeats=1)
+        except Exception as e:  # OOM, a compiler error: record it, never fake a number
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            out["skipped"].append({**cfg, "batch_size": bs, "reason": reason})
+            log.warning("batch %d %s failed: %s", bs, cfg, reason)
+            continue
+        base = None
+        for k in labels:
+            med = statistics.median(times[k])
+            row = {"model": k, "device": dev.type, "batch_size": bs, **cfg}
+            row.update(latency_ms=1e3 * med, latency_ms_min=1e3 * min(times[k]), throughput=bs / med)
+            if base is None:
+                base = row
+            else:
+                row["speedup"] = row["throughput"] / base["throughput"]
+                if macs and k in macs and labels[0] in macs and macs[k]:
+                    row["flops_ratio"] = macs[labels[0]] / macs[k]
+            out["results"].append(row)
+            log.debug("%s", _fmt_row(row))
+
+
+def _fmt_row(r: Mapping[str, Any]) -> str:
+    speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+    ratio = f"{r['flops_ratio']:.2f}x" if "flops_ratio" in r else ""
+    return (
+        f"{r['model']:<8} {r['device']:<5} {r['dtype']:<5} {'cl' if r['channels_last'] else '-':<3} "
+        f"{'compiled' if r['compiled'] else 'eager':<9} {r['batch_size']:>5} {r['latency_ms']:>11.3f} "
+        f"{r['throughput']:>11.1f} {speed:>8} {ratio:>8}"
+    )
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The rows of :func:`benchmark` as a text table, with the skipped configurations below it."""
+    m = result["meta"]
+    lines = [
+        f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, {m['date']}; "
+        f"median of {m['repeats']} after {m['warmup']} warm-up",
+        f"{'model':<8} {'dev':<5} {'dtype':<5} {'cl':<3} {'mode':<9} {'batch':>5} {'latency ms':>11} "
+        f"{'images/s':>11} {'speedup':>8} {'FLOPs':>8}",
+    ]
+    lines += [_fmt_row(r) for r in result["results"]]
+    for s in result["skipped"]:
+        where = f" batch {s['batch_size']}" if "batch_size" in s else ""
+        lines.append(
+            f"skipped {s['dtype']} cl={s['channels_last']} compiled={s['compiled']}{where}: {s['reason']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,284 @@
+"""Bodies of the measurement commands ``chase flops``, ``chase bench`` and ``chase analyze``.
+
+A command measures either a model name (freshly built, untrained) or a training run: a run folder or
+its ``checkpoint.pt`` is rebuilt the way ``chase export`` does it (config -> model -> sparsifier -> state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from chase.flops import FlopReport, count_flops
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoadedRun", "analyze_command", "bench_command", "flops_command", "load_run", "untrained_slim"]
+
+
+class CommandError(ValueError):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+@dataclass
+class LoadedRun:
+    """A training checkpoint rebuilt: ``model`` is the trained model (already narrowed when Chase removed
+    channels physically), ``sparsifier`` None for dense runs."""
+
+    path: pathlib.Path
+    model_name: str
+    method: str
+    num_classes: int
+    image_size: int
+    model: nn.Module
+    sparsifier: Any
+
+    @property
+    def folder(self) -> pathlib.Path:
+        return self.path.parent
+
+    def slim(self) -> Optional[nn.Module]:
+        """The exported slim model (Chase), or None (other methods keep every channel)."""
+        return self.sparsifier.export().eval() if hasattr(self.sparsifier, "export") else None
+
+
+def load_run(path: str | pathlib.Path) -> LoadedRun:
+    """Rebuild model and sparsifier of a run folder or ``checkpoint.pt`` (the ``chase export`` path)."""
+    from chase.models import get_model
+    from chase.train.checkpoint import load_checkpoint
+    from chase.train.config import TrainConfig
+    from chase.train.loop import build_sparsifier
+    from chase.train.optim import build_optimizer
+
+    p = pathlib.Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise CommandError(f"{p} does not exist (give a run folder or its checkpoint.pt)")
+    ckpt = load_checkpoint(p)
+    cfg = TrainConfig(**ckpt["config"])
+    meta = dict(ckpt["meta"])
+    model = get_model(cfg.model, num_classes=meta["num_classes"])
+    optimizer = build_optimizer(model, cfg)
+    with warnings.catch_warnings():  # schedule warnings were shown when the run was trained
+        warnings.simplefilter("ignore")
+        sp = build_sparsifier(model, optimizer, cfg, meta["steps_per_epoch"], meta["image_size"])
+    if sp is not None:
+        sp.load_state_dict(ckpt["sparsifier"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return LoadedRun(p, cfg.model, cfg.method, meta["num_classes"], meta["image_size"], model, sp)
+
+
+def untrained_slim(
+    model: nn.Module, example: torch.Tensor, channel_sparsity: float, prune_skip: bool = False
+) -> nn.Module:
+    """A copy of ``model`` narrowed at once to Chase's final width for ``channel_sparsity`` (channels chosen
+    by UMM of the current, e.g. random, weights). For timing and FLOPs only: it is not a trained model."""
+    import copy
+
+    from chase.sparsifier import Chase
+
+    work = copy.deepcopy(model)
+    opt = torch.optim.SGD(work.parameters(), lr=0.0)
+    with warnings.catch_warnings():  # a 4-step schedule warns; we run its last event by hand
+        warnings.simplefilter("ignore")
+        sp = Chase(
+            work,
+            opt,
+            density=1.0,
+            soft_bound=0.0,
+            total_steps=4,
+            example_inputs=example,
+            channel_sparsity=channel_sparsity,
+            prune_skip=prune_skip,
+            update_every=2,
+            channel_every=1,
+            channel_end=2,
+        )
+        sp.remove_channels_now(sp.last_event)  # the schedule's end: the full channel_sparsity
+    return sp.export().eval()
+
+
+def _example(run: Optional[LoadedRun], args: argparse.Namespace) -> torch.Tensor:
+    size = args.input or (run.image_size if run else 224)
+    return torch.zeros(1, 3, size, size)
+
+
+def _models(args: argparse.Namespace) -> tuple[nn.Module, Optional[nn.Module], Optional[LoadedRun], str]:
+    """(dense reference, slim model or None, the run if any, a label saying what "slim" is)."""
+    from chase.models import get_model
+
+    source = getattr(args, "source", None) or getattr(args, "slim_from", None)
+    if source and getattr(args, "channel_sparsity", None) is not None:
+        raise CommandError("give a checkpoint or --channel-sparsity, not both")
+    if source:
+        run = load_run(source)
+        if args.model and args.model != run.model_name:
+            raise CommandError(f"--model {args.model} but the checkpoint trained {run.model_name}")
+        dense = get_model(run.model_name, num_classes=run.num_classes).eval()
+        slim = run.slim()
+        what = f"exported model of {run.path} ({run.method})" if slim is not None else ""
+        return dense, slim, run, what
+    if not args.model:
+        raise CommandError("give a model name (--model) or a run folder / checkpoint")
+    dense = get_model(args.model, num_classes=args.num_classes).eval()
+    if getattr(args, "channel_sparsity", None) is None:
+        return dense, None, None, ""
+    s, skip = args.channel_sparsity, args.prune_skip
+    slim = untrained_slim(dense, _example(None, args), s, skip)
+    return (
+        dense,
+        slim,
+        None,
+        f"UNTRAINED width: Chase channel_sparsity={s} prune_skip={skip}, removed at once",
+    )
+
+
+def _write_json(obj: Any, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def flops_command(args: argparse.Namespace) -> int:
+    """``chase flops``: dense, sparse and GPU-supported (slim) MACs per image, with ratios."""
+    dense, slim, run, what = _models(args)
+    x = _example(run, args)
+    ref = count_flops(dense, x)
+    rows: list[tuple[str, int]] = [("dense", ref.dense)]
+    sparse: FlopReport = ref
+    if run is not None and run.sparsifier is not None:
+        sparse = count_flops(run.model, x, run.sparsifier.masks)
+        rows.append(("sparse (kept weights)", sparse.sparse))
+    slim_report = count_flops(slim, x) if slim is not None else None
+    if slim_report is not None:
+        rows.append(("GPU-supported (slim)", slim_report.dense))
+    elif run is not None and run.sparsifier is not None:  # unstructured sparsity: every channel is kept
+        rows.append(("GPU-supported (dense)", ref.dense))
+    name = run.model_name if run else args.model
+    print(f"{name}, input {tuple(x.shape[1:])}, MACs per image" + (f"; slim = {what}" if what else ""))
+    print(f"{'count':<24} {'GMACs':>10} {'ratio':>8}")
+    for label, v in rows:
+        print(f"{label:<24} {v / 1e9:>10.4f} {v / ref.dense:>7.3f}x")
+    if args.layers:  # the trained model's kept weights when there are masks, else the widths measured
+        print((sparse if sparse is not ref else slim_report or ref).table())
+    if args.json:
+        _write_json(
+            {
+                "model": name,
+                "input": list(x.shape[1:]),
+                "slim": what or None,
+                "method": run.method if run else None,
+                "dense": ref.dense,
+                "sparse": sparse.sparse,
+                "gpu_supported": slim_report.dense if slim_report else ref.dense,
+                "sparse_ratio": sparse.sparse / ref.dense,
+                "gpu_supported_ratio": (slim_report.dense if slim_report else ref.dense) / ref.dense,
+                "layers": sparse.as_dict()["layers"],
+                "slim_layers": slim_report.as_dict()["layers"] if slim_report else None,
+            },
+            args.json,
+        )
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """``chase bench``: throughput and latency of dense vs slim, table and JSON."""
+    from chase.bench import DTYPES, benchmark, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError("--device cuda but CUDA is not available")
+    dtypes = args.dtypes.split(",")
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise CommandError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    if args.batch_sizes:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+    else:  # a full sweep to 256 takes minutes per model on a small CPU
+        batches = [1, 8, 32, 64, 128, 256] if device.startswith("cuda") else [1, 8, 32]
+    dense, slim, run, what = _models(args)
+    x = _example(run, args)
+    models = {"dense": dense} if slim is None else {"dense": dense, "slim": slim}
+    macs = {k: count_flops(m, x).dense for k, m in models.items()}
+    if slim is None:
+        log.warning("no slim model (give a Chase checkpoint or --channel-sparsity): timing dense only")
+    result = benchmark(
+        models,
+        tuple(x.shape[1:]),
+        batch_sizes=batches,
+        dtypes=dtypes,
+        device=device,
+        channels_last={"off": [False], "on": [True], "both": [False, True]}[args.channels_last],
+        compiled=[False, True] if args.compile else [False],
+        warmup=args.warmup,
+        repeats=args.repeats,
+        macs=macs,
+        meta={"model": run.model_name if run else args.model, "slim": what or None},
+    )
+    print(format_table(result))
+    out = args.json or (run.folder / "bench.json" if run else None)
+    if out:
+        _write_json(result, out)
+    return 0
+
+
+def analyze_command(args: argparse.Namespace) -> int:
+    """``chase analyze``: per-layer channel densities of a sparse run, printed and plotted."""
+    from chase.analysis import channel_stats
+
+    run = load_run(args.source)
+    if run.sparsifier is None:
+        raise CommandError(f"{run.path} is a dense run: it has no masks to analyse")
+    stats = channel_stats(run.model, run.sparsifier, amenable_ratio=args.amenable_ratio)
+    print(f"{run.model_name} ({run.method}), {run.path}")
+    print(stats.summary())
+    out = pathlib.Path(args.out) if args.out else run.folder / "channel_density.png"
+    if out.suffix.lower() != ".png":
+        out = out / "channel_density.png"
+    plot_channel_densities(stats, out, title=f"{run.model_name} ({run.method})")
+    print(f"wrote {out}")
+    return 0
+
+
+def plot_channel_densities(stats: Any, path: pathlib.Path, title: str = "") -> None:
+    """Histogram of all channel densities, and per-layer box plots with each layer's density marked."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise CommandError("chase analyze needs matplotlib for its plot (pip install matplotlib)") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = [s for s in stats.layers if s.density.numel()]
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)  # no pyplot: no global figure state, no display backend needed
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2]})
+    if layers:
+        everything = torch.cat([s.density for s in layers]).numpy()
+        ax1.hist(everything, bins=40, color="tab:blue")
+        ax2.boxplot([s.density.numpy() for s in layers], showfliers=True)
+        ax2.plot(
+            range(1, len(layers) + 1), [s.layer_density for s in layers], "D", ms=4, label="layer density"
+        )
+        ax2.legend(loc="upper right")
+    ax1.set_xlabel("channel density (kept / original filter size)")
+    ax1.set_ylabel("channels")
+    ax1.set_title(f"all channels: {100 * stats.amenable_fraction:.1f}% sparse amenable")
+    ax2.set_xlabel("sparse layer (in model order)")
+    ax2.set_ylabel("channel density")
+    ax2.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,176 @@
+"""FLOPs counting, training-FLOPs accounting, and the ``chase flops / bench / analyze`` commands (CPU)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+
+import chase
+from chase.cli import build_parser, main
+from chase.flops import StepCost, count_flops, training_flops
+
+torch.set_num_threads(1)
+
+# 32 synthetic images of 8x8 in batches of 16, two epochs: 4 steps, channel events at steps 2 and 3.
+TINY = [
+    "dataset=synthetic",
+    "image_size=8",
+    "synthetic_train=32",
+    "synthetic_test=16",
+    "batch_size=16",
+    "num_workers=0",
+    "epochs=2",
+    "model=cifar_resnet20",
+    "update_every=2",
+    "channel_every=1",
+    "channel_sparsity=0.5",
+    "density=0.2",
+    "lr=0.05",
+    "speedup_batch=0",
+    "threads=1",
+    "method=chase",
+    "name=chase",
+]
+
+
+# ------------------------------------------------------------------------------------- hand counts
+@pytest.mark.parametrize(
+    "layer, shape, macs",
+    [
+        # 9x9, k3 s2 p1 -> 5x5 outputs; 8*3*3*3 = 216 weights: 25 * 216
+        (nn.Conv2d(3, 8, 3, stride=2, padding=1), (2, 3, 9, 9), 5400),
+        # grouped: 7x7, k3 p0 -> 5x5; weight 16 x (8/4) x 3 x 3 = 288: 25 * 288
+        (nn.Conv2d(8, 16, 3, groups=4), (1, 8, 7, 7), 7200),
+        # depthwise: 6x6, p1 -> 6x6; weight 8 x 1 x 3 x 3 = 72: 36 * 72
+        (nn.Conv2d(8, 8, 3, padding=1, groups=8), (3, 8, 6, 6), 2592),
+        # stride 2, dilation 2: 11 -> (11 - 5) // 2 + 1 = 4 per side; 16 * 4*2*9 = 16 * 72
+        (nn.Conv2d(2, 4, 3, stride=2, dilation=2), (1, 2, 11, 11), 1152),
+        # 1-D: length 12, k5 -> 8; weight 6 x 4 x 5 = 120
+        (nn.Conv1d(4, 6, 5), (2, 4, 12), 960),
+        # 3-D: 4x5x5, k(1,3,3) -> 4x3x3 = 36; weight 3 x 2 x 9 = 54
+        (nn.Conv3d(2, 3, (1, 3, 3)), (1, 2, 4, 5, 5), 1944),
+        (nn.Linear(10, 4), (5, 10), 40),
+        (nn.Linear(10, 4), (5, 3, 10), 120),  # a sequence of 3 tokens: each weight used 3 times
+    ],
+)
+def test_hand_counted_layers(layer, shape, macs):
+    report = count_flops(layer, torch.zeros(shape))
+    assert report.dense == report.sparse == macs
+    assert report.layers[0].name == "weight"
+
+
+def test_masks_reference_and_model_unchanged():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    net.train()
+    x = torch.zeros(2, 3, 4, 4)
+    dense = count_flops(net, x)
+    assert [s.name for s in dense.layers] == ["0.weight", "3.weight"]
+    assert dense.dense == 16 * 216 + 1280  # conv: 4x4 outputs x 216 weights; linear 128 x 10
+    # Masking half of the conv's weights halves its sparse MACs; the dense count is unchanged.
+    half = torch.zeros(8, 3, 3, 3, dtype=torch.bool)
+    half[:4] = True
+    sparse = count_flops(net, x, {"0.weight": half})
+    assert sparse.layers[0].sparse == 16 * 216 // 2 and sparse.layers[1].sparse == 1280
+    assert sparse.dense == dense.dense and sparse.sparse == dense.dense - 16 * 108
+    # Hooks are gone and the training mode is back.
+    assert net.training and all(not m._forward_hooks for m in net.modules())
+    # A half-width slim model against its dense reference: GPU-supported ratio.
+    slim = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+    r = count_flops(slim, x, reference=net)
+    assert r.reference_dense == dense.dense
+    assert r.dense_ratio == pytest.approx((16 * 108 + 640) / dense.dense)
+    assert json.loads(json.dumps(r.as_dict()))["dense"] == r.dense
+
+
+def test_resnet50_dense_macs():
+    torchvision = pytest.importorskip("torchvision")
+    report = count_flops(torchvision.models.resnet50(weights=None), torch.zeros(1, 3, 224, 224))
+    assert report.dense == pytest.approx(4.09e9, rel=0.01)  # 4,089,184,256: the known 4.1 GMACs
+    assert len(report.layers) == 54  # 53 convs + fc
+
+
+def test_training_flops_hand_counted():
+    # Four steps at forward density 0.5 of 100 MACs, updates every 2 steps: 3*50 + (2*50 + 100) twice.
+    log = [(0.5, 100.0)] * 4
+    r = training_flops(log, update_every=2, batch_size=2)
+    assert (r.total, r.dense_total, r.update_steps) == (2 * 700, 2 * 1200, 2)
+    assert r.ratio == pytest.approx(700 / 1200)
+    # No update at or after end_step (the engine's schedule): step 4 is a plain step.
+    assert training_flops(log, update_every=2, end_step=4).total == 650
+    # Shrinking width (Chase) and an explicit update flag; dense training is priced at the first width.
+    r = training_flops([StepCost(0.6, 100.0), StepCost(0.5, 80.0, update=True)])
+    assert (r.total, r.dense_total, r.update_steps) == (3 * 60 + 2 * 40 + 80, 600, 1)
+
+
+# ------------------------------------------------------------------------------------------ commands
+@pytest.fixture(scope="module")
+def chase_run(tmp_path_factory) -> pathlib.Path:
+    pytest.importorskip("yaml")
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train", "-q", "--out", str(out), "--set", *TINY]) == 0
+    return out / "chase"
+
+
+def test_stubs_are_gone():
+    assert "measurement issue" not in pathlib.Path(chase.cli.__file__).read_text()
+    assert "measurement issue" not in build_parser().format_help()
+
+
+def test_flops_command_model_name(tmp_path, capsys):
+    out = tmp_path / "f.json"
+    args = ["flops", "--model", "cifar_resnet20", "--num-classes", "10", "--input", "32"]
+    assert main([*args, "--channel-sparsity", "0.5", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "GMACs" in text and "dense" in text and "GPU-supported (slim)" in text and "UNTRAINED" in text
+    d = json.loads(out.read_text())
+    assert d["dense"] == 40_813_184  # CIFAR ResNet-20, 10 classes, 32x32: 40.8 MMACs
+    assert d["sparse"] == d["dense"] and 0.3 < d["gpu_supported_ratio"] < 1.0
+
+
+def test_flops_command_on_run(chase_run, tmp_path, capsys):
+    out = tmp_path / "f.json"
+    assert main(["flops", str(chase_run), "--layers", "--json", str(out)]) == 0
+    assert "sparse (kept weights)" in capsys.readouterr().out
+    d = json.loads(out.read_text())
+    assert d["method"] == "chase" and d["input"] == [3, 8, 8]
+    assert d["sparse_ratio"] < d["gpu_supported_ratio"] < 1.0
+
+
+def test_bench_command(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "cifar_resnet20", "--num-classes", "10", "--input", "8"]
+    args += ["--channel-sparsity", "0.5", "--batch-sizes", "1,4", "--repeats", "2", "--warmup", "1"]
+    assert main([*args, "--dtypes", "fp32,fp16", "--device", "cpu", "--json", str(out)]) == 0
+    assert "images/s" in capsys.readouterr().out
+    d = json.loads(out.read_text())
+    assert d["meta"]["torch"] == torch.__version__ and d["meta"]["date"] and d["meta"]["device"] == "cpu"
+    assert d["meta"]["slim"].startswith("UNTRAINED")
+    rows = d["results"]
+    assert [(r["model"], r["batch_size"]) for r in rows] == [
+        ("dense", 1),
+        ("slim", 1),
+        ("dense", 4),
+        ("slim", 4),
+    ]
+    for r in rows:
+        assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["latency_ms"] > 0 and r["throughput"] > 0
+    assert rows[1]["speedup"] > 0 and rows[1]["flops_ratio"] > 1.0
+    assert [s["dtype"] for s in d["skipped"]] == ["fp16"]  # fp16 on CPU: skipped with a note, not faked
+
+
+def test_analyze_command(chase_run, capsys):
+    assert main(["analyze", str(chase_run)]) == 0
+    text = capsys.readouterr().out
+    assert "sparse amenable" in text and "layer1.0.conv1.weight" in text
+    png = chase_run / "channel_density.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_commands_report_user_errors(tmp_path, capsys):
+    assert main(["flops"]) == 2
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
