@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
+from torch import nn
 
 from chase.models import get_model
+from chase.sparsifier import Sparsifier
 from chase.train.checkpoint import atomic_save, load_checkpoint
 from chase.train.config import TrainConfig
 from chase.train.loop import build_sparsifier
 from chase.train.optim import build_optimizer
 
-__all__ = ["export_checkpoint"]
+__all__ = ["export_checkpoint", "rebuild"]
+
+
+def rebuild(path: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any], nn.Module, Sparsifier | None]:
+    """Config, meta, model and sparsifier of a training checkpoint, rebuilt from its config and loaded
+    (the sparsifier first, so a Chase model is narrowed before its weights load)."""
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig(**ckpt["config"])
+    meta = dict(ckpt["meta"])
+    model = get_model(cfg.model, num_classes=meta["num_classes"])
+    optimizer = build_optimizer(model, cfg)
+    with warnings.catch_warnings():  # schedule warnings were shown when the run was trained
+        warnings.simplefilter("ignore")
+        sp = build_sparsifier(model, optimizer, cfg, meta["steps_per_epoch"], meta["image_size"])
+    if sp is not None:
+        sp.load_state_dict(ckpt["sparsifier"])
+    model.load_state_dict(ckpt["model"])
+    return cfg, meta, model, sp
 
 
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
@@ -22,15 +42,7 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> dict[s
     Chase: the slim checkpoint (``chase.load_slim(get_model(meta["model"], ...), torch.load(out))``);
     other methods: the masked weights. Returns the file's ``meta``.
     """
-    ckpt = load_checkpoint(path)
-    cfg = TrainConfig(**ckpt["config"])
-    meta = dict(ckpt["meta"])
-    model = get_model(cfg.model, num_classes=meta["num_classes"])
-    optimizer = build_optimizer(model, cfg)
-    sp = build_sparsifier(model, optimizer, cfg, meta["steps_per_epoch"], meta["image_size"])
-    if sp is not None:
-        sp.load_state_dict(ckpt["sparsifier"])
-    model.load_state_dict(ckpt["model"])
+    cfg, meta, model, sp = rebuild(path)
     info = {
         "model": cfg.model,
         "num_classes": meta["num_classes"],

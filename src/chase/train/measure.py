@@ -52,28 +52,14 @@ class LoadedRun:
 
 def load_run(path: str | pathlib.Path) -> LoadedRun:
     """Rebuild model and sparsifier of a run folder or ``checkpoint.pt`` (the ``chase export`` path)."""
-    from chase.models import get_model
-    from chase.train.checkpoint import load_checkpoint
-    from chase.train.config import TrainConfig
-    from chase.train.loop import build_sparsifier
-    from chase.train.optim import build_optimizer
+    from chase.train.export import rebuild
 
     p = pathlib.Path(path)
     if p.is_dir():
         p = p / "checkpoint.pt"
     if not p.is_file():
         raise CommandError(f"{p} does not exist (give a run folder or its checkpoint.pt)")
-    ckpt = load_checkpoint(p)
-    cfg = TrainConfig(**ckpt["config"])
-    meta = dict(ckpt["meta"])
-    model = get_model(cfg.model, num_classes=meta["num_classes"])
-    optimizer = build_optimizer(model, cfg)
-    with warnings.catch_warnings():  # schedule warnings were shown when the run was trained
-        warnings.simplefilter("ignore")
-        sp = build_sparsifier(model, optimizer, cfg, meta["steps_per_epoch"], meta["image_size"])
-    if sp is not None:
-        sp.load_state_dict(ckpt["sparsifier"])
-    model.load_state_dict(ckpt["model"])
+    cfg, meta, model, sp = rebuild(p)
     model.eval()
     return LoadedRun(p, cfg.model, cfg.method, meta["num_classes"], meta["image_size"], model, sp)
 
