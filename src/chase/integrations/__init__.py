@@ -1,0 +1,1 @@
+"""Optional integrations with training frameworks (imported explicitly, never by ``import chase``)."""
