@@ -68,6 +68,10 @@ def test_train_produces_run_folder(tmp_path, method, capsys):
     assert "slim.pt" in files and "speedup" in out
     assert epochs[-1]["channel_sparsity"] > 0.4
     assert abs(epochs[-1]["density"] - 0.2) < 1e-3
+    # FLOPs per epoch: the narrowing model costs fewer dense-counted MACs, and far fewer over kept weights.
+    start = next(r for r in records(run) if r["kind"] == "start")
+    assert epochs[-1]["macs"] < start["macs"] and epochs[-1]["macs_sparse"] < epochs[-1]["macs"]
+    assert "channel_density.png" in files
     # The slim model rebuilds from a fresh full-size model and gives the trained model's test accuracy.
     slim = chase.load_slim(get_model("cifar_resnet20", 10), torch.load(run / "slim.pt", weights_only=True))
     assert sum(p.numel() for p in slim.parameters()) < sum(

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chase.flops import count_flops
 from chase.models import get_model
 from chase.train.checkpoint import atomic_save
 from chase.train.config import TrainConfig
@@ -22,7 +23,7 @@ from chase.train.loop import TrainState, autocast, evaluate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["count_macs", "finish", "measure_speedup", "recalibrate_bn"]
+__all__ = ["finish", "measure_speedup", "recalibrate_bn"]
 
 SLIM_FILE, FINAL_FILE, REPORT_FILE = "slim.pt", "final.pt", "report.md"
 
@@ -53,28 +54,6 @@ def recalibrate_bn(model: nn.Module, loader: Any, batches: int, cfg: TrainConfig
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of every Conv/Linear layer for one forward of ``example``, counted dense."""
-    total = 0
-
-    def hook(m: nn.Module, inp: Any, out: torch.Tensor) -> None:
-        nonlocal total
-        w = m.weight
-        total += out.numel() // out.shape[0] * (w[0].numel() if w.ndim > 1 else 1)
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-    ]
-    try:
-        model.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
 @torch.no_grad()
 def measure_speedup(
     dense: nn.Module, slim: nn.Module, x: torch.Tensor, repeats: int = 10
@@ -123,7 +102,7 @@ def finish(
     example = torch.zeros(1, 3, size, size, device=d.device)
     dense_ref = get_model(cfg.model, num_classes=classes).to(d.device)
     results["params_dense"] = _params(dense_ref)
-    results["macs_dense"] = count_macs(dense_ref, example)
+    results["macs_dense"] = count_flops(dense_ref, example).dense
     if hasattr(sp, "export"):
         results["channel_sparsity"] = sp.channel_sparsity_now()
         slim = sp.export().to(d.device)
@@ -133,7 +112,8 @@ def finish(
             slim_test_acc=slim_test["acc"],
             slim_test_loss=slim_test["loss"],
             params_slim=_params(slim),
-            macs_slim=count_macs(slim, example),
+            macs_slim=count_flops(slim, example).dense,
+            macs_sparse=count_flops(slim, example, masks=sp.masks).sparse,
         )
         results["macs_ratio"] = results["macs_slim"] / results["macs_dense"]
         if d.main:
@@ -163,6 +143,8 @@ def finish(
                 run_dir / FINAL_FILE,
             )
         results["model_file"] = FINAL_FILE
+    if d.main and sp is not None:
+        _density_plot(st, run_dir)
     if d.main:
         widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
         write_report(run_dir, cfg, results, initial.get("widths", {}), widths)
@@ -251,3 +233,14 @@ def _plots(run_dir: pathlib.Path, before: dict[str, int], after: dict[str, int])
         plt.close(fig)
         out.append("widths.png")
     return out
+
+
+def _density_plot(st: TrainState, run_dir: pathlib.Path) -> None:
+    """The per-channel density histogram of the final model (as ``chase analyze`` draws it)."""
+    from chase.analysis import channel_stats
+    from chase.train.measure import CommandError, plot_channel_densities
+
+    try:
+        plot_channel_densities(channel_stats(st.module, st.sparsifier), run_dir / "channel_density.png")
+    except CommandError as e:  # matplotlib is optional
+        log.info("no channel-density plot: %s", e)

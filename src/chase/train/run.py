@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from chase.flops import count_flops
 from chase.models import get_model
 from chase.train import report
 from chase.train.checkpoint import load_checkpoint, restore, save_checkpoint
@@ -125,6 +126,11 @@ def _sparsity_record(st: TrainState) -> dict[str, Any]:
     sp = st.sparsifier
     widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
     rec: dict[str, Any] = {"density": sp.global_density() if sp is not None else 1.0, "widths": widths}
+    # MACs per image of the model as it is now: dense-counted (GPU-supported) and over kept weights only.
+    size = st.meta["image_size"]
+    example = torch.zeros(1, 3, size, size, device=next(st.module.parameters()).device)
+    flops = count_flops(st.module, example, masks=sp.masks if sp is not None else None)
+    rec.update(macs=flops.dense, macs_sparse=flops.sparse)
     if sp is not None and hasattr(sp, "channel_sparsity_now"):
         rec["channel_sparsity"] = sp.channel_sparsity_now()
     return rec
