@@ -61,10 +61,10 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
-def write(stem: str, payload: dict[str, Any], markdown: str) -> Path:
-    """Write ``results/<stem>.json`` and ``results/<stem>.md``; returns the JSON path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{stem}.json"
+def write(stem: str, payload: dict[str, Any], markdown: str, folder: Path = RESULTS) -> Path:
+    """Write ``<folder>/<stem>.json`` and ``.md`` (default folder ``results/``); returns the JSON path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown)
+    (folder / f"{stem}.md").write_text(markdown)
     return path

@@ -1,0 +1,432 @@
+"""CIFAR-10 on one GPU: dense / RigL / Chase S_c 0.3 / Chase S_c 0.5 at density 0.1, then dense vs slim
+throughput over batch sizes and dtypes. Built to finish in ONE device call of at most 9 minutes on an H100.
+
+Protocol: ``cifar_resnet18`` (3x3 stem, 10 classes), 20 epochs per method, batch 512, SGD (momentum 0.9,
+Nesterov, weight decay 5e-4), peak LR 0.4 with a linear warm-up over the first epoch and cosine decay to 0,
+random crop (4 px zero padding) + horizontal flip, bf16 autocast, channels_last. Sparse methods use
+density 0.1 (ERK) with exploration every ``total_steps / 20`` steps: RigL (per layer, gradient growth, ends
+at 75% of the steps) and Chase (global MEST soft bound, channel event every ``total_steps / 20`` steps up
+to T_chan = 80% of the steps, the paper's cubic channel ramp, physical removal). The reported accuracy is
+the FINAL model's on the 10,000 test images (no checkpoint selection); for Chase the exported slim model
+is evaluated too. The data pipeline is GPU resident: every image is decoded once into a uint8 CUDA tensor,
+and crop, flip and normalisation run on the GPU.
+
+Then ``chase.bench.benchmark`` times the trained dense model and both trained slim models alternately
+(eager, channels_last) at batch 1/32/256/1024 in fp32 and bf16, with the GPU-supported FLOPs ratio
+(``chase.count_flops``) next to every realised speedup.
+
+A time budget (``--budget-s``, default 480 s from start, data loading included) is checked before every
+epoch: when the next epoch would not fit (keeping ``--bench-reserve-s`` for the throughput part), training
+stops, the run is evaluated and marked ``truncated``, later methods are skipped, and the result files are
+written with what was measured. Result files are also rewritten after every method, so even a killed call
+leaves its finished runs behind.
+
+Device command (from the project root here, then one ``run`` call; results come back under $OUT):
+
+    ../shared/tools/pack-for-device.sh   # .gpu-carry/: cifar10.tgz, wheels of torch-pruning and chase
+
+    run(carry=[".gpu-carry"], timeout_s=560, command=
+      "mkdir -p /tmp/data && tar xzf .gpu-carry/cifar10.tgz -C /tmp/data && "
+      "python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu-carry/whl/*.whl && "
+      "export PYTHONPATH=/tmp/site && nvidia-smi -L && "
+      "python3 benchmarks/gpu_cifar.py --data-dir /tmp/data/cifar10 --out $OUT --budget-s 480")
+
+    # then copy gpu_cifar.json / gpu_cifar.md from the returned files into benchmarks/results/
+
+CPU smoke test (tiny, under a minute; never write it into benchmarks/results):
+
+    python benchmarks/gpu_cifar.py --device cpu --epochs 1 --limit-train 512 --limit-test 256 --quick \\
+        --data-dir ../shared/data/cifar10 --out /tmp/gpu_cifar_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import math
+import pathlib
+import time
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import chase
+import common
+from chase.bench import benchmark
+from chase.models import get_model
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+METHODS = ("dense", "rigl", "chase0.3", "chase0.5")
+
+
+# --------------------------------------------------------------------------- data
+def _decode(path: pathlib.Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3)
+
+
+def load_split(root: pathlib.Path, limit: Optional[int], seed: int, workers: int):
+    """All images of an ImageFolder split as (uint8 N x 3 x H x W, int64 labels), on the CPU."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir()) if f.is_file()]
+    if not files:
+        raise SystemExit(f"no images under {root} (expected {root}/<class>/<image>)")
+    if limit is not None and limit < len(files):
+        pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:limit]
+        files = [files[i] for i in pick.tolist()]
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+        images = list(ex.map(_decode, [f for f, _ in files], chunksize=256))
+    x = torch.stack(images).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor([c for _, c in files], dtype=torch.long)
+    return x, y, classes
+
+
+class GpuData:
+    """uint8 images resident on the device; augmentation and normalisation there too."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, dev: torch.device, channels_last: bool):
+        self.x = x.to(dev)
+        self.y = y.to(dev)
+        self.pad = nn.functional.pad(self.x, (4, 4, 4, 4))  # zero padding, once
+        self.mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=dev).view(1, 3, 1, 1) * 255
+        self.cl = channels_last
+        self.size = x.shape[-1]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def _finish(self, u8: torch.Tensor) -> torch.Tensor:
+        out = (u8.float() - self.mean) / self.std
+        return out.contiguous(memory_format=torch.channels_last) if self.cl else out
+
+    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random 32x32 crop of the padded image and a random horizontal flip, per image."""
+        b, s, dev = idx.numel(), self.size, idx.device
+        img = self.pad[idx]  # B x 3 x 40 x 40
+        oy = torch.randint(0, 9, (b,), device=dev, generator=gen)
+        ox = torch.randint(0, 9, (b,), device=dev, generator=gen)
+        base = torch.arange(s, device=dev)
+        rows = (oy[:, None] + base)[:, None, :, None].expand(b, 3, s, img.shape[-1])
+        img = img.gather(2, rows)
+        cols = (ox[:, None] + base)[:, None, None, :].expand(b, 3, s, s)
+        img = img.gather(3, cols)
+        flip = torch.rand(b, device=dev, generator=gen) < 0.5
+        img = torch.where(flip[:, None, None, None], img.flip(3), img)
+        return self._finish(img), self.y[idx]
+
+    def batches(self, bs: int):
+        for i in range(0, len(self), bs):
+            yield self._finish(self.x[i : i + bs]), self.y[i : i + bs]
+
+
+# --------------------------------------------------------------------------- training
+def _autocast(dev: torch.device, amp: bool):
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: GpuData, dev: torch.device, amp: bool) -> float:
+    was = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=dev)
+    for x, y in data.batches(1024):
+        with _autocast(dev, amp):
+            correct += (model(x).argmax(1) == y).sum()
+    model.train(was)
+    return correct.item() / len(data)
+
+
+def make_sparsifier(method: str, model: nn.Module, opt, total: int, density: float, example: torch.Tensor):
+    every = max(2, total // 20)
+    with warnings.catch_warnings():  # short smoke-test schedules warn about their length
+        warnings.simplefilter("ignore")
+        if method == "dense":
+            return None, {}
+        if method == "rigl":
+            opts = {"density": density, "total_steps": total, "update_every": every}
+            return chase.RigL(model, opt, **opts), opts
+        if method.startswith("chase"):
+            opts = {
+                "density": density,
+                "total_steps": total,
+                "channel_sparsity": float(method[len("chase") :]),
+                "update_every": every,
+                "channel_every": every,
+                "channel_end": int(0.8 * total),
+            }
+            return chase.Chase(model, opt, example_inputs=example, **opts), opts
+    raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def train_one(method: str, args, train: GpuData, test: GpuData, dev, deadline: float, dense_macs: int):
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    model = get_model(args.model, num_classes=10).to(dev)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay
+    )
+    steps_per_epoch = max(1, len(train) // args.batch_size)  # drop_last
+    total = steps_per_epoch * args.epochs
+    warm = steps_per_epoch
+
+    def lr_at(t: int) -> float:
+        if t < warm:
+            return (t + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    example = next(test.batches(1))[0]
+    sp, sp_opts = make_sparsifier(method, model, opt, total, args.density, example)
+    row: dict[str, Any] = {
+        "method": method,
+        "options": sp_opts,
+        "total_steps": total,
+        "epochs_planned": args.epochs,
+    }
+    t0, epoch_s, epochs, truncated, losses = time.time(), 0.0, 0, False, []
+    model.train()
+    for epoch in range(args.epochs):
+        if time.time() + epoch_s > deadline:
+            truncated = True
+            break
+        te = time.time()
+        perm = torch.randperm(len(train), device=dev, generator=gen)
+        loss_sum = torch.zeros((), device=dev)
+        for i in range(steps_per_epoch):
+            x, y = train.train_batch(perm[i * args.batch_size : (i + 1) * args.batch_size], gen)
+            with _autocast(dev, args.amp):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            info = sp.step() if sp is not None else None  # after opt.step(), before zero_grad()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            loss_sum += loss.detach().float()
+            if info is not None and info.shapes_changed and args.channels_last:
+                model.to(memory_format=torch.channels_last)  # sliced weights come back contiguous
+        losses.append(round(loss_sum.item() / steps_per_epoch, 4))  # the one sync per epoch
+        epochs += 1
+        epoch_s = time.time() - te
+        print(
+            f"  {method} epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.3f}, {epoch_s:.1f} s", flush=True
+        )
+    train_s = time.time() - t0
+    acc = evaluate(model, test, dev, args.amp)
+    x1 = example
+    row.update(
+        epochs_done=epochs,
+        truncated=truncated,
+        train_s=round(train_s, 1),
+        train_loss=losses,
+        test_acc=acc,
+        dense_macs=dense_macs,
+    )
+    slim = None
+    if sp is None:
+        row.update(sparse_macs=dense_macs, gpu_macs=dense_macs, density=1.0)
+    else:
+        rep = chase.count_flops(model, x1, sp.masks)
+        row.update(sparse_macs=rep.sparse, density=sp.global_density())
+        if hasattr(sp, "export"):
+            slim = sp.export().eval()
+            row.update(
+                gpu_macs=chase.count_flops(slim, x1).dense,
+                channel_sparsity=sp.channel_sparsity_now(),
+                slim_test_acc=evaluate(slim, test, dev, args.amp),
+                slim_params=sum(p.numel() for p in slim.parameters()),
+            )
+        else:  # unstructured: every channel stays, a GPU runs the dense shape
+            row["gpu_macs"] = dense_macs
+    row["sparse_ratio"] = row["sparse_macs"] / dense_macs
+    row["gpu_ratio"] = row["gpu_macs"] / dense_macs
+    print(
+        f"{method}: test acc {100 * acc:.2f}% after {epochs} epochs ({train_s:.0f} s), "
+        f"sparse MACs {row['sparse_ratio']:.3f}x, GPU-supported {row['gpu_ratio']:.3f}x",
+        flush=True,
+    )
+    return row, model.eval(), slim
+
+
+# --------------------------------------------------------------------------- report
+def markdown(p: dict) -> str:
+    m, a = p["machine"], p["args"]
+    lines = [
+        f"# CIFAR-10 on {m.get('gpu', m['device'])}: dense / RigL / Chase, then dense vs slim throughput",
+        "",
+        f"torch {m['torch']}, {m['date']}; {a['model']}, {a['epochs']} epochs planned, "
+        f"batch {a['batch_size']}, "
+        f"peak LR {a['lr']}, density {a['density']}, train dtype {'bf16 autocast' if a['amp'] else 'fp32'}, "
+        f"channels_last {a['channels_last']}; train images {p['n_train']}, test images {p['n_test']}; "
+        f"wall time {p['wall_s']:.0f} s of a {a['budget_s']} s budget (data loading {p['load_s']:.0f} s)"
+        + ("; **stopped early by the time budget**" if p["budget_hit"] else "")
+        + ".",
+        "",
+        "Accuracy is the final model's on the test split. Sparse = kept weights x output positions; "
+        "GPU-supported = the model as a GPU runs it (slim for Chase, full width for dense and RigL).",
+        "",
+        "| method | epochs | test acc % | slim acc % | density | channel sparsity | sparse MACs (ratio) | "
+        "GPU-supported MACs (ratio) | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in p["runs"]:
+        slim = f"{100 * r['slim_test_acc']:.2f}" if "slim_test_acc" in r else ""
+        cs = f"{r['channel_sparsity']:.3f}" if "channel_sparsity" in r else ""
+        lines.append(
+            f"| {r['method']} | {r['epochs_done']}{' (truncated)' if r['truncated'] else ''} | "
+            f"{100 * r['test_acc']:.2f} | {slim} | {r['density']:.3f} | {cs} | "
+            f"{r['sparse_macs'] / 1e6:.1f} M ({r['sparse_ratio']:.3f}) | "
+            f"{r['gpu_macs'] / 1e6:.1f} M ({r['gpu_ratio']:.3f}) | {r['train_s']:.0f} |"
+        )
+    for s in p["skipped_methods"]:
+        lines.append(f"| {s} | not run: time budget | | | | | | | |")
+    b = p.get("bench")
+    if b:
+        bm = b["meta"]
+        lines += [
+            "",
+            f"Throughput ({bm['device_name']}, eager, channels_last, median of {bm['repeats']} after "
+            f"{bm['warmup']} warm-up, models timed alternately; the trained models):",
+            "",
+            "| model | dtype | batch | latency ms | images/s | speedup | FLOPs-implied |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in b["results"]:
+            sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+            fr = f"{r['flops_ratio']:.2f}x" if "flops_ratio" in r else ""
+            lines.append(
+                f"| {r['model']} | {r['dtype']} | {r['batch_size']} | {r['latency_ms']:.3f} | "
+                f"{r['throughput']:.0f} | {sp} | {fr} |"
+            )
+        for s in b["skipped"]:
+            lines.append(f"\nskipped: {s}")
+    elif p.get("bench_note"):
+        lines += ["", f"Throughput: {p['bench_note']}"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, help="CIFAR-10 in ImageFolder layout (train/, test/)")
+    ap.add_argument("--out", default=str(common.RESULTS), help="folder for gpu_cifar.json / gpu_cifar.md")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default=None, help="default cifar_resnet18 (--quick: cifar_resnet20)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 512 (--quick: 64)")
+    ap.add_argument("--lr", type=float, default=0.4)
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: CUDA)")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--bench-batch-sizes", default=None, help="default 1,32,256,1024 (--quick: 1,8)")
+    ap.add_argument("--bench-dtypes", default="fp32,bf16")
+    ap.add_argument("--bench-repeats", type=int, default=None, help="default 30 (--quick: 2)")
+    ap.add_argument("--budget-s", type=float, default=480.0)
+    ap.add_argument("--bench-reserve-s", type=float, default=None, help="kept for the throughput part (45)")
+    ap.add_argument("--workers", type=int, default=16, help="image-decoding threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny model and benchmark (smoke test)")
+    args = ap.parse_args()
+    start = time.time()
+    logging.basicConfig(level=logging.WARNING)
+    args.model = args.model or ("cifar_resnet20" if args.quick else "cifar_resnet18")
+    args.batch_size = args.batch_size or (64 if args.quick else 512)
+    batches = [
+        int(b) for b in (args.bench_batch_sizes or ("1,8" if args.quick else "1,32,256,1024")).split(",")
+    ]
+    repeats = args.bench_repeats or (2 if args.quick else 30)
+    reserve = args.bench_reserve_s if args.bench_reserve_s is not None else (0.0 if args.quick else 45.0)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available (use --device cpu for a smoke test)")
+    args.amp = dev.type == "cuda" if args.amp == "auto" else args.amp == "on"
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    methods = args.methods.split(",")
+    out = pathlib.Path(args.out)
+
+    root = pathlib.Path(args.data_dir)
+    xtr, ytr, classes = load_split(root / "train", args.limit_train, args.seed, args.workers)
+    xte, yte, _ = load_split(root / "test", args.limit_test, args.seed + 1, args.workers)
+    train, test = GpuData(xtr, ytr, dev, args.channels_last), GpuData(xte, yte, dev, args.channels_last)
+    load_s = time.time() - start
+    print(f"data: {len(train)} train / {len(test)} test images on {dev} in {load_s:.1f} s", flush=True)
+
+    x1 = next(test.batches(1))[0]
+    dense_macs = chase.count_flops(get_model(args.model, num_classes=10).to(dev), x1).dense
+    payload: dict[str, Any] = {
+        "machine": common.machine(str(dev)),
+        "args": vars(args),
+        "classes": classes,
+        "n_train": len(train),
+        "n_test": len(test),
+        "load_s": load_s,
+        "runs": [],
+        "skipped_methods": [],
+        "budget_hit": False,
+        "wall_s": 0.0,
+    }
+
+    def flush() -> None:
+        payload["wall_s"] = time.time() - start
+        common.write("gpu_cifar", payload, markdown(payload), folder=out)
+
+    deadline = start + args.budget_s - reserve
+    trained: dict[str, nn.Module] = {}
+    for method in methods:
+        if payload["budget_hit"] or time.time() >= deadline:
+            payload["budget_hit"] = True
+            payload["skipped_methods"].append(method)
+            continue
+        row, model, slim = train_one(method, args, train, test, dev, deadline, dense_macs)
+        payload["runs"].append(row)
+        payload["budget_hit"] |= row["truncated"]
+        if method == "dense":
+            trained["dense"] = model
+        if slim is not None:
+            trained[f"slim_{method}"] = slim
+        del model
+        flush()
+
+    if "dense" not in trained:  # time the untrained dense shape: speed does not depend on the weights
+        trained = {"dense": get_model(args.model, num_classes=10).eval(), **trained}
+    if len(trained) < 2:
+        payload["bench_note"] = "no slim model was trained (no Chase run finished)"
+    elif time.time() > start + args.budget_s - 5:
+        payload["bench_note"] = "skipped: time budget spent"
+        payload["budget_hit"] = True
+    else:
+        cpu = {k: m.cpu() for k, m in trained.items()}  # benchmark copies and moves them itself
+        macs = {k: chase.count_flops(m, x1.cpu().float().contiguous()).dense for k, m in cpu.items()}
+        payload["bench"] = benchmark(
+            cpu,
+            (3, train.size, train.size),
+            batch_sizes=batches,
+            dtypes=args.bench_dtypes.split(","),
+            device=dev,
+            channels_last=(args.channels_last,),
+            warmup=3 if args.quick else 10,
+            repeats=repeats,
+            macs=macs,
+            meta={"model": args.model, "slim": "trained Chase runs of this script, exported"},
+        )
+    flush()
+    print(markdown(payload))
+    print(f"wrote {out / 'gpu_cifar.json'} and {out / 'gpu_cifar.md'} ({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
