@@ -21,7 +21,8 @@ class LayerChannelStats:
         name: parameter name.
         density: per-channel kept weights / the channel's ORIGINAL filter size.
         umm: per-channel unmasked mean magnitude (mean |w| over the original filter).
-        layer_density: the layer's kept weights / its original size.
+        layer_density: the layer's kept weights / the original size of its current rows (its original
+            size unless channels were physically removed).
         amenable: per-channel flag: density below ``amenable_ratio * layer_density``.
     """
 
@@ -89,7 +90,8 @@ def channel_stats(model: nn.Module, sparsifier: Sparsifier, *, amenable_ratio: f
         row = math.prod(sparsifier.dense_shapes[name][1:])
         density = channel_score(weight, mask, row, "density").float().cpu()
         umm = channel_score(weight, mask, row, "umm").float().cpu()
-        layer_density = int(mask.sum()) / sparsifier.dense_numel[name]
+        # Over the channels the layer still has: after a physical shrink, removed rows are not "sparse".
+        layer_density = int(mask.sum()) / (weight.shape[0] * row)
         stats.layers.append(
             LayerChannelStats(name, density, umm, layer_density, density < amenable_ratio * layer_density)
         )
