@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from tests.nets import TinyResNet, batch, make_optimizer
+from tests.nets import TinyResNet, batch, make_optimizer, train_step
 from torch import nn
 
 import chase
@@ -55,14 +55,7 @@ def _chase(model, opt, **kw):
 
 
 def _run(model, opt, sp, steps, start=0):
-    infos = []
-    for i in range(start, steps):
-        x, y = batch(i, dtype=next(model.parameters()).dtype)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        infos.append(sp.step())
-        opt.zero_grad()
-    return infos
+    return [train_step(model, opt, sp, i) for i in range(start, steps)]
 
 
 def _lockstep(factory, opt_name, size=16, prune_skip=True):
