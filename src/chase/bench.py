@@ -1,7 +1,9 @@
 """Throughput and latency of inference models (dense vs slim) over batch sizes, dtypes and layouts.
 
 Every configuration is timed honestly or skipped with a note (fp16 on CPU, bf16 on a GPU without it,
-a failed ``torch.compile``, out of memory): never substituted by another one.
+a failed ``torch.compile``, out of memory): never substituted by another one. Optionally the same models,
+exported to ONNX, are timed with onnxruntime on the CPU next to PyTorch (rows with backend
+"onnxruntime"; PyTorch's rows have backend "torch").
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import os
 import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -31,9 +34,12 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def time_forward(model: nn.Module, x: torch.Tensor, *, warmup: int = 3, repeats: int = 10) -> list[float]:
+def time_forward(
+    model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, *, warmup: int = 3, repeats: int = 10
+) -> list[float]:
     """Seconds of each of ``repeats`` forwards of ``x`` after ``warmup`` untimed ones (CUDA synchronised
-    before and after each forward, so the time covers the kernels, not only their launch)."""
+    before and after each forward, so the time covers the kernels, not only their launch). ``model`` is
+    a module or any function of ``x`` (e.g. an onnxruntime session's run)."""
     for _ in range(warmup):
         model(x)
     _sync(x.device)
@@ -82,6 +88,7 @@ def benchmark(
     repeats: int = 10,
     macs: Optional[Mapping[str, int]] = None,
     meta: Optional[Mapping[str, Any]] = None,
+    onnx: Optional[Mapping[str, str | os.PathLike]] = None,
 ) -> dict[str, Any]:
     """Time every model of ``models`` ({label: model}, e.g. ``{"dense": m, "slim": s}``) on random inputs
     of shape ``(batch, *input_shape)`` for every combination of the options; the models are copied, not
@@ -91,7 +98,14 @@ def benchmark(
     batch_size, channels_last, compiled, latency_ms (median), latency_ms_min, throughput (images/s at the
     median), and for every model but the first ``speedup`` (its throughput over the first model's) and,
     when ``macs`` ({label: MACs per image}) is given, ``flops_ratio`` (first model's MACs over its own:
-    the speedup the FLOPs predict).
+    the speedup the FLOPs predict). Every row has ``backend`` "torch".
+
+    ``onnx`` ({label: ONNX file of that model}, see :func:`chase.onnx.export_onnx`): also time those files
+    with onnxruntime, in the same round robin, on the same inputs, with as many threads as PyTorch uses.
+    Their rows have backend "onnxruntime", ``speedup`` over the first model under PyTorch and
+    ``backend_speedup`` over the same model under PyTorch. Only fp32, eager, contiguous configurations on
+    the CPU get them; every other configuration records an onnxruntime skip with its reason (an empty
+    mapping asks for those notes only).
     """
     dev = torch.device(device)
     labels = list(models)
@@ -108,6 +122,7 @@ def benchmark(
             "warmup": warmup,
             "repeats": repeats,
             "macs": dict(macs or {}),
+            **(_onnx_meta() if onnx else {}),
             **(meta or {}),
         },
         "results": [],
@@ -122,8 +137,42 @@ def benchmark(
                     out["skipped"].append({**cfg, "reason": reason})
                     log.info("skipped %s: %s", cfg, reason)
                     continue
-                _run_config(models, labels, input_shape, batch_sizes, dev, cfg, warmup, repeats, macs, out)
+                runners = {}
+                if onnx is not None:
+                    why = _onnx_skip_reason(dev, cfg)
+                    if why is not None:
+                        out["skipped"].append({**cfg, "backend": "onnxruntime", "reason": why})
+                    else:
+                        runners = _onnx_runners(onnx)
+                _run_config(
+                    models, labels, input_shape, batch_sizes, dev, cfg, warmup, repeats, macs, out, runners
+                )
     return out
+
+
+def _onnx_meta() -> dict[str, Any]:
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__, "onnxruntime_threads": torch.get_num_threads()}
+
+
+def _onnx_skip_reason(dev: torch.device, cfg: Mapping[str, Any]) -> Optional[str]:
+    if dev.type != "cpu":
+        return "onnxruntime is timed on the CPU only (CPUExecutionProvider)"
+    if cfg["dtype"] != "fp32":
+        return "the ONNX files are exported in fp32; onnxruntime rows are for fp32 only"
+    if cfg["channels_last"]:
+        return "onnxruntime chooses its own memory layout; timed with the contiguous configuration only"
+    if cfg["compiled"]:
+        return "torch.compile applies to PyTorch only; onnxruntime is timed next to eager"
+    return None
+
+
+def _onnx_runners(onnx: Mapping[str, str | os.PathLike]) -> dict[str, Callable[[torch.Tensor], Any]]:
+    from chase.onnx import onnx_runner
+
+    # Same thread count as PyTorch, so the two backends compete on equal terms.
+    return {k: onnx_runner(p, threads=torch.get_num_threads()) for k, p in onnx.items()}
 
 
 def _prepare(model: nn.Module, dev: torch.device, cfg: dict[str, Any]) -> nn.Module:
@@ -144,18 +193,21 @@ def _run_config(
     repeats: int,
     macs: Optional[Mapping[str, int]],
     out: dict[str, Any],
+    runners: Mapping[str, Callable[[torch.Tensor], Any]],
 ) -> None:
-    prepared = {k: _prepare(m, dev, cfg) for k, m in models.items()}
+    prepared: dict[tuple[str, str], Any] = {(k, "torch"): _prepare(m, dev, cfg) for k, m in models.items()}
+    prepared.update({(k, "onnxruntime"): r for k, r in runners.items()})
+    keys = [(k, "torch") for k in labels] + [(k, "onnxruntime") for k in labels if k in runners]
     for bs in batch_sizes:
         x = torch.randn(bs, *input_shape, device=dev, dtype=DTYPES[cfg["dtype"]])
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        times: dict[str, list[float]] = {k: [] for k in labels}
+        times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
         try:
-            for k in labels:  # warm-up of each model first; a compiled one compiles here, never timed
+            for k in keys:  # warm-up of each model first; a compiled one compiles here, never timed
                 time_forward(prepared[k], x, warmup=max(warmup, 1 if cfg["compiled"] else 0), repeats=0)
             for _ in range(repeats):  # then one timed forward of each, alternately
-                for k in labels:
+                for k in keys:
                     times[k] += time_forward(prepared[k], x, warmup=0, repeats=1)
         except Exception as e:  # OOM, a compiler error: record it, never fake a number
             if dev.type == "cuda":
@@ -164,17 +216,20 @@ def _run_config(
             out["skipped"].append({**cfg, "batch_size": bs, "reason": reason})
             log.warning("batch %d %s failed: %s", bs, cfg, reason)
             continue
-        base = None
-        for k in labels:
-            med = statistics.median(times[k])
-            row = {"model": k, "device": dev.type, "batch_size": bs, **cfg}
-            row.update(latency_ms=1e3 * med, latency_ms_min=1e3 * min(times[k]), throughput=bs / med)
-            if base is None:
-                base = row
-            else:
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for key in keys:
+            k, backend = key
+            med = statistics.median(times[key])
+            row = {"model": k, "backend": backend, "device": dev.type, "batch_size": bs, **cfg}
+            row.update(latency_ms=1e3 * med, latency_ms_min=1e3 * min(times[key]), throughput=bs / med)
+            base = rows.get((labels[0], "torch"))
+            if base is not None:
                 row["speedup"] = row["throughput"] / base["throughput"]
-                if macs and k in macs and labels[0] in macs and macs[k]:
+                if backend != "torch":
+                    row["backend_speedup"] = row["throughput"] / rows[(k, "torch")]["throughput"]
+                if k != labels[0] and macs and k in macs and labels[0] in macs and macs[k]:
                     row["flops_ratio"] = macs[labels[0]] / macs[k]
+            rows[key] = row
             out["results"].append(row)
             log.debug("%s", _fmt_row(row))
 
@@ -183,7 +238,8 @@ def _fmt_row(r: Mapping[str, Any]) -> str:
     speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
     ratio = f"{r['flops_ratio']:.2f}x" if "flops_ratio" in r else ""
     return (
-        f"{r['model']:<8} {r['device']:<5} {r['dtype']:<5} {'cl' if r['channels_last'] else '-':<3} "
+        f"{r['model']:<8} {r.get('backend', 'torch'):<11} {r['device']:<5} {r['dtype']:<5} "
+        f"{'cl' if r['channels_last'] else '-':<3} "
         f"{'compiled' if r['compiled'] else 'eager':<9} {r['batch_size']:>5} {r['latency_ms']:>11.3f} "
         f"{r['throughput']:>11.1f} {speed:>8} {ratio:>8}"
     )
@@ -195,13 +251,19 @@ def format_table(result: Mapping[str, Any]) -> str:
     lines = [
         f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, {m['date']}; "
         f"median of {m['repeats']} after {m['warmup']} warm-up",
-        f"{'model':<8} {'dev':<5} {'dtype':<5} {'cl':<3} {'mode':<9} {'batch':>5} {'latency ms':>11} "
+        f"{'model':<8} {'backend':<11} {'dev':<5} {'dtype':<5} {'cl':<3} {'mode':<9} {'batch':>5} "
+        f"{'latency ms':>11} "
         f"{'images/s':>11} {'speedup':>8} {'FLOPs':>8}",
     ]
     lines += [_fmt_row(r) for r in result["results"]]
+    if any(r.get("backend", "torch") != "torch" for r in result["results"]):
+        first = result["results"][0]["model"] if result["results"] else "dense"
+        lines.append(f"speedup: images/s over {first} under torch at the same batch, for either backend")
     for s in result["skipped"]:
         where = f" batch {s['batch_size']}" if "batch_size" in s else ""
+        who = f"{s['backend']} " if "backend" in s else ""
         lines.append(
-            f"skipped {s['dtype']} cl={s['channels_last']} compiled={s['compiled']}{where}: {s['reason']}"
+            f"skipped {who}{s['dtype']} cl={s['channels_last']} compiled={s['compiled']}{where}: "
+            f"{s['reason']}"
         )
     return "\n".join(lines)

@@ -66,6 +66,14 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
     p.add_argument("--output", "-o", help="output file (default: slim.pt next to the checkpoint)")
+    p.add_argument(
+        "--onnx",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="also write the exported model as ONNX (default: the output's name with .onnx, e.g. slim.onnx) "
+        "and check it against PyTorch with onnxruntime at two batch sizes (needs chase-dst[onnx])",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +134,12 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed forwards first (3)")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards; the median is reported (10)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export dense and slim to ONNX, check them with onnxruntime and time them on the CPU "
+        "next to PyTorch (fp32 only; with as many threads as PyTorch; needs chase-dst[onnx])",
+    )
 
 
 def _analyze_parser(sub: argparse._SubParsersAction) -> None:
@@ -188,12 +202,21 @@ def _export(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise_config(f"{path} does not exist")
     out = pathlib.Path(args.output) if args.output else path.with_name("slim.pt")
-    meta = export_checkpoint(path, out)
+    onnx = None if args.onnx is None else pathlib.Path(args.onnx or out.with_suffix(".onnx"))
+    meta = export_checkpoint(path, out, onnx=onnx)
     print(
         f"wrote {out} ({meta['model']}, {meta['method']}); load it with "
         f"chase.load_slim(get_model({meta['model']!r}, num_classes={meta['num_classes']}), "
         f"torch.load({str(out)!r}, weights_only=True))"
     )
+    if onnx is not None:
+        c = meta["onnx"]
+        print(
+            f"wrote {onnx}; onnxruntime {c['onnxruntime']} matches PyTorch at batch sizes "
+            f"{c['batch_sizes']}: "
+            f"max |diff| {c['max_abs_diff']:.3g}, largest |output| {c['max_abs_output']:.3g} "
+            f"(relative {c['relative_diff']:.2g}, allowed {c['atol']:g} + {c['rtol']:g} x largest)"
+        )
     return 0
 
 
@@ -206,11 +229,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from chase.train.config import ConfigError
 
     errors: tuple[type[Exception], ...] = (ConfigError,)
+    if args.command == "export" and args.onnx is not None:
+        from chase.onnx import OnnxCheckError
+
+        # A missing optional package (its message says what to install) or an ONNX file that does
+        # not compute the model: the user's to fix, reported without a traceback.
+        errors = (ConfigError, ModuleNotFoundError, OnnxCheckError)
     try:
         if args.command in MEASURE:
             from chase.train import measure
 
-            errors = (ConfigError, measure.CommandError)
+            errors = (*errors, measure.CommandError)
             return getattr(measure, f"{args.command}_command")(args)
         return _train(args) if args.command == "train" else _export(args)
     except errors as e:

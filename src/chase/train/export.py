@@ -36,11 +36,15 @@ def rebuild(path: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any], nn.Mo
     return cfg, meta, model, sp
 
 
-def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+def export_checkpoint(
+    path: str | os.PathLike, out: str | os.PathLike, *, onnx: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Rebuild model and sparsifier from the checkpoint's config, load it, write the exported model.
 
     Chase: the slim checkpoint (``chase.load_slim(get_model(meta["model"], ...), torch.load(out))``);
-    other methods: the masked weights. Returns the file's ``meta``.
+    other methods: the masked weights. Returns the file's ``meta``; with ``onnx``, the same model is also
+    written to that ONNX file and checked with onnxruntime (:func:`chase.onnx.check_onnx`), whose result
+    is returned under ``"onnx"``.
     """
     cfg, meta, model, sp = rebuild(path)
     info = {
@@ -60,4 +64,13 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> dict[s
             {"format_version": 1, "meta": info, "model": state, "masks": sp.masks if sp is not None else {}},
             out,
         )
-    return info
+    if onnx is None:
+        return info
+    from chase.onnx import check_onnx, export_onnx
+
+    # The model chase.load_slim would rebuild from `out`: the slim one for Chase, else the masked one.
+    exported = (sp.export() if hasattr(sp, "export") else model).eval()
+    size = meta["image_size"]
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    export_onnx(exported, example, onnx)
+    return {**info, "onnx": check_onnx(onnx, exported, example)}

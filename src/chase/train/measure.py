@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import pathlib
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -202,24 +203,77 @@ def bench_command(args: argparse.Namespace) -> int:
     macs = {k: count_flops(m, x).dense for k, m in models.items()}
     if slim is None:
         log.warning("no slim model (give a Chase checkpoint or --channel-sparsity): timing dense only")
-    result = benchmark(
-        models,
-        tuple(x.shape[1:]),
-        batch_sizes=batches,
-        dtypes=dtypes,
-        device=device,
-        channels_last={"off": [False], "on": [True], "both": [False, True]}[args.channels_last],
-        compiled=[False, True] if args.compile else [False],
-        warmup=args.warmup,
-        repeats=args.repeats,
-        macs=macs,
-        meta={"model": run.model_name if run else args.model, "slim": what or None},
-    )
+    onnx: Optional[dict[str, pathlib.Path]] = None
+    checks: dict[str, Any] = {}
+    failed: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="chase-onnx-") as tmp:  # the files live as long as the timing
+        if args.onnx:
+            onnx, checks, failed = _onnx_files(models, x, device, dtypes, pathlib.Path(tmp))
+        result = benchmark(
+            models,
+            tuple(x.shape[1:]),
+            batch_sizes=batches,
+            dtypes=dtypes,
+            device=device,
+            channels_last={"off": [False], "on": [True], "both": [False, True]}[args.channels_last],
+            compiled=[False, True] if args.compile else [False],
+            warmup=args.warmup,
+            repeats=args.repeats,
+            macs=macs,
+            meta={"model": run.model_name if run else args.model, "slim": what or None},
+            onnx=onnx,
+        )
+    if args.onnx:
+        result["meta"]["onnx_check"] = checks
+        result["skipped"] += failed
     print(format_table(result))
+    for label, c in checks.items():
+        print(
+            f"onnxruntime check of {label}: max |onnxruntime - torch| {c['max_abs_diff']:.3g} "
+            f"(largest |output| {c['max_abs_output']:.3g}) at batch sizes {c['batch_sizes']}"
+        )
     out = args.json or (run.folder / "bench.json" if run else None)
     if out:
         _write_json(result, out)
     return 0
+
+
+def _onnx_files(
+    models: dict[str, nn.Module], x: torch.Tensor, device: str, dtypes: list[str], folder: pathlib.Path
+) -> tuple[dict[str, pathlib.Path], dict[str, Any], list[dict[str, Any]]]:
+    """Export every model to ONNX in ``folder`` and check it with onnxruntime, when some configuration
+    will time it (fp32 on the CPU). Returns ({label: file}, {label: check result}, skip notes of models
+    that failed to export or to match PyTorch: those are not timed, never timed wrong)."""
+    from chase.onnx import check_onnx, export_onnx
+
+    if torch.device(device).type != "cpu" or "fp32" not in dtypes:
+        return {}, {}, []  # benchmark() records why for each configuration
+    files, checks, failed = {}, {}, []
+    example = torch.randn(2, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    for label, model in models.items():
+        path = folder / f"{label}.onnx"
+        try:
+            export_onnx(model, example, path)
+            checks[label] = check_onnx(path, model, example)
+            del checks[label]["path"]  # a temporary file
+        except ModuleNotFoundError as e:
+            raise CommandError(str(e)) from e
+        except Exception as e:  # an export or check failure: record it, time the rest
+            reason = f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            failed.append(
+                {
+                    "dtype": "fp32",
+                    "channels_last": False,
+                    "compiled": False,
+                    "backend": "onnxruntime",
+                    "reason": reason,
+                }
+            )
+            log.warning("onnxruntime rows of %s", reason)
+            continue
+        files[label] = path
+        log.info("ONNX %s: max |onnxruntime - torch| %.3g", label, checks[label]["max_abs_diff"])
+    return files, checks, failed
 
 
 def analyze_command(args: argparse.Namespace) -> int:
