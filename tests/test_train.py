@@ -88,8 +88,9 @@ def test_train_produces_run_folder(tmp_path, method, capsys):
         assert torch.allclose(again.eval()(x), slim.eval()(x), atol=1e-5)
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
-    sets = ("method=chase", "ckpt_every_steps=3")
+@pytest.mark.parametrize("loader", ["resident", "workers"])
+def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch, loader):
+    sets = ("method=chase", "ckpt_every_steps=3", f"loader={loader}")
     assert train(tmp_path, "full", *sets) == 0
 
     original, calls = ckpt_mod.save_checkpoint, []
@@ -306,3 +307,28 @@ def test_ddp_two_processes_identical_masks_across_shrink(tmp_path):
         assert r["channel_sparsity"] > 0.4
     assert (tmp_path / "ddp" / "checkpoint.pt").exists() and (tmp_path / "ddp" / "slim.pt").exists()
     assert not (tmp_path / "ddp" / "rank1").exists()
+
+
+def test_training_cost_follows_the_cost_records():
+    from chase.train.report import training_cost
+
+    records = [
+        {"kind": "start", "step": 0, "macs": 100, "macs_sparse": 10},
+        {"kind": "epoch", "step": 1},
+        {"kind": "cost", "step": 2, "update": True, "macs": 100, "macs_sparse": 20},
+    ]
+    # step 1: 3 x 10; step 2 (dense gradient, still the old state): 2 x 10 + 100; step 3: 3 x 20
+    cost = training_cost(records, steps=3, batch_size=2)
+    assert cost["train_macs"] == 2 * (30 + 120 + 60)
+    assert cost["train_macs_dense"] == 2 * 3 * 100 * 3
+    assert cost["dense_gradient_steps"] == 1
+    assert training_cost([], steps=3, batch_size=2) == {}
+
+
+def test_run_reports_training_macs(tmp_path):
+    assert train(tmp_path, "cost", "method=chase") == 0
+    final = next(r for r in records(tmp_path / "cost") if r["kind"] == "final")
+    costs = [r for r in records(tmp_path / "cost") if r["kind"] == "cost"]
+    assert costs and any(r["update"] for r in costs)
+    assert costs[-1]["macs"] < costs[0]["macs"]  # channels were removed
+    assert 0 < final["train_macs"] < final["train_macs_dense"]

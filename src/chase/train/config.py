@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
     "dataset": DATASETS,
     "augment": ("auto", "cifar", "imagenet", "none"),
+    "loader": ("auto", "resident", "workers"),
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "step", "constant"),
     "amp": ("none", "bf16", "fp16"),
@@ -56,7 +57,12 @@ class TrainConfig:
     image_size: int = _opt(0, "input resolution; 0: 32 for CIFAR and synthetic, 224 for imagefolder")
     num_classes: int = _opt(0, "classifier outputs; 0: from the dataset")
     val_split: float = _opt(0.0, "fraction of the training set held out for validation (0: none)")
-    num_workers: int = _opt(4, "DataLoader worker processes per rank (0: load in the main process)")
+    loader: str = _opt(
+        "auto",
+        "resident (decode once into a tensor on the training device, augment there), workers "
+        "(DataLoader worker processes) or auto (resident for cifar10/100 and synthetic)",
+    )
+    num_workers: int = _opt(4, "loader=workers: DataLoader processes per rank (0: load in the main process)")
     synthetic_train: int = _opt(512, "synthetic: training images")
     synthetic_test: int = _opt(256, "synthetic: test images")
     # --- model

@@ -12,12 +12,13 @@ import os
 import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from chase.train.config import ConfigError, TrainConfig
+from chase.train.resident import ResidentLoader, dataset_tensors
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,17 @@ class EpochSampler(Sampler[int]):
         return max(0, share - self.start)
 
 
+#: what the trainer iterates: batches ``(x, y)``, with a ``generator`` it seeds at each epoch
+Loader = Union[DataLoader, ResidentLoader]
+
+
 @dataclass
 class Data:
     """The loaders of a run and what the model needs to know about the data."""
 
-    train: DataLoader
-    test: DataLoader
-    val: Optional[DataLoader]
+    train: Loader
+    test: Loader
+    val: Optional[Loader]
     num_classes: int
     image_size: int
     train_sampler: EpochSampler
@@ -132,20 +137,33 @@ def _folder_pair(root: pathlib.Path) -> bool:
     return (root / "train").is_dir() and (root / "test").is_dir()
 
 
-def _datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, Dataset, int, int]:
-    """(train with augmentation, train without it (for the validation split), test, classes, size)."""
+@dataclass
+class _Sets:
+    train_aug: Dataset  # training images with augmentation
+    train_plain: Dataset  # the same without (for the validation split)
+    test: Dataset
+    classes: int
+    size: int
+    augment: str  # the resolved augmentation kind: cifar, imagenet or none
+    stats: Optional[tuple]  # normalisation (mean, std), None for none
+
+
+def _datasets(cfg: TrainConfig) -> _Sets:
     kind = cfg.augment
     if cfg.dataset == "synthetic":
         size = cfg.image_size or 32
         classes = cfg.num_classes or 10
-        aug = _transforms("cifar", size, None, True, True) if kind in ("auto", "cifar") else None
+        kind = "cifar" if kind in ("auto", "cifar") else "none"
+        aug = _transforms("cifar", size, None, True, True) if kind == "cifar" else None
         make = SyntheticDataset
-        return (
+        return _Sets(
             make(cfg.synthetic_train, classes, size, cfg.seed, aug),
             make(cfg.synthetic_train, classes, size, cfg.seed),
             make(cfg.synthetic_test, classes, size, cfg.seed + 1),
             classes,
             size,
+            kind,
+            None,
         )
     from torchvision import datasets
 
@@ -186,24 +204,83 @@ def _datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, Dataset, int, int]:
                 "(download needs network)"
             ) from e
         classes = NUM_CLASSES[cfg.dataset]
-    return sets[0], sets[1], sets[2], cfg.num_classes or classes, size
+    return _Sets(sets[0], sets[1], sets[2], cfg.num_classes or classes, size, kind, stats)
+
+
+def _resident(cfg: TrainConfig, sets: _Sets) -> bool:
+    """Whether to hold the data on the device: asked for, or (auto) a CIFAR-sized dataset."""
+    if cfg.loader == "workers":
+        return False
+    if cfg.loader == "auto":
+        return cfg.dataset in ("cifar10", "cifar100", "synthetic") and sets.augment in ("cifar", "none")
+    if sets.augment not in ("cifar", "none"):
+        raise ConfigError(
+            f"loader=resident supports augment=cifar or none, not {sets.augment!r}: use loader=workers"
+        )
+    return True
 
 
 def build_data(
     cfg: TrainConfig, *, rank: int = 0, world: int = 1, device: torch.device | None = None
 ) -> Data:
     """Loaders for training (sharded over ranks), validation (``val_split`` held out of train) and test."""
-    train_aug, train_plain, test, classes, size = _datasets(cfg)
+    sets = _datasets(cfg)
+    train_aug, test, classes, size = sets.train_aug, sets.test, sets.classes, sets.size
     n = len(train_aug)
-    val = None
+    train_idx: Optional[list[int]] = None
+    val_idx: list[int] = []
+    val: Optional[Dataset] = None
     if cfg.val_split > 0:
         g = torch.Generator().manual_seed(cfg.seed + 7)  # fixed split, independent of the training order
         perm = torch.randperm(n, generator=g).tolist()
         n_val = max(1, round(cfg.val_split * n))
-        train_aug, val = Subset(train_aug, perm[n_val:]), Subset(train_plain, perm[:n_val])
+        train_idx, val_idx = perm[n_val:], perm[:n_val]
+        train_aug, val = Subset(train_aug, train_idx), Subset(sets.train_plain, val_idx)
     pin = device is not None and device.type == "cuda"
     sampler = EpochSampler(len(train_aug), shuffle=True, seed=cfg.seed, rank=rank, world=world)
     workers = cfg.num_workers
+    steps = len(sampler) // cfg.batch_size
+    if steps == 0:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the {len(sampler)} training images per process"
+        )
+
+    def evaluation_sampler(ds: Dataset) -> EpochSampler:
+        return EpochSampler(len(ds), shuffle=False, rank=rank, world=world, pad=False)
+
+    if _resident(cfg, sets):
+        mean, std = sets.stats if sets.stats is not None else (None, None)
+
+        def resident(x: torch.Tensor, y: torch.Tensor, smp: Sampler, train: bool) -> ResidentLoader:
+            if tuple(x.shape[-2:]) != (size, size):
+                raise ConfigError(
+                    f"loader=resident needs {size}x{size} images, the data has {tuple(x.shape[-2:])}: "
+                    "set image_size to match or use loader=workers"
+                )
+            augment = train and sets.augment == "cifar"
+            dev = device or "cpu"
+            return ResidentLoader(
+                x,
+                y,
+                smp,
+                cfg.batch_size,
+                drop_last=train,
+                augment=augment,
+                mean=mean,
+                std=std,
+                device=dev,
+                rank=rank,
+            )
+
+        # The training and validation images come from the same files: decode them once.
+        x_all, y_all = dataset_tensors(sets.train_aug)
+        x_test, y_test = dataset_tensors(test)
+        pick = lambda idx: (x_all, y_all) if idx is None else (x_all[idx], y_all[idx])  # noqa: E731
+        tr = resident(*pick(train_idx), sampler, True)
+        te = resident(x_test, y_test, evaluation_sampler(test), False)
+        va = resident(*pick(val_idx), evaluation_sampler(val), False) if val is not None else None
+        log.info("data held in memory: %r", tr)
+        return Data(tr, te, va, classes, size, sampler, steps)  # type: ignore[arg-type]
 
     def loader(ds: Dataset, smp: Sampler, drop_last: bool, **kw: Any) -> DataLoader:
         return DataLoader(
@@ -220,14 +297,9 @@ def build_data(
     # Workers are seeded from the loader's own generator, re-seeded per epoch by the trainer, so the
     # global RNG is not consumed when an iterator starts (a resumed run would otherwise drift).
     train = loader(train_aug, sampler, True, generator=torch.Generator())
-    steps = len(sampler) // cfg.batch_size
-    if steps == 0:
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} is larger than the {len(sampler)} training images per process"
-        )
 
     def evaluation(ds: Dataset) -> DataLoader:
-        return loader(ds, EpochSampler(len(ds), shuffle=False, rank=rank, world=world, pad=False), False)
+        return loader(ds, evaluation_sampler(ds), False)
 
     return Data(
         train, evaluation(test), evaluation(val) if val is not None else None, classes, size, sampler, steps
