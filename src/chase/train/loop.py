@@ -98,6 +98,8 @@ class TrainState:
     step: int = 0  # optimizer steps finished
     #: this epoch's running sums (loss, correct, count); a tensor so that no step waits for the device.
     sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    #: what the sparsifier did at the last step (None for dense training)
+    last_info: Optional[chase.StepInfo] = None
 
     def __post_init__(self) -> None:
         self.sums = self.sums.to(self.device)
@@ -173,7 +175,7 @@ def train_one_epoch(
         else:
             loss.backward()
             st.optimizer.step()
-        info = st.sparsifier.step() if st.sparsifier is not None else None
+        info = st.last_info = st.sparsifier.step() if st.sparsifier is not None else None
         st.optimizer.zero_grad(set_to_none=True)
         st.scheduler.step()
         st.step += 1

@@ -8,12 +8,13 @@ import logging
 import pathlib
 import statistics
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from chase.flops import count_flops
+from chase.flops import StepCost, count_flops, training_flops
 from chase.models import get_model
 from chase.train.checkpoint import atomic_save
 from chase.train.config import TrainConfig
@@ -146,10 +147,43 @@ def finish(
     if d.main and sp is not None:
         _density_plot(st, run_dir)
     if d.main:
+        results.update(training_cost(_records(run_dir), st.step, cfg.batch_size * d.world))
+    if d.main:
         widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
         write_report(run_dir, cfg, results, initial.get("widths", {}), widths)
         log.info("report written to %s", run_dir / REPORT_FILE)
     return results
+
+
+def training_cost(records: Sequence[dict[str, Any]], steps: int, batch_size: int) -> dict[str, float]:
+    """Training MACs of a run from its metrics: RigL's accounting (``chase.training_flops``) over the
+    per-step forward cost that the ``start`` and ``cost`` records describe (density, widths, and which
+    steps computed a dense gradient). Returns ``{}`` when the run has no ``start`` record."""
+    start = next((r for r in records if r.get("kind") == "start"), None)
+    if start is None or not start.get("macs"):
+        return {}
+    changes = {r["step"]: r for r in records if r.get("kind") == "cost"}
+
+    def log() -> Iterator[StepCost]:
+        now = start
+        for t in range(1, steps + 1):
+            rec = changes.get(t)
+            # Step t ran with the state before its own update; the update's cost is its dense gradient.
+            yield StepCost(now["macs_sparse"] / now["macs"], now["macs"], bool(rec and rec["update"]))
+            now = rec or now
+
+    total = training_flops(log(), update_every=None, batch_size=batch_size)
+    return {
+        "train_macs": round(total.total),
+        "train_macs_dense": round(total.dense_total),
+        "train_macs_ratio": total.ratio,
+        "dense_gradient_steps": total.update_steps,
+    }
+
+
+def _records(run_dir: pathlib.Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def _fmt(v: Any) -> str:
@@ -208,7 +242,7 @@ def _plots(run_dir: pathlib.Path, before: dict[str, int], after: dict[str, int])
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = _records(run_dir)
     epochs = [r for r in records if r.get("kind") == "epoch" and "test_acc" in r]
     out = []
     if epochs:

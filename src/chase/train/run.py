@@ -122,15 +122,30 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     )
 
 
+def _macs(st: TrainState) -> dict[str, Any]:
+    """MACs per image of the model as it is now: dense-counted (GPU-supported) and over kept weights."""
+    sp = st.sparsifier
+    size = st.meta["image_size"]
+    example = torch.zeros(1, 3, size, size, device=next(st.module.parameters()).device)
+    flops = count_flops(st.module, example, masks=sp.masks if sp is not None else None)
+    return {"macs": flops.dense, "macs_sparse": flops.sparse}
+
+
+def _cost_record(st: TrainState) -> Optional[dict[str, Any]]:
+    """After a step that changed masks or shapes: the forward cost from the next step on, and whether
+    this step computed a dense weight gradient (gradient growth). ``chase.training_flops`` reads these."""
+    info, sp = st.last_info, st.sparsifier
+    if sp is None or info is None or not (info.updated or info.shapes_changed):
+        return None
+    update = info.updated and getattr(sp, "growth", None) == "gradient"
+    return {"kind": "cost", "step": st.step, "update": update, "density": sp.global_density(), **_macs(st)}
+
+
 def _sparsity_record(st: TrainState) -> dict[str, Any]:
     sp = st.sparsifier
     widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
     rec: dict[str, Any] = {"density": sp.global_density() if sp is not None else 1.0, "widths": widths}
-    # MACs per image of the model as it is now: dense-counted (GPU-supported) and over kept weights only.
-    size = st.meta["image_size"]
-    example = torch.zeros(1, 3, size, size, device=next(st.module.parameters()).device)
-    flops = count_flops(st.module, example, masks=sp.masks if sp is not None else None)
-    rec.update(macs=flops.dense, macs_sparse=flops.sparse)
+    rec.update(_macs(st))
     if sp is not None and hasattr(sp, "channel_sparsity_now"):
         rec["channel_sparsity"] = sp.channel_sparsity_now()
     return rec
@@ -217,6 +232,9 @@ def _train(cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: D
             save_checkpoint(st, run_dir / CHECKPOINT)
 
     def after_step(s: TrainState, loss: torch.Tensor) -> None:
+        cost = _cost_record(s) if d.main else None
+        if cost is not None:
+            metrics.write(cost)
         if cfg.log_every and s.step % cfg.log_every == 0:
             metrics.write(
                 {
