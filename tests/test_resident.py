@@ -129,3 +129,15 @@ def test_resident_errors_are_clear(tmp_path):
     _image_folder(other)
     with pytest.raises(ConfigError, match="image_size"):
         build_data(_cfg(other, loader="resident", image_size=16))
+
+
+@pytest.mark.parametrize("val_split", [0.0, 0.25])
+def test_train_limit_takes_the_same_subset_for_both_loaders(tmp_path, val_split):
+    _image_folder(tmp_path)
+    a = build_data(_cfg(tmp_path, loader="resident", train_limit=8, val_split=val_split))
+    b = build_data(_cfg(tmp_path, loader="workers", train_limit=8, val_split=val_split))
+    assert len(a.train_sampler) == len(b.train_sampler) == 8 and a.steps_per_epoch == 2
+    xa, _ = map(torch.cat, zip(*a.train))
+    xb, _ = map(torch.cat, zip(*b.train))
+    torch.testing.assert_close(xa, xb, rtol=0, atol=1e-5)
+    assert (a.val is None) == (val_split == 0)

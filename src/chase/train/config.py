@@ -57,6 +57,7 @@ class TrainConfig:
     image_size: int = _opt(0, "input resolution; 0: 32 for CIFAR and synthetic, 224 for imagefolder")
     num_classes: int = _opt(0, "classifier outputs; 0: from the dataset")
     val_split: float = _opt(0.0, "fraction of the training set held out for validation (0: none)")
+    train_limit: int = _opt(0, "train on a fixed random subset of this many training images (0: all)")
     loader: str = _opt(
         "auto",
         "resident (decode once into a tensor on the training device, augment there), workers "
@@ -135,6 +136,8 @@ class TrainConfig:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.train_limit < 0:
+            raise ConfigError(f"train_limit must be >= 0, got {self.train_limit}")
         for key in ("epochs", "batch_size", "update_every", "channel_every", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")

@@ -230,12 +230,16 @@ def build_data(
     train_idx: Optional[list[int]] = None
     val_idx: list[int] = []
     val: Optional[Dataset] = None
-    if cfg.val_split > 0:
+    if cfg.val_split > 0 or 0 < cfg.train_limit < n:
         g = torch.Generator().manual_seed(cfg.seed + 7)  # fixed split, independent of the training order
         perm = torch.randperm(n, generator=g).tolist()
-        n_val = max(1, round(cfg.val_split * n))
+        n_val = max(1, round(cfg.val_split * n)) if cfg.val_split > 0 else 0
         train_idx, val_idx = perm[n_val:], perm[:n_val]
-        train_aug, val = Subset(train_aug, train_idx), Subset(sets.train_plain, val_idx)
+        if cfg.train_limit:
+            train_idx = train_idx[: cfg.train_limit]
+        train_aug = Subset(train_aug, train_idx)
+        if val_idx:
+            val = Subset(sets.train_plain, val_idx)
     pin = device is not None and device.type == "cuda"
     sampler = EpochSampler(len(train_aug), shuffle=True, seed=cfg.seed, rank=rank, world=world)
     workers = cfg.num_workers
@@ -275,12 +279,14 @@ def build_data(
         # The training and validation images come from the same files: decode them once.
         x_all, y_all = dataset_tensors(sets.train_aug)
         x_test, y_test = dataset_tensors(test)
-        pick = lambda idx: (x_all, y_all) if idx is None else (x_all[idx], y_all[idx])  # noqa: E731
-        tr = resident(*pick(train_idx), sampler, True)
+        x_tr, y_tr = (x_all, y_all) if train_idx is None else (x_all[train_idx], y_all[train_idx])
+        tr = resident(x_tr, y_tr, sampler, True)
         te = resident(x_test, y_test, evaluation_sampler(test), False)
-        va = resident(*pick(val_idx), evaluation_sampler(val), False) if val is not None else None
+        va = None
+        if val is not None:
+            va = resident(x_all[val_idx], y_all[val_idx], evaluation_sampler(val), False)
         log.info("data held in memory: %r", tr)
-        return Data(tr, te, va, classes, size, sampler, steps)  # type: ignore[arg-type]
+        return Data(tr, te, va, classes, size, sampler, steps)
 
     def loader(ds: Dataset, smp: Sampler, drop_last: bool, **kw: Any) -> DataLoader:
         return DataLoader(
