@@ -42,7 +42,6 @@ CPU smoke test (tiny, under a minute; never write it into benchmarks/results):
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import logging
 import math
 import pathlib
@@ -52,11 +51,14 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 import chase
 import common
 from chase.bench import benchmark
 from chase.models import get_model
+from chase.train.data import EpochSampler
+from chase.train.resident import ResidentLoader, dataset_tensors
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -64,67 +66,23 @@ METHODS = ("dense", "rigl", "chase0.3", "chase0.5")
 
 
 # --------------------------------------------------------------------------- data
-def _decode(path: pathlib.Path) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3)
-
-
 def load_split(root: pathlib.Path, limit: Optional[int], seed: int, workers: int):
-    """All images of an ImageFolder split as (uint8 N x 3 x H x W, int64 labels), on the CPU."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir()) if f.is_file()]
-    if not files:
-        raise SystemExit(f"no images under {root} (expected {root}/<class>/<image>)")
-    if limit is not None and limit < len(files):
-        pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:limit]
-        files = [files[i] for i in pick.tolist()]
-    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        images = list(ex.map(_decode, [f for f, _ in files], chunksize=256))
-    x = torch.stack(images).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor([c for _, c in files], dtype=torch.long)
-    return x, y, classes
+    """All images of an ImageFolder split (or a fixed random ``limit`` of them) as uint8 N x 3 x H x W
+    and int64 labels, on the CPU."""
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(root))
+    if limit is not None and limit < len(ds):
+        pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
+        ds = Subset(ds, pick.tolist())
+    x, y = dataset_tensors(ds, workers)
+    return x, y, (ds.dataset if isinstance(ds, Subset) else ds).classes
 
 
-class GpuData:
-    """uint8 images resident on the device; augmentation and normalisation there too."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, dev: torch.device, channels_last: bool):
-        self.x = x.to(dev)
-        self.y = y.to(dev)
-        self.pad = nn.functional.pad(self.x, (4, 4, 4, 4))  # zero padding, once
-        self.mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD, device=dev).view(1, 3, 1, 1) * 255
-        self.cl = channels_last
-        self.size = x.shape[-1]
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def _finish(self, u8: torch.Tensor) -> torch.Tensor:
-        out = (u8.float() - self.mean) / self.std
-        return out.contiguous(memory_format=torch.channels_last) if self.cl else out
-
-    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random 32x32 crop of the padded image and a random horizontal flip, per image."""
-        b, s, dev = idx.numel(), self.size, idx.device
-        img = self.pad[idx]  # B x 3 x 40 x 40
-        oy = torch.randint(0, 9, (b,), device=dev, generator=gen)
-        ox = torch.randint(0, 9, (b,), device=dev, generator=gen)
-        base = torch.arange(s, device=dev)
-        rows = (oy[:, None] + base)[:, None, :, None].expand(b, 3, s, img.shape[-1])
-        img = img.gather(2, rows)
-        cols = (ox[:, None] + base)[:, None, None, :].expand(b, 3, s, s)
-        img = img.gather(3, cols)
-        flip = torch.rand(b, device=dev, generator=gen) < 0.5
-        img = torch.where(flip[:, None, None, None], img.flip(3), img)
-        return self._finish(img), self.y[idx]
-
-    def batches(self, bs: int):
-        for i in range(0, len(self), bs):
-            yield self._finish(self.x[i : i + bs]), self.y[i : i + bs]
+def gpu_loader(x: torch.Tensor, y: torch.Tensor, dev: torch.device, bs: int, train: bool, seed: int):
+    """The library's device-resident loader: uint8 images on ``dev``; crop, flip, normalise there."""
+    sampler = EpochSampler(len(y), shuffle=train, seed=seed, pad=False)
+    return ResidentLoader(x, y, sampler, bs, drop_last=train, augment=train, mean=MEAN, std=STD, device=dev)
 
 
 # --------------------------------------------------------------------------- training
@@ -133,15 +91,19 @@ def _autocast(dev: torch.device, amp: bool):
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: GpuData, dev: torch.device, amp: bool) -> float:
+def evaluate(model: nn.Module, data: ResidentLoader, dev: torch.device, amp: bool, cl: bool) -> float:
     was = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=dev)
-    for x, y in data.batches(1024):
+    for x, y in data:
         with _autocast(dev, amp):
-            correct += (model(x).argmax(1) == y).sum()
+            correct += (model(_fmt(x, cl)).argmax(1) == y).sum()
     model.train(was)
-    return correct.item() / len(data)
+    return correct.item() / len(data.labels)
+
+
+def _fmt(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def make_sparsifier(method: str, model: nn.Module, opt, total: int, density: float, example: torch.Tensor):
@@ -166,16 +128,17 @@ def make_sparsifier(method: str, model: nn.Module, opt, total: int, density: flo
     raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def train_one(method: str, args, train: GpuData, test: GpuData, dev, deadline: float, dense_macs: int):
+def train_one(
+    method: str, args, train: ResidentLoader, test: ResidentLoader, dev, deadline: float, dense_macs: int
+):
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
     model = get_model(args.model, num_classes=10).to(dev)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay
     )
-    steps_per_epoch = max(1, len(train) // args.batch_size)  # drop_last
+    steps_per_epoch = len(train)  # drop_last
     total = steps_per_epoch * args.epochs
     warm = steps_per_epoch
 
@@ -185,7 +148,7 @@ def train_one(method: str, args, train: GpuData, test: GpuData, dev, deadline: f
         return 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    example = next(test.batches(1))[0]
+    example = _fmt(test.images[:1].float(), args.channels_last)  # only shapes matter for the trace
     sp, sp_opts = make_sparsifier(method, model, opt, total, args.density, example)
     row: dict[str, Any] = {
         "method": method,
@@ -200,12 +163,12 @@ def train_one(method: str, args, train: GpuData, test: GpuData, dev, deadline: f
             truncated = True
             break
         te = time.time()
-        perm = torch.randperm(len(train), device=dev, generator=gen)
+        train.sampler.set_epoch(epoch)
+        train.generator.manual_seed(args.seed * 100003 + epoch)
         loss_sum = torch.zeros((), device=dev)
-        for i in range(steps_per_epoch):
-            x, y = train.train_batch(perm[i * args.batch_size : (i + 1) * args.batch_size], gen)
+        for x, y in train:
             with _autocast(dev, args.amp):
-                loss = nn.functional.cross_entropy(model(x), y)
+                loss = nn.functional.cross_entropy(model(_fmt(x, args.channels_last)), y)
             loss.backward()
             opt.step()
             info = sp.step() if sp is not None else None  # after opt.step(), before zero_grad()
@@ -221,7 +184,7 @@ def train_one(method: str, args, train: GpuData, test: GpuData, dev, deadline: f
             f"  {method} epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.3f}, {epoch_s:.1f} s", flush=True
         )
     train_s = time.time() - t0
-    acc = evaluate(model, test, dev, args.amp)
+    acc = evaluate(model, test, dev, args.amp, args.channels_last)
     x1 = example
     row.update(
         epochs_done=epochs,
@@ -242,7 +205,7 @@ def train_one(method: str, args, train: GpuData, test: GpuData, dev, deadline: f
             row.update(
                 gpu_macs=chase.count_flops(slim, x1).dense,
                 channel_sparsity=sp.channel_sparsity_now(),
-                slim_test_acc=evaluate(slim, test, dev, args.amp),
+                slim_test_acc=evaluate(slim, test, dev, args.amp, args.channels_last),
                 slim_params=sum(p.numel() for p in slim.parameters()),
             )
         else:  # unstructured: every channel stays, a GPU runs the dense shape
@@ -361,18 +324,19 @@ def main() -> None:
     root = pathlib.Path(args.data_dir)
     xtr, ytr, classes = load_split(root / "train", args.limit_train, args.seed, args.workers)
     xte, yte, _ = load_split(root / "test", args.limit_test, args.seed + 1, args.workers)
-    train, test = GpuData(xtr, ytr, dev, args.channels_last), GpuData(xte, yte, dev, args.channels_last)
+    train = gpu_loader(xtr, ytr, dev, args.batch_size, True, args.seed)
+    test = gpu_loader(xte, yte, dev, 1024, False, args.seed)
     load_s = time.time() - start
-    print(f"data: {len(train)} train / {len(test)} test images on {dev} in {load_s:.1f} s", flush=True)
+    print(f"data: {len(ytr)} train / {len(yte)} test images on {dev} in {load_s:.1f} s", flush=True)
 
-    x1 = next(test.batches(1))[0]
+    x1 = _fmt(test.images[:1].float(), args.channels_last)
     dense_macs = chase.count_flops(get_model(args.model, num_classes=10).to(dev), x1).dense
     payload: dict[str, Any] = {
         "machine": common.machine(str(dev)),
         "args": vars(args),
         "classes": classes,
-        "n_train": len(train),
-        "n_test": len(test),
+        "n_train": len(ytr),
+        "n_test": len(yte),
         "load_s": load_s,
         "runs": [],
         "skipped_methods": [],
@@ -413,7 +377,7 @@ def main() -> None:
         macs = {k: chase.count_flops(m, x1.cpu().float().contiguous()).dense for k, m in cpu.items()}
         payload["bench"] = benchmark(
             cpu,
-            (3, train.size, train.size),
+            tuple(xtr.shape[1:]),
             batch_sizes=batches,
             dtypes=args.bench_dtypes.split(","),
             device=dev,

@@ -24,7 +24,14 @@ from torch.utils.data import Dataset, Sampler, Subset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResidentLoader", "dataset_tensors", "decode_images", "random_crop_flip"]
+__all__ = [
+    "ResidentLoader",
+    "apply_crop_flip",
+    "crop_flip_params",
+    "dataset_tensors",
+    "decode_images",
+    "random_crop_flip",
+]
 
 
 def _decode(path: str) -> torch.Tensor:
@@ -64,6 +71,9 @@ def dataset_tensors(ds: Dataset, workers: int = 0) -> tuple[torch.Tensor, torch.
     and ``Subset`` of any of these.
     """
     if isinstance(ds, Subset):
+        if hasattr(ds.dataset, "samples"):  # decode only the chosen files
+            samples = [ds.dataset.samples[i] for i in ds.indices]
+            return decode_images([p for p, _ in samples], workers), torch.as_tensor([c for _, c in samples])
         x, y = dataset_tensors(ds.dataset, workers)
         idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
         return x[idx], y[idx]
@@ -86,25 +96,37 @@ def dataset_tensors(ds: Dataset, workers: int = 0) -> tuple[torch.Tensor, torch.
     )
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per image: a random crop of the zero-padded image (same size as the input) and a random
-    horizontal flip, as ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()`` would do.
+def crop_flip_params(
+    batch: int, padding: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random crop offsets (rows, columns) in ``[0, 2 * padding]`` and flip flags for ``batch`` images,
+    drawn on the CPU from ``generator`` (so results do not depend on the device the images live on)."""
+    oy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    return oy, ox, flip
 
-    The random numbers are drawn on the CPU from ``generator``, so the result does not depend on the
-    device the images live on.
-    """
+
+def apply_crop_flip(
+    images: torch.Tensor, padding: int, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
+    """Crop each zero-padded image at its offsets (same size as the input) and flip the flagged ones:
+    one gather for the whole batch."""
     b, c, h, w = images.shape
     dev = images.device
-    oy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator)
-    ox = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator)
-    flip = torch.rand(b, 1, generator=generator) < 0.5
-    rows = oy + torch.arange(h)
-    cols = ox + torch.arange(w)
-    cols = torch.where(flip, cols.flip(1), cols)  # flipping the crop = reading its columns backwards
+    rows = oy.to(dev)[:, None] + torch.arange(h, device=dev)
+    cols = ox.to(dev)[:, None] + torch.arange(w, device=dev)
+    cols = torch.where(flip.to(dev)[:, None], cols.flip(1), cols)  # a flipped crop reads columns backwards
     padded = F.pad(images, (padding, padding, padding, padding))
     bi = torch.arange(b, device=dev)[:, None, None, None]
     ci = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[bi, ci, rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per image: a random crop of the zero-padded image (same size as the input) and a random
+    horizontal flip, as ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip()`` would do."""
+    return apply_crop_flip(images, padding, *crop_flip_params(images.shape[0], padding, generator))
 
 
 class ResidentLoader:
@@ -173,17 +195,31 @@ class ResidentLoader:
         return x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dev = self.images.device
+        # One host-to-device copy per epoch: per-batch copies of pageable memory would stall a GPU queue.
         order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
+        batches = len(self)
+        params = self._epoch_params(batches) if self.augment else None
+        order, params = order.to(dev), [t.to(dev) for t in params] if params else None
+        for j in range(batches):
+            idx = order[j * self.batch_size : (j + 1) * self.batch_size]
+            x = self.images[idx]
+            if params is not None:
+                oy, ox, flip = (t[j * self.batch_size : j * self.batch_size + len(idx)] for t in params)
+                x = apply_crop_flip(x, self.padding, oy, ox, flip)
+            yield self._finish(x), self.labels[idx]
+
+    def _epoch_params(self, batches: int) -> list[torch.Tensor]:
+        """Crop/flip parameters of the epoch's remaining batches; batch ``b`` of the epoch always draws
+        from a generator seeded with (epoch seed, b, rank), whatever batch the iteration starts at."""
         first = getattr(self.sampler, "start", 0) // self.batch_size  # batches consumed before a resume
         epoch_seed = self.generator.initial_seed()
         gen = torch.Generator()
-        for j in range(len(self)):
-            idx = order[j * self.batch_size : (j + 1) * self.batch_size].to(self.images.device)
-            x = self.images[idx]
-            if self.augment:
-                gen.manual_seed(((epoch_seed * 1_000_003 + first + j) * 1009 + self.rank) % 2**63)
-                x = random_crop_flip(x, self.padding, gen)
-            yield self._finish(x), self.labels[idx]
+        parts = []
+        for j in range(batches):
+            gen.manual_seed(((epoch_seed * 1_000_003 + first + j) * 1009 + self.rank) % 2**63)
+            parts.append(crop_flip_params(self.batch_size, self.padding, gen))
+        return [torch.cat(t) for t in zip(*parts)]
 
     def __repr__(self) -> str:
         n, *shape = self.images.shape
