@@ -141,3 +141,17 @@ def test_train_limit_takes_the_same_subset_for_both_loaders(tmp_path, val_split)
     xb, _ = map(torch.cat, zip(*b.train))
     torch.testing.assert_close(xa, xb, rtol=0, atol=1e-5)
     assert (a.val is None) == (val_split == 0)
+
+
+def test_torchvision_cifar_layout_is_read_from_its_array():
+    class FakeCIFAR(torch.utils.data.Dataset):  # torchvision's CIFAR10 keeps N x H x W x 3 uint8 in .data
+        def __init__(self) -> None:
+            self.data = torch.randint(0, 256, (5, 4, 4, 3), dtype=torch.uint8).numpy()
+            self.targets = [0, 1, 2, 3, 4]
+
+    ds = FakeCIFAR()
+    x, y = dataset_tensors(ds)
+    assert x.shape == (5, 3, 4, 4) and y.tolist() == ds.targets
+    assert torch.equal(x[2].permute(1, 2, 0), torch.as_tensor(ds.data[2]))
+    sub_x, sub_y = dataset_tensors(torch.utils.data.Subset(ds, [4, 1]))
+    assert torch.equal(sub_x, x[[4, 1]]) and sub_y.tolist() == [4, 1]
