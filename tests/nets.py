@@ -59,3 +59,22 @@ def train_step(model, optimizer, sparsifier, i: int, size: int = 16, n: int = 8)
     info = sparsifier.step() if sparsifier is not None else None
     optimizer.zero_grad()
     return info
+
+
+def in_process_group(rank: int, world: int, init_file: str, body, *args) -> None:
+    """``mp.spawn`` target: ``body(rank, world, *args)`` inside a gloo process group of ``world`` CPU
+    processes. The group is torn down only after ``body`` has returned on every rank and its objects
+    (DDP reducers, pending work) are collected: gloo threads that outlive them can abort the process at
+    exit ("terminate called without an active exception")."""
+    import gc
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        body(rank, world, *args)
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -14,6 +14,8 @@ torch.set_num_threads(1)
 pytest.importorskip("yaml")
 pytest.importorskip("torchvision")
 
+from tests.nets import in_process_group  # noqa: E402
+
 import chase  # noqa: E402
 from chase.cli import main  # noqa: E402
 from chase.models import get_model  # noqa: E402
@@ -245,53 +247,46 @@ def test_help_lists_every_option(capsys):
 
 
 # ---------------------------------------------------------------- two processes (gloo)
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from chase.train import loop, report
-        from chase.train.config import load_config
-        from chase.train.run import train as run_train
+    from chase.train import loop, report
+    from chase.train.config import load_config
+    from chase.train.run import train as run_train
 
-        wraps, checks = [], []
-        wrap = loop.TrainState.wrap
+    wraps, checks = [], []
+    wrap = loop.TrainState.wrap
 
-        def digest(st):  # masks and shapes of this rank, compared across ranks
-            masks = torch.cat([m.reshape(-1) for m in st.sparsifier.masks.values()]).to(torch.uint8)
-            shapes = torch.tensor([s for p in st.module.parameters() for s in p.shape])
-            same = []
-            for t in (masks, shapes):
-                got = [torch.empty_like(t) for _ in range(world)]
-                dist.all_gather(got, t)
-                same.append(all(torch.equal(got[0], g) for g in got))
-            return all(same)
+    def digest(st):  # masks and shapes of this rank, compared across ranks
+        masks = torch.cat([m.reshape(-1) for m in st.sparsifier.masks.values()]).to(torch.uint8)
+        shapes = torch.tensor([s for p in st.module.parameters() for s in p.shape])
+        same = []
+        for t in (masks, shapes):
+            got = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(got, t)
+            same.append(all(torch.equal(got[0], g) for g in got))
+        return all(same)
 
-        def counting_wrap(st):
-            wrap(st)
-            wraps.append(
-                type(st.model).__name__ == "DistributedDataParallel" and st.model.module is st.module
-            )
-            if st.step:  # a re-wrap after a shrink
-                checks.append(digest(st))
-
-        finish = report.finish
-
-        def finish_and_check(st, *args):
+    def counting_wrap(st):
+        wrap(st)
+        wraps.append(type(st.model).__name__ == "DistributedDataParallel" and st.model.module is st.module)
+        if st.step:  # a re-wrap after a shrink
             checks.append(digest(st))
-            return finish(st, *args)
 
-        loop.TrainState.wrap = counting_wrap
-        report.finish = finish_and_check
-        cfg = load_config([], [*TINY, "method=chase", "synthetic_train=128", "out=" + out_dir, "name=ddp"])
-        results = run_train(cfg)
-        torch.save(
-            {"wraps": wraps, "checks": checks, "channel_sparsity": results["channel_sparsity"]},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
+    finish = report.finish
+
+    def finish_and_check(st, *args):
+        checks.append(digest(st))
+        return finish(st, *args)
+
+    loop.TrainState.wrap = counting_wrap
+    report.finish = finish_and_check
+    cfg = load_config([], [*TINY, "method=chase", "synthetic_train=128", "out=" + out_dir, "name=ddp"])
+    results = run_train(cfg)
+    torch.save(
+        {"wraps": wraps, "checks": checks, "channel_sparsity": results["channel_sparsity"]},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 @pytest.mark.slow
@@ -299,7 +294,9 @@ def test_ddp_two_processes_identical_masks_across_shrink(tmp_path):
     import torch.multiprocessing as mp
 
     os.environ.setdefault("PYTHONPATH", os.getcwd())
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        in_process_group, args=(2, str(tmp_path / "init"), _ddp_worker, str(tmp_path)), nprocs=2, join=True
+    )
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert all(r["wraps"]) and len(r["wraps"]) >= 3  # initial wrap + one per shrink
