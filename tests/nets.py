@@ -78,3 +78,26 @@ def in_process_group(rank: int, world: int, init_file: str, body, *args) -> None
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+#: `chase train --set` options of a tiny Chase run: 32 synthetic 8x8 images in batches of 16, two
+#: epochs = 4 steps, channel events at steps 2 and 3.
+TINY_CHASE_RUN = [
+    "dataset=synthetic",
+    "image_size=8",
+    "synthetic_train=32",
+    "synthetic_test=16",
+    "batch_size=16",
+    "num_workers=0",
+    "epochs=2",
+    "model=cifar_resnet20",
+    "update_every=2",
+    "channel_every=1",
+    "channel_sparsity=0.5",
+    "density=0.2",
+    "lr=0.05",
+    "speedup_batch=0",
+    "threads=1",
+    "method=chase",
+    "name=chase",
+]

@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+from tests.nets import TINY_CHASE_RUN as TINY
 from torch import nn
 
 import chase
@@ -14,27 +15,6 @@ from chase.cli import build_parser, main
 from chase.flops import StepCost, count_flops, training_flops
 
 torch.set_num_threads(1)
-
-# 32 synthetic images of 8x8 in batches of 16, two epochs: 4 steps, channel events at steps 2 and 3.
-TINY = [
-    "dataset=synthetic",
-    "image_size=8",
-    "synthetic_train=32",
-    "synthetic_test=16",
-    "batch_size=16",
-    "num_workers=0",
-    "epochs=2",
-    "model=cifar_resnet20",
-    "update_every=2",
-    "channel_every=1",
-    "channel_sparsity=0.5",
-    "density=0.2",
-    "lr=0.05",
-    "speedup_batch=0",
-    "threads=1",
-    "method=chase",
-    "name=chase",
-]
 
 
 # ------------------------------------------------------------------------------------- hand counts

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from tests.nets import TINY_CHASE_RUN as TINY
 from tests.nets import TinyResNet, make_optimizer, train_step
 
 import chase
@@ -21,27 +22,6 @@ ort = pytest.importorskip("onnxruntime")  # a guard only: the test extra install
 onnx = pytest.importorskip("onnx")
 
 torch.set_num_threads(1)
-
-# 32 synthetic 8x8 images in batches of 16, two epochs: 4 steps, channel events at steps 2 and 3.
-TINY = [
-    "dataset=synthetic",
-    "image_size=8",
-    "synthetic_train=32",
-    "synthetic_test=16",
-    "batch_size=16",
-    "num_workers=0",
-    "epochs=2",
-    "model=cifar_resnet20",
-    "update_every=2",
-    "channel_every=1",
-    "channel_sparsity=0.5",
-    "density=0.2",
-    "lr=0.05",
-    "speedup_batch=0",
-    "threads=1",
-    "method=chase",
-    "name=chase",
-]
 
 
 @pytest.fixture(scope="module")
