@@ -40,7 +40,8 @@ from chase.flops import count_flops
 from chase.models import get_model
 from chase.train.config import load_config
 from chase.train.measure import load_run
-from chase.train.run import read_metrics, train
+from chase.train.report import read_metrics
+from chase.train.run import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "benchmarks" / "cifar10_cpu.yaml"
@@ -73,9 +74,9 @@ def train_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or resume, or reuse) one method's run; returns its row of the table."""
     run_dir = pathlib.Path(args.runs) / method
     sets = [f"data_dir={args.data_dir}", f"threads={args.threads}", "quiet=true", *args.set]
-    cfg = load_config([PROTOCOL, ROOT / "configs" / "methods" / f"{METHODS[method]}.yaml"], sets)
     if args.smoke:
-        cfg = load_config([PROTOCOL, ROOT / "configs" / "methods" / f"{METHODS[method]}.yaml"], sets + SMOKE)
+        sets += SMOKE
+    cfg = load_config([PROTOCOL, ROOT / "configs" / "methods" / f"{METHODS[method]}.yaml"], sets)
     t0 = time.time()
     final = _final(run_dir)
     if final is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import pathlib
 import statistics
 import time
@@ -24,7 +25,7 @@ from chase.train.loop import TrainState, autocast, evaluate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["finish", "measure_speedup", "recalibrate_bn"]
+__all__ = ["finish", "measure_speedup", "read_metrics", "recalibrate_bn", "training_cost"]
 
 SLIM_FILE, FINAL_FILE, REPORT_FILE = "slim.pt", "final.pt", "report.md"
 
@@ -147,7 +148,7 @@ def finish(
     if d.main and sp is not None:
         _density_plot(st, run_dir)
     if d.main:
-        results.update(training_cost(_records(run_dir), st.step, cfg.batch_size * d.world))
+        results.update(training_cost(read_metrics(run_dir), st.step, cfg.batch_size * d.world))
     if d.main:
         widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
         write_report(run_dir, cfg, results, initial.get("widths", {}), widths)
@@ -181,8 +182,9 @@ def training_cost(records: Sequence[dict[str, Any]], steps: int, batch_size: int
     }
 
 
-def _records(run_dir: pathlib.Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run folder's ``metrics.jsonl`` (empty when it has none)."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
@@ -242,7 +244,7 @@ def _plots(run_dir: pathlib.Path, before: dict[str, int], after: dict[str, int])
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    records = _records(run_dir)
+    records = read_metrics(run_dir)
     epochs = [r for r in records if r.get("kind") == "epoch" and "test_acc" in r]
     out = []
     if epochs:

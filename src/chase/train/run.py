@@ -25,6 +25,7 @@ from chase.train.data import build_data
 from chase.train.distributed import Dist, init_distributed
 from chase.train.loop import TrainState, build_sparsifier, evaluate, train_one_epoch
 from chase.train.optim import build_optimizer, build_scheduler
+from chase.train.report import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,6 @@ class Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
 
 
 def _macs(st: TrainState) -> dict[str, Any]:
