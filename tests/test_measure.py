@@ -154,3 +154,24 @@ def test_commands_report_user_errors(tmp_path, capsys):
     assert main(["flops"]) == 2
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_compiled_is_frozen_and_matches_eager():
+    from chase.bench import _compile_scope, _prepare, benchmark
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)
+    )
+    model[1].running_mean.uniform_(-1, 1)  # non-trivial statistics, so a wrong BatchNorm fold shows
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    cfg = {"dtype": "fp32", "channels_last": False, "compiled": True}
+    compiled = _prepare(model, torch.device("cpu"), cfg)
+    with torch.inference_mode(), _compile_scope(cfg):
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        before = compiled(x)
+        compiled._orig_mod[4].weight.zero_()  # frozen: the compiled graph holds its weights as constants
+        torch.testing.assert_close(compiled(x), before)
+    d = benchmark({"m": model}, (3, 8, 8), batch_sizes=(2,), compiled=(True,), warmup=1, repeats=2)
+    assert not d["skipped"] and [r["compiled"] for r in d["results"]] == [True]

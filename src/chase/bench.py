@@ -8,6 +8,7 @@ exported to ONNX, are timed with onnxruntime on the CPU next to PyTorch (rows wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import logging
@@ -98,7 +99,8 @@ def benchmark(
     batch_size, channels_last, compiled, latency_ms (median), latency_ms_min, throughput (images/s at the
     median), and for every model but the first ``speedup`` (its throughput over the first model's) and,
     when ``macs`` ({label: MACs per image}) is given, ``flops_ratio`` (first model's MACs over its own:
-    the speedup the FLOPs predict). Every row has ``backend`` "torch".
+    the speedup the FLOPs predict). Every row has ``backend`` "torch". ``compiled`` configurations use
+    ``torch.compile`` with Inductor's inference freezing (weights constant, BatchNorm folded).
 
     ``onnx`` ({label: ONNX file of that model}, see :func:`chase.onnx.export_onnx`): also time those files
     with onnxruntime, in the same round robin, on the same inputs, with as many threads as PyTorch uses.
@@ -182,6 +184,18 @@ def _prepare(model: nn.Module, dev: torch.device, cfg: dict[str, Any]) -> nn.Mod
     return torch.compile(m) if cfg["compiled"] else m
 
 
+def _compile_scope(cfg: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+    """Where the models of ``cfg`` run (and, compiled, are compiled at their first call): with Inductor's
+    inference freezing for compiled ones -- the weights become constants, so BatchNorm is folded into the
+    convolutions and weights are pre-packed for the CPU's convolution library, as a model is compiled for
+    serving. (``torch.compile(options={"freezing": True})`` does not reach the freezing pass.)"""
+    if not cfg["compiled"]:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
 def _run_config(
     models: Mapping[str, nn.Module],
     labels: list[str],
@@ -204,11 +218,12 @@ def _run_config(
             x = x.contiguous(memory_format=torch.channels_last)
         times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
         try:
-            for k in keys:  # warm-up of each model first; a compiled one compiles here, never timed
-                time_forward(prepared[k], x, warmup=max(warmup, 1 if cfg["compiled"] else 0), repeats=0)
-            for _ in range(repeats):  # then one timed forward of each, alternately
-                for k in keys:
-                    times[k] += time_forward(prepared[k], x, warmup=0, repeats=1)
+            with _compile_scope(cfg):
+                for k in keys:  # warm-up of each model first; a compiled one compiles here, never timed
+                    time_forward(prepared[k], x, warmup=max(warmup, 1 if cfg["compiled"] else 0), repeats=0)
+                for _ in range(repeats):  # then one timed forward of each, alternately
+                    for k in keys:
+                        times[k] += time_forward(prepared[k], x, warmup=0, repeats=1)
         except Exception as e:  # OOM, a compiler error: record it, never fake a number
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

@@ -130,7 +130,11 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtypes", default="fp32", help="comma-separated from fp32,bf16,fp16 (default fp32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--channels-last", choices=("off", "on", "both"), default="off", help="memory format")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile'd models (Inductor, inference freezing)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed forwards first (3)")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards; the median is reported (10)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
