@@ -2,9 +2,11 @@
 
 Every model is exported with ``chase.onnx.export_onnx`` (dynamic batch axis), checked against PyTorch
 with ``chase.onnx.check_onnx`` (two batch sizes; the largest difference is recorded), then timed with
-``chase.bench.benchmark``: PyTorch dense, PyTorch slim, onnxruntime dense, onnxruntime slim, one forward
-of each in turn (round robin) in one process, on the same inputs, both backends with the same number of
-intra-op threads. Batch 1 and 32 (and 256 for ResNet-20); median of repeats after warm-up.
+``chase.bench.benchmark``: PyTorch dense and slim alternately (round robin), then onnxruntime dense and
+slim alternately (sessions whose idle threads sleep instead of spinning), in one process, on the same
+inputs, both backends with the same number of intra-op threads. (Results from before 2026-11-26 21:00
+timed all four in one round robin with spinning sessions; that is fair at 1 thread only.) Batch 1 and 32
+(and 256 for ResNet-20); median of repeats after warm-up.
 
 The slim models have the WIDTH OF CHASE'S FINAL NETWORK AT S_c = 0.5 WITH CHANNELS PICKED AT
 INITIALISATION, NOT A TRAINED RUN (``chase.train.measure.untrained_slim``, as in ``speedup.py``): a
@@ -12,6 +14,7 @@ trained run removes as many channels, chosen from trained weights, so its widths
 
     python benchmarks/onnx_cpu.py                     # writes results/onnx_cpu.{json,md}
     python benchmarks/onnx_cpu.py --threads 1 --repeats 5
+    python benchmarks/onnx_cpu.py --threads 2 --repeats 21 --name onnx_cpu_2threads
     python benchmarks/onnx_cpu.py --quick             # seconds, smoke test (results/onnx_cpu_quick.*)
 """
 
@@ -102,8 +105,9 @@ def markdown(payload: dict) -> str:
         "",
         f"Device {m['device']}, dtype {payload['dtype']}, torch {m['torch']} (eager), onnxruntime "
         f"{payload['onnxruntime']} (CPUExecutionProvider), {payload['threads']} intra-op threads each. "
-        f"Median of {payload['repeats']} forwards after {payload['warmup']} warm-up; the four models of a "
-        f"row timed in turn in one process on the same inputs. Date {m['date']}; load average (1/5/15 min) "
+        f"Median of {payload['repeats']} forwards after {payload['warmup']} warm-up; PyTorch's dense and "
+        "slim timed alternately, then onnxruntime's (non-spinning sessions), in one process on the same "
+        f"inputs. Date {m['date']}; load average (1/5/15 min) "
         f"{payload['loadavg_start']} at start, {payload['loadavg_end']} at end (the benchmark's own "
         f"threads count in the end value).",
         "",
@@ -148,6 +152,7 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=None, help="timed forwards per model (default 7; quick 2)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--name", default="onnx_cpu", help="results file stem in results/ (default onnx_cpu)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import onnxruntime
@@ -185,7 +190,7 @@ def main() -> None:
                     flush=True,
                 )
     payload["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    write("onnx_cpu_quick" if args.quick else "onnx_cpu", payload, markdown(payload))
+    write(f"{args.name}_quick" if args.quick else args.name, payload, markdown(payload))
 
 
 if __name__ == "__main__":

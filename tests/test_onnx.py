@@ -167,3 +167,17 @@ def test_cli_bench_onnx_rows(tmp_path, capsys):
     ort_slim = [r for r in d["results"] if r["backend"] == "onnxruntime" and r["model"] == "slim"]
     assert all(r["speedup"] > 0 and r["backend_speedup"] > 0 and r["flops_ratio"] > 1 for r in ort_slim)
     assert [s["dtype"] for s in d["skipped"] if s.get("backend") == "onnxruntime"] == ["bf16"]
+
+
+def test_benchmark_sessions_sleep_instead_of_spinning(slim_onnx, monkeypatch):
+    # The benchmark's sessions take turns; an idle one's spinning pool would take the running one's cores.
+    import chase.onnx as chase_onnx
+    from chase.bench import _onnx_runners
+    from chase.onnx import _session
+
+    opts = _session(slim_onnx, 2, spinning=False).get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    seen = []
+    monkeypatch.setattr(chase_onnx, "onnx_runner", lambda p, **kw: seen.append(kw))
+    _onnx_runners({"dense": slim_onnx, "slim": slim_onnx})
+    assert seen == [{"threads": torch.get_num_threads(), "spinning": False}] * 2

@@ -103,7 +103,8 @@ def benchmark(
     ``torch.compile`` with Inductor's inference freezing (weights constant, BatchNorm folded).
 
     ``onnx`` ({label: ONNX file of that model}, see :func:`chase.onnx.export_onnx`): also time those files
-    with onnxruntime, in the same round robin, on the same inputs, with as many threads as PyTorch uses.
+    with onnxruntime, on the same inputs, with as many threads as PyTorch uses: after PyTorch's models,
+    alternately among themselves.
     Their rows have backend "onnxruntime", ``speedup`` over the first model under PyTorch and
     ``backend_speedup`` over the same model under PyTorch. Only fp32, eager, contiguous configurations on
     the CPU get them; every other configuration records an onnxruntime skip with its reason (an empty
@@ -173,8 +174,11 @@ def _onnx_skip_reason(dev: torch.device, cfg: Mapping[str, Any]) -> Optional[str
 def _onnx_runners(onnx: Mapping[str, str | os.PathLike]) -> dict[str, Callable[[torch.Tensor], Any]]:
     from chase.onnx import onnx_runner
 
-    # Same thread count as PyTorch, so the two backends compete on equal terms.
-    return {k: onnx_runner(p, threads=torch.get_num_threads()) for k, p in onnx.items()}
+    # Same thread count as PyTorch, so the two backends compete on equal terms. No spinning: the sessions
+    # take turns, and each one's idle pool spinning beside the running one halved onnxruntime's
+    # throughput at 2 threads on a 2-core machine and made its timings erratic.
+    threads = torch.get_num_threads()
+    return {k: onnx_runner(p, threads=threads, spinning=False) for k, p in onnx.items()}
 
 
 def _prepare(model: nn.Module, dev: torch.device, cfg: dict[str, Any]) -> nn.Module:
@@ -194,6 +198,14 @@ def _compile_scope(cfg: Mapping[str, Any]) -> contextlib.AbstractContextManager:
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(freezing=True)
+
+
+def _backend_groups(keys: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """``keys`` ((label, backend) pairs) grouped by backend, in order of first appearance."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for key in keys:
+        groups.setdefault(key[1], []).append(key)
+    return list(groups.values())
 
 
 def _run_config(
@@ -219,11 +231,17 @@ def _run_config(
         times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
         try:
             with _compile_scope(cfg):
-                for k in keys:  # warm-up of each model first; a compiled one compiles here, never timed
-                    time_forward(prepared[k], x, warmup=max(warmup, 1 if cfg["compiled"] else 0), repeats=0)
-                for _ in range(repeats):  # then one timed forward of each, alternately
-                    for k in keys:
-                        times[k] += time_forward(prepared[k], x, warmup=0, repeats=1)
+                # One backend after the other, its models alternately: PyTorch's and onnxruntime's
+                # thread pools spin after each forward, so interleaving the two backends made each
+                # one's first model wait for the other's spinning threads.
+                for group in _backend_groups(keys):
+                    for k in group:  # warm-up of each model first; a compiled one compiles here, untimed
+                        time_forward(
+                            prepared[k], x, warmup=max(warmup, 1 if cfg["compiled"] else 0), repeats=0
+                        )
+                    for _ in range(repeats):  # then one timed forward of each, alternately
+                        for k in group:
+                            times[k] += time_forward(prepared[k], x, warmup=0, repeats=1)
         except Exception as e:  # OOM, a compiler error: record it, never fake a number
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

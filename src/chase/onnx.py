@@ -209,12 +209,14 @@ def export_onnx(
     return path
 
 
-def _session(path: str | os.PathLike, threads: Optional[int]) -> Any:
+def _session(path: str | os.PathLike, threads: Optional[int], spinning: bool = True) -> Any:
     ort = _require("onnxruntime", "running an ONNX model")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: it warns about e.g. unused initialisers of valid files
     sess = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     if len(sess.get_inputs()) != 1:
@@ -222,10 +224,14 @@ def _session(path: str | os.PathLike, threads: Optional[int]) -> Any:
     return sess
 
 
-def onnx_runner(path: str | os.PathLike, threads: Optional[int] = None) -> Callable[[torch.Tensor], Any]:
+def onnx_runner(
+    path: str | os.PathLike, threads: Optional[int] = None, *, spinning: bool = True
+) -> Callable[[torch.Tensor], Any]:
     """A function ``x -> list of numpy outputs`` running the ONNX file with onnxruntime on the CPU
-    (``threads`` intra-op threads; None: onnxruntime's default, one per physical core)."""
-    sess = _session(path, threads)
+    (``threads`` intra-op threads; None: onnxruntime's default, one per physical core). ``spinning=False``
+    makes the session's idle threads sleep instead of spin-waiting for work: needed when several sessions
+    take turns, since each has its own thread pool and the waiting ones' spinning takes the cores."""
+    sess = _session(path, threads, spinning)
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> Any:
