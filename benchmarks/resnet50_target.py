@@ -2,8 +2,8 @@
 32, fp32 -- slim vs dense images/s under PyTorch eager and torch.compile (Inductor with inference freezing),
 each contiguous and channels_last, and onnxruntime (CPUExecutionProvider, same thread count).
 
-The models of a configuration are timed round robin in one ``chase.bench.benchmark`` call, on the
-same inputs, median of repeats after warm-up; the ONNX files are checked against PyTorch first
+Dense and slim are timed alternately, one runtime after the other, in one ``chase.bench.benchmark``
+call, on the same inputs, median of repeats after warm-up; the ONNX files are checked against PyTorch first
 (``chase.onnx.check_onnx``). The slim model has the WIDTH OF CHASE'S FINAL NETWORK WITH CHANNELS PICKED
 AT INITIALISATION, NOT A TRAINED RUN (``chase.train.measure.untrained_slim``; no ResNet-50 can be trained
 on ImageNet on this machine): a trained run removes as many channels, chosen from trained weights.
@@ -45,7 +45,8 @@ def markdown(p: dict[str, Any]) -> str:
         "",
         f"{m['cpu']} ({m['cpu_count']} cores, {p['threads']} threads), torch {m['torch']}, "
         f"onnxruntime {p['onnxruntime']}, fp32, median of {p['repeats']} after {p['warmup']} warm-up, "
-        f"models timed round robin; load average {p['loadavg_start']} at start, {p['loadavg_end']} at end; "
+        f"dense and slim timed alternately, one runtime after the other; "
+        f"load average {p['loadavg_start']} at start, {p['loadavg_end']} at end; "
         f"{m['date']}. {NOTE}. MACs: dense {p['macs']['dense']:,}, slim {p['macs']['slim']:,} "
         f"(ratio {p['macs']['slim'] / p['macs']['dense']:.3f}, implied speedup "
         f"{p['macs']['dense'] / p['macs']['slim']:.2f}x). "
