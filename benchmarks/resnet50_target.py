@@ -45,7 +45,7 @@ def markdown(p: dict[str, Any]) -> str:
         "",
         f"{m['cpu']} ({m['cpu_count']} cores, {p['threads']} threads), torch {m['torch']}, "
         f"onnxruntime {p['onnxruntime']}, fp32, median of {p['repeats']} after {p['warmup']} warm-up, "
-        f"dense and slim timed alternately, one runtime after the other; "
+        "dense and slim timed alternately, one runtime after the other; "
         f"load average {p['loadavg_start']} at start, {p['loadavg_end']} at end; "
         f"{m['date']}. {NOTE}. MACs: dense {p['macs']['dense']:,}, slim {p['macs']['slim']:,} "
         f"(ratio {p['macs']['slim'] / p['macs']['dense']:.3f}, implied speedup "
