@@ -1,19 +1,24 @@
-"""CIFAR-10 on one GPU: dense / RigL / Chase S_c 0.3 / Chase S_c 0.5 at density 0.1, then dense vs slim
-throughput over batch sizes and dtypes. Built to finish in ONE device call of at most 9 minutes on an H100.
+"""CIFAR-10 on one GPU: dense / RigL / Chase S_c 0.5 / Chase S_c 0.3 at density 0.1, then dense vs slim
+throughput over batch sizes and dtypes. Built to finish inside ONE device call (at most 10 minutes).
 
-Protocol: ``cifar_resnet18`` (3x3 stem, 10 classes), 20 epochs per method, batch 512, SGD (momentum 0.9,
-Nesterov, weight decay 5e-4), peak LR 0.4 with a linear warm-up over the first epoch and cosine decay to 0,
-random crop (4 px zero padding) + horizontal flip, bf16 autocast, channels_last. Sparse methods use
-density 0.1 (ERK) with exploration every ``total_steps / 20`` steps: RigL (per layer, gradient growth, ends
-at 75% of the steps) and Chase (global MEST soft bound, channel event every ``total_steps / 20`` steps up
-to T_chan = 80% of the steps, the paper's cubic channel ramp, physical removal). The reported accuracy is
-the FINAL model's on the 10,000 test images (no checkpoint selection); for Chase the exported slim model
-is evaluated too. The data pipeline is GPU resident: every image is decoded once into a uint8 CUDA tensor,
-and crop, flip and normalisation run on the GPU.
+Protocol: ``cifar_resnet18`` (3x3 stem, 10 classes), 20 epochs per method (``--fit-epochs``: as many as
+fit, at most that), batch 512, SGD (momentum 0.9, Nesterov, weight decay 5e-4), peak LR 0.4 with a linear
+warm-up over the first epoch and cosine decay to 0, random crop (4 px zero padding) + horizontal flip, bf16
+autocast, channels_last, cuDNN autotuning off while training (Chase changes shapes at every event; all
+methods train alike). Sparse methods use density 0.1 (ERK) with exploration every ``total_steps / 20``
+steps: RigL (per layer, gradient growth, ends at 75% of the steps) and Chase (global MEST soft bound,
+channel event every ``total_steps / 20`` steps up to T_chan = 80% of the steps, the paper's cubic channel
+ramp, physical removal). The reported accuracy is the FINAL model's on the 10,000 test images (no
+checkpoint selection); for Chase the exported slim model is evaluated too. The data pipeline is GPU
+resident: every image is decoded once into a uint8 CUDA tensor, and crop, flip and normalisation run on
+the GPU.
+
+``--fit-epochs`` times a few dense training steps first and chooses the epochs so that every method runs
+its whole schedule (every mask update and channel event) inside the budget.
 
 Then ``chase.bench.benchmark`` times the trained dense model and both trained slim models alternately
-(eager, channels_last) at batch 1/32/256/1024 in fp32 and bf16, with the GPU-supported FLOPs ratio
-(``chase.count_flops``) next to every realised speedup.
+(eager, channels_last, cuDNN autotuning on) at batch 1/32/256/1024 in fp32 and bf16, with the
+GPU-supported FLOPs ratio (``chase.count_flops``) next to every realised speedup.
 
 A time budget (``--budget-s``, default 480 s from start, data loading included) is checked before every
 epoch: when the next epoch would not fit (keeping ``--bench-reserve-s`` for the throughput part), training
@@ -21,17 +26,8 @@ stops, the run is evaluated and marked ``truncated``, later methods are skipped,
 written with what was measured. Result files are also rewritten after every method, so even a killed call
 leaves its finished runs behind.
 
-Device command (from the project root here, then one ``run`` call; results come back under $OUT):
-
-    ../shared/tools/pack-for-device.sh   # .gpu-carry/: cifar10.tgz, wheels of torch-pruning and chase
-
-    run(carry=[".gpu-carry"], timeout_s=560, command=
-      "mkdir -p /tmp/data && tar xzf .gpu-carry/cifar10.tgz -C /tmp/data && "
-      "python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu-carry/whl/*.whl && "
-      "export PYTHONPATH=/tmp/site && nvidia-smi -L && "
-      "python3 benchmarks/gpu_cifar.py --data-dir /tmp/data/cifar10 --out $OUT --budget-s 480")
-
-    # then copy gpu_cifar.json / gpu_cifar.md from the returned files into benchmarks/results/
+The device call (``benchmarks/gpu_run.sh``) runs the CUDA tests, the ResNet-50 throughput
+(``speedup.py``) and this script in one go; see that file.
 
 CPU smoke test (tiny, under a minute; never write it into benchmarks/results):
 
@@ -62,7 +58,10 @@ from chase.train.resident import ResidentLoader, dataset_tensors
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-METHODS = ("dense", "rigl", "chase0.3", "chase0.5")
+METHODS = ("dense", "rigl", "chase0.5", "chase0.3")
+FIT_OVERHEAD = (
+    1.3  # an estimate of a run's cost per epoch over the probed dense steps; the budget still guards
+)
 
 
 # --------------------------------------------------------------------------- data
@@ -234,6 +233,15 @@ def markdown(p: dict) -> str:
         + ("; **stopped early by the time budget**" if p["budget_hit"] else "")
         + ".",
         "",
+        *(
+            [
+                f"Epochs chosen by a probe before training: {1e3 * p['fit']['probe_step_s']:.1f} ms per "
+                f"dense step -> {p['fit']['epochs']} epochs per method (cap {p['fit']['epochs_cap']}).",
+                "",
+            ]
+            if p.get("fit")
+            else []
+        ),
         "Accuracy is the final model's on the test split. Sparse = kept weights x output positions; "
         "GPU-supported = the model as a GPU runs it (slim for Chase, full width for dense and RigL).",
         "",
@@ -278,6 +286,38 @@ def markdown(p: dict) -> str:
     return "\n".join(lines)
 
 
+def probe_step_s(args, train: ResidentLoader, dev: torch.device) -> float:
+    """Seconds per dense training step (after warm-up), to size the run before it starts."""
+    torch.manual_seed(args.seed)
+    model = get_model(args.model, num_classes=10).to(dev)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    times, it = [], iter(train)
+    for i in range(min(len(train), 18)):
+        x, y = next(it)
+        if i == 3 and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.time()
+        with _autocast(dev, args.amp):
+            loss = nn.functional.cross_entropy(model(_fmt(x, args.channels_last)), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.time() - t)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    steady = times[3:] or times
+    return sum(steady) / len(steady)
+
+
+def fit_epochs(args, n_methods: int, steps_per_epoch: int, step_s: float, seconds: float) -> int:
+    """The most epochs (at most ``args.epochs``, at least 1) for which ``n_methods`` runs fit in
+    ``seconds``, with ``FIT_OVERHEAD`` for sparsifier steps, channel events, evaluation and export."""
+    per_epoch = steps_per_epoch * step_s * FIT_OVERHEAD
+    return max(1, min(args.epochs, int(seconds / (n_methods * per_epoch))))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True, help="CIFAR-10 in ImageFolder layout (train/, test/)")
@@ -285,7 +325,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default=None, help="default cifar_resnet18 (--quick: cifar_resnet20)")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=20, help="epochs per method (with --fit-epochs: the most)")
+    ap.add_argument(
+        "--fit-epochs",
+        action="store_true",
+        help="time a few dense steps first and choose the epochs (at most --epochs) so that every method "
+        "completes its whole schedule inside the budget",
+    )
     ap.add_argument("--batch-size", type=int, default=None, help="default 512 (--quick: 64)")
     ap.add_argument("--lr", type=float, default=0.4)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
@@ -316,8 +362,9 @@ def main() -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available (use --device cpu for a smoke test)")
     args.amp = dev.type == "cuda" if args.amp == "auto" else args.amp == "on"
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    # cuDNN autotuning stays off while training: Chase changes layer shapes at every channel event and
+    # each new shape would be autotuned again; all methods train alike. It is on for the timing part.
+    torch.backends.cudnn.benchmark = False
     methods = args.methods.split(",")
     out = pathlib.Path(args.out)
 
@@ -349,6 +396,12 @@ def main() -> None:
         common.write("gpu_cifar", payload, markdown(payload), folder=out)
 
     deadline = start + args.budget_s - reserve
+    if args.fit_epochs:
+        step_s = probe_step_s(args, train, dev)
+        planned = args.epochs
+        args.epochs = fit_epochs(args, len(methods), len(train), step_s, deadline - time.time())
+        payload["fit"] = {"probe_step_s": step_s, "epochs_cap": planned, "epochs": args.epochs}
+        print(f"probe: {step_s * 1e3:.1f} ms per dense step -> {args.epochs} epochs per method", flush=True)
     trained: dict[str, nn.Module] = {}
     for method in methods:
         if payload["budget_hit"] or time.time() >= deadline:
@@ -373,6 +426,7 @@ def main() -> None:
         payload["bench_note"] = "skipped: time budget spent"
         payload["budget_hit"] = True
     else:
+        torch.backends.cudnn.benchmark = dev.type == "cuda"
         cpu = {k: m.cpu() for k, m in trained.items()}  # benchmark copies and moves them itself
         macs = {k: chase.count_flops(m, x1.cpu().float().contiguous()).dense for k, m in cpu.items()}
         payload["bench"] = benchmark(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from tests import nets
 from tests.nets import TinyResNet, make_optimizer, train_step
 
 import chase
@@ -40,7 +41,7 @@ def test_invariants(algo, model_name, opt_name):
     opt = make_optimizer(opt_name, model)
     sp = ALGORITHMS[algo](model, opt, density=0.1, total_steps=12, update_every=3)
     before = {n: m.clone() for n, m in sp.masks.items()}
-    assert sp.kept == sp.target_kept(0)
+    assert sp.kept == sp.budget  # every algorithm starts at d (MEST adds its extra at the first growth)
     updates = 0
     for i in range(7):
         x_masks = {n: m.clone() for n, m in sp.masks.items()}
@@ -80,12 +81,43 @@ def test_new_weights_start_at_zero_with_zero_state():
                 assert torch.all(v[grown] == 0)
 
 
+@pytest.mark.parametrize("algo", ["rigl", "rigl_global", "mest"])
+def test_pruned_and_regrown_weight_restarts_from_zero(algo):
+    """A kept weight that one update prunes (smallest |w|) and regrows (largest |gradient|) is a new
+    weight: value 0, optimizer state 0, like every other grown weight."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    opt = make_optimizer("sgd", model)
+    sp = ALGORITHMS[algo](model, opt, density=0.3, total_steps=40, update_every=2)
+    name = "block_a.weight"
+    p = sp._masks.params[name]
+    checked = 0
+    for i in range(6):
+        x, y = nets.batch(i)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        pos = sp.masks[name].reshape(-1).nonzero()[0].item()  # a kept weight
+        t = sp.step_count + 1
+        if sp.is_update_step(t) and t >= 4:  # MEST's first update only grows (d -> d + delta)
+            with torch.no_grad():
+                p.view(-1)[pos] = 1e-12  # the smallest magnitude of all: pruned ...
+                p.grad.view(-1)[pos] = 1e6  # ... and the largest gradient: regrown
+                assert opt.state[p]["momentum_buffer"].view(-1)[pos] != 0
+        info = sp.step()
+        opt.zero_grad()
+        if info.updated and t >= 4 and sp.masks[name].reshape(-1)[pos]:
+            checked += 1
+            assert p.view(-1)[pos] == 0
+            assert opt.state[p]["momentum_buffer"].view(-1)[pos] == 0
+    assert checked >= 2
+
+
 def test_mest_soft_bound_schedule():
     torch.manual_seed(0)
     model = TinyResNet()
     opt = make_optimizer("sgd", model)
     sp = chase.MEST(model, opt, density=0.2, total_steps=20, update_every=2, soft_bound_end=10)
-    assert sp.kept == round(0.25 * sp.total_dense)  # d + delta0 at the start
+    assert sp.kept == sp.budget == round(0.2 * sp.total_dense)  # d at the start, as the authors' code
     kept = []
     for i in range(14):
         info = train_step(model, opt, sp, i)

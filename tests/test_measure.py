@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from torch import nn
 import chase
 from chase.cli import build_parser, main
 from chase.flops import StepCost, count_flops, training_flops
+from chase.models import get_model
+from chase.train.measure import untrained_label, untrained_slim
 
 torch.set_num_threads(1)
 
@@ -109,6 +113,36 @@ def test_flops_command_model_name(tmp_path, capsys):
     d = json.loads(out.read_text())
     assert d["dense"] == 40_813_184  # CIFAR ResNet-20, 10 classes, 32x32: 40.8 MMACs
     assert d["sparse"] == d["dense"] and 0.3 < d["gpu_supported_ratio"] < 1.0
+
+
+def test_untrained_width_is_chosen_on_masked_weights():
+    """chase flops/bench --channel-sparsity pick the channels Chase would pick at its first event: UMM of
+    the initial weights masked at density d, not of the dense weights."""
+    torch.manual_seed(0)
+    dense = get_model("cifar_vgg16_bn", num_classes=10).eval()
+    x = torch.zeros(1, 3, 32, 32)
+
+    def widths(model):
+        return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    work = copy.deepcopy(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sp = chase.Chase(
+            work, torch.optim.SGD(work.parameters(), lr=0.0), density=0.1, soft_bound=0.0, total_steps=4,
+            example_inputs=x, channel_sparsity=0.5, update_every=2, channel_every=1, channel_end=2,
+        )  # fmt: skip
+    sp.remove_channels_now(sp.last_event)
+    slim = untrained_slim(dense, x, 0.5)
+    assert widths(slim) == widths(sp.export())
+    assert widths(untrained_slim(dense, x, 0.5, density=1.0)) != widths(slim)  # the choice depends on d
+    assert "masked at density 0.1" in untrained_label(0.5, False)
+
+
+def test_untrained_width_bad_density(capsys):
+    args = ["flops", "--model", "cifar_resnet20", "--num-classes", "10", "--input", "32"]
+    assert main([*args, "--channel-sparsity", "0.5", "--density", "1.5"]) == 2
+    assert "density must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_flops_command_on_run(chase_run, tmp_path, capsys):

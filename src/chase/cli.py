@@ -100,6 +100,12 @@ def _model_args(p: argparse.ArgumentParser, source_help: str) -> None:
         "once from the untrained model (an UNTRAINED-width model, labelled so)",
     )
     p.add_argument("--prune-skip", action="store_true", help="with --channel-sparsity: prune the skip path")
+    p.add_argument(
+        "--density",
+        type=float,
+        help="with --channel-sparsity: weight density of the initial masks the channels are ranked on, as "
+        "Chase ranks them at its first event (default: chase.train.measure.INIT_DENSITY, the paper's d)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 

@@ -47,18 +47,23 @@ def per_layer_prune_grow(
     grow_scores: torch.Tensor,
     offsets: Sequence[int],
     swaps: Sequence[int],
-) -> None:
+) -> torch.Tensor:
     """Per-layer exploration: in layer ``i`` (flat slice ``offsets[i]:offsets[i+1]``), prune ``swaps[i]``
     smallest-score kept entries, then grow ``swaps[i]`` largest-score entries among those off after pruning.
 
-    Growth may pick an entry pruned in the same update, as RigL allows; it then restarts from zero.
+    Growth may pick an entry pruned in the same update, as RigL allows (the caller restarts it from zero).
+    Returns the flat indices of the pruned entries.
     """
     prune_scores.masked_fill_(~mask, float("inf"))
+    pruned = []
     for i, n in enumerate(swaps):
         if n <= 0:
             continue
         lo, hi = offsets[i], offsets[i + 1]
         m = mask[lo:hi]
-        m[topk_indices(prune_scores[lo:hi], n, largest=False)] = False
+        idx = topk_indices(prune_scores[lo:hi], n, largest=False)
+        m[idx] = False
+        pruned.append(idx + lo)
         g = grow_scores[lo:hi].masked_fill_(m, float("-inf"))
         m[topk_indices(g, n, largest=True)] = True
+    return torch.cat(pruned) if pruned else torch.zeros(0, dtype=torch.long, device=mask.device)

@@ -76,11 +76,21 @@ class MaskSet:
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero the weights, and every optimizer state tensor shaped like a weight, at masked positions."""
         self.follow_device()
-        params = [self.params[n] for n in self.names]
-        scales = self._scales
-        if params[0].dtype != self.scale.dtype:  # the model was cast (e.g. .half()) after construction
+        if self.params[self.names[0]].dtype != self.scale.dtype:  # the model was cast after construction
             self.sync_views()
-            scales = self._scales
+        self._multiply(self._scales, optimizer)
+
+    @torch.no_grad()
+    def restart(self, positions: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Set the weights, and their optimizer state, to 0 where the flat bool ``positions`` is True
+        (kept or not): a weight grown there starts afresh, as a newly grown weight does."""
+        self.follow_device()
+        keep = (~positions.to(self.flat.device)).to(self.scale.dtype)
+        views = zip(self.names, self.offsets, self.numels)
+        self._multiply([keep[o : o + k].view(self.params[n].shape) for n, o, k in views], optimizer)
+
+    def _multiply(self, scales: list[torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+        params = [self.params[n] for n in self.names]
         torch._foreach_mul_(params, scales)
         if optimizer is None:
             return

@@ -156,7 +156,8 @@ class Sparsifier:
         self._step = 0
         self._generator = torch.Generator().manual_seed(seed)
         shapes = {n: tuple(p.shape) for n, p in params.items()}
-        counts = layer_counts(shapes, self.density + self._extra(0), distribution)
+        # The run starts at density d; MEST's soft bound adds its extra delta(t) at the first growth.
+        counts = layer_counts(shapes, self.density, distribution)
         self._masks = MaskSet(params, random_masks(shapes, counts, self._generator))
         self._broadcast_masks()
         self._masks.apply(optimizer)
@@ -288,7 +289,7 @@ class Sparsifier:
         if self.scope == "layer":
             counts = m.counts()
             swaps = [math.floor(frac * c) for c in counts]
-            exploration.per_layer_prune_grow(m.flat, prune_scores, grow_scores, m.offsets, swaps)
+            pruned = exploration.per_layer_prune_grow(m.flat, prune_scores, grow_scores, m.offsets, swaps)
         else:
             current = self.kept
             # While the soft bound is on, an update prunes back to the budget and grows to budget +
@@ -296,7 +297,7 @@ class Sparsifier:
             # regrow weights freed by removed channels, so the budget is restored at every update.
             swap = 0 if self._extra(t) > 0 else math.floor(frac * self.budget)
             n_prune = max(0, current - self.budget + swap)
-            exploration.prune_smallest(m.flat, prune_scores, n_prune)
+            pruned = exploration.prune_smallest(m.flat, prune_scores, n_prune)
             allowed = self.growth_region()
             if allowed is None:
                 room = m.flat.numel() - (current - n_prune)
@@ -304,8 +305,14 @@ class Sparsifier:
                 room = int(torch.count_nonzero(allowed & ~m.flat))
             n_grow = min(self.target_kept(t) - (current - n_prune), room)
             exploration.grow_largest(m.flat, grow_scores, n_grow, allowed)
+        # A weight pruned and regrown in this same update is a new weight: it starts at 0 with zero
+        # optimizer state, like every other grown weight (masked positions already hold zeros).
+        regrown = torch.zeros_like(m.flat)
+        regrown[pruned] = True
+        regrown &= m.flat
         m.sync_views()
         self._broadcast_masks()
+        m.restart(self._share(regrown), self.optimizer)
         m.apply(self.optimizer)
 
     def _distributed(self) -> bool:

@@ -22,7 +22,15 @@ from chase.flops import FlopReport, count_flops
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedRun", "analyze_command", "bench_command", "flops_command", "load_run", "untrained_slim"]
+__all__ = [
+    "LoadedRun",
+    "analyze_command",
+    "bench_command",
+    "flops_command",
+    "load_run",
+    "untrained_label",
+    "untrained_slim",
+]
 
 
 class CommandError(ValueError):
@@ -65,11 +73,21 @@ def load_run(path: str | pathlib.Path) -> LoadedRun:
     return LoadedRun(p, cfg.model, cfg.method, meta["num_classes"], meta["image_size"], model, sp)
 
 
+#: density at which an untrained width is chosen: the paper's d (what Chase sees at its first event).
+INIT_DENSITY = 0.1
+
+
 def untrained_slim(
-    model: nn.Module, example: torch.Tensor, channel_sparsity: float, prune_skip: bool = False
+    model: nn.Module,
+    example: torch.Tensor,
+    channel_sparsity: float,
+    prune_skip: bool = False,
+    density: float = INIT_DENSITY,
 ) -> nn.Module:
-    """A copy of ``model`` narrowed at once to Chase's final width for ``channel_sparsity`` (channels chosen
-    by UMM of the current, e.g. random, weights). For timing and FLOPs only: it is not a trained model."""
+    """A copy of ``model`` narrowed at once to Chase's final width for ``channel_sparsity``. The channels are
+    chosen as Chase would at its first event: by UMM of the current (e.g. random) weights masked at
+    ``density`` (ERK, Chase's seed 0), not of the dense weights; the copy keeps those masked weights.
+    For timing and FLOPs only: it is not a trained model."""
     import copy
 
     from chase.sparsifier import Chase
@@ -81,7 +99,7 @@ def untrained_slim(
         sp = Chase(
             work,
             opt,
-            density=1.0,
+            density=density,
             soft_bound=0.0,
             total_steps=4,
             example_inputs=example,
@@ -93,6 +111,14 @@ def untrained_slim(
         )
         sp.remove_channels_now(sp.last_event)  # the schedule's end: the full channel_sparsity
     return sp.export().eval()
+
+
+def untrained_label(channel_sparsity: float, prune_skip: bool, density: float = INIT_DENSITY) -> str:
+    """What an :func:`untrained_slim` model is, for every table that reports one."""
+    return (
+        f"UNTRAINED width: Chase channel_sparsity={channel_sparsity} prune_skip={prune_skip}, all removed at "
+        f"once, channels ranked by UMM of the initial weights masked at density {density} (ERK)"
+    )
 
 
 def _example(run: Optional[LoadedRun], args: argparse.Namespace) -> torch.Tensor:
@@ -121,13 +147,12 @@ def _models(args: argparse.Namespace) -> tuple[nn.Module, Optional[nn.Module], O
     if getattr(args, "channel_sparsity", None) is None:
         return dense, None, None, ""
     s, skip = args.channel_sparsity, args.prune_skip
-    slim = untrained_slim(dense, _example(None, args), s, skip)
-    return (
-        dense,
-        slim,
-        None,
-        f"UNTRAINED width: Chase channel_sparsity={s} prune_skip={skip}, removed at once",
-    )
+    d = INIT_DENSITY if getattr(args, "density", None) is None else args.density
+    try:
+        slim = untrained_slim(dense, _example(None, args), s, skip, density=d)
+    except ValueError as e:  # an option out of range (density, channel sparsity): the user's to fix
+        raise CommandError(str(e)) from e
+    return dense, slim, None, untrained_label(s, skip, d)
 
 
 def _write_json(obj: Any, path: str | pathlib.Path) -> None:
