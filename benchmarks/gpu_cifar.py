@@ -245,21 +245,23 @@ def markdown(p: dict) -> str:
         "Accuracy is the final model's on the test split. Sparse = kept weights x output positions; "
         "GPU-supported = the model as a GPU runs it (slim for Chase, full width for dense and RigL).",
         "",
-        "| method | epochs | test acc % | slim acc % | density | channel sparsity | sparse MACs (ratio) | "
-        "GPU-supported MACs (ratio) | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seed | epochs | test acc % | slim acc % | density | channel sparsity | "
+        "sparse MACs (ratio) | GPU-supported MACs (ratio) | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in p["runs"]:
         slim = f"{100 * r['slim_test_acc']:.2f}" if "slim_test_acc" in r else ""
         cs = f"{r['channel_sparsity']:.3f}" if "channel_sparsity" in r else ""
         lines.append(
-            f"| {r['method']} | {r['epochs_done']}{' (truncated)' if r['truncated'] else ''} | "
+            f"| {r['method']} | {r.get('seed', a['seed'])} | "
+            f"{r['epochs_done']}{' (truncated)' if r['truncated'] else ''} | "
             f"{100 * r['test_acc']:.2f} | {slim} | {r['density']:.3f} | {cs} | "
             f"{r['sparse_macs'] / 1e6:.1f} M ({r['sparse_ratio']:.3f}) | "
             f"{r['gpu_macs'] / 1e6:.1f} M ({r['gpu_ratio']:.3f}) | {r['train_s']:.0f} |"
         )
     for s in p["skipped_methods"]:
-        lines.append(f"| {s} | not run: time budget | | | | | | | |")
+        lines.append(f"| {s} | | not run: time budget | | | | | | | |")
+    lines += summary(p["runs"])
     b = p.get("bench")
     if b:
         bm = b["meta"]
@@ -318,6 +320,20 @@ def fit_epochs(args, n_methods: int, steps_per_epoch: int, step_s: float, second
     return max(1, min(args.epochs, int(seconds / (n_methods * per_epoch))))
 
 
+def summary(runs: list[dict]) -> list[str]:
+    """Mean and spread (min-max) of the test accuracy per method, when a method ran with several seeds."""
+    by: dict[str, list[float]] = {}
+    for r in runs:
+        if not r["truncated"]:
+            by.setdefault(r["method"], []).append(100 * r["test_acc"])
+    if all(len(v) < 2 for v in by.values()):
+        return []
+    lines = ["", "| method | seeds | mean test acc % | min | max |", "|---|---|---|---|---|"]
+    for m, v in by.items():
+        lines.append(f"| {m} | {len(v)} | {sum(v) / len(v):.2f} | {min(v):.2f} | {max(v):.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True, help="CIFAR-10 in ImageFolder layout (train/, test/)")
@@ -347,6 +363,7 @@ def main() -> None:
     ap.add_argument("--bench-reserve-s", type=float, default=None, help="kept for the throughput part (45)")
     ap.add_argument("--workers", type=int, default=16, help="image-decoding threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds: every method once per seed")
     ap.add_argument("--quick", action="store_true", help="tiny model and benchmark (smoke test)")
     args = ap.parse_args()
     start = time.time()
@@ -396,19 +413,22 @@ def main() -> None:
         common.write("gpu_cifar", payload, markdown(payload), folder=out)
 
     deadline = start + args.budget_s - reserve
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
     if args.fit_epochs:
         step_s = probe_step_s(args, train, dev)
         planned = args.epochs
-        args.epochs = fit_epochs(args, len(methods), len(train), step_s, deadline - time.time())
+        args.epochs = fit_epochs(args, len(methods) * len(seeds), len(train), step_s, deadline - time.time())
         payload["fit"] = {"probe_step_s": step_s, "epochs_cap": planned, "epochs": args.epochs}
         print(f"probe: {step_s * 1e3:.1f} ms per dense step -> {args.epochs} epochs per method", flush=True)
-    trained: dict[str, nn.Module] = {}
-    for method in methods:
+    trained: dict[str, nn.Module] = {}  # the last seed's models are timed
+    for method, seed in [(m, sd) for sd in seeds for m in methods]:
         if payload["budget_hit"] or time.time() >= deadline:
             payload["budget_hit"] = True
-            payload["skipped_methods"].append(method)
+            payload["skipped_methods"].append(f"{method} (seed {seed})")
             continue
+        args.seed = train.sampler.seed = seed  # model init, data order and augmentation follow the seed
         row, model, slim = train_one(method, args, train, test, dev, deadline, dense_macs)
+        row["seed"] = seed
         payload["runs"].append(row)
         payload["budget_hit"] |= row["truncated"]
         if method == "dense":

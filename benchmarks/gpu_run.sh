@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The one device call of a GPU session (the device tool's run, ~10 minutes at most): CUDA tests, ResNet-50
-# 224 dense vs Chase-width throughput, then the CIFAR-10 accuracy + throughput run with what time is left.
-# Every step writes its result files under $OUT as it goes, so a call cut short still returns them.
+# The device call of a GPU session (the device tool's run, 10 minutes at most): CUDA tests, ResNet-50 224
+# dense vs Chase-width throughput, the width-alignment diagnostic, then the CIFAR-10 accuracy + throughput
+# run with the time that is left. Every part writes its result files under $OUT as it goes, so a call cut
+# short still returns them.
 #
 # Here, first:   ../shared/tools/pack-for-device.sh      (CIFAR-10 and the wheels into .gpu-carry/)
 # Then:          run(carry=[".gpu-carry"], timeout_s=590, command="bash benchmarks/gpu_run.sh")
 # Afterwards:    copy the returned gpu_*.json/md into benchmarks/results/.
 #
-# TOTAL_S (default 570) is the time this script may take in all; the CIFAR part gets what is left.
+# Environment:   TOTAL_S (570) the time this script may take in all; the CIFAR part gets what is left.
+#                PARTS ("tests resnet50 cifar"; also "alignment") which parts run, in that order.
+#                CIFAR_ARGS ("--fit-epochs") extra options of gpu_cifar.py (e.g. "--seeds 1,2").
 set -uo pipefail
 TOTAL_S=${TOTAL_S:-570}
+PARTS=${PARTS:-tests resnet50 cifar}
+CIFAR_ARGS=${CIFAR_ARGS:---fit-epochs}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT" /tmp/data
 export PYTHONUNBUFFERED=1
@@ -18,17 +23,28 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site
 nvidia-smi -L
 python3 -c "import torch, torch_pruning, chase; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 
-echo "== CUDA tests"
-timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-
-echo "== ResNet-50 224: dense vs Chase widths"
-timeout 150 python3 benchmarks/speedup.py --device cuda --models resnet50 --sparsities 0.3,0.4 \
-    --batch-sizes 1,64,256 --dtypes fp32,bf16 --channels-last --repeats 30 --warmup 10 \
-    --out "$OUT" --stem gpu_resnet50
-
-echo "== CIFAR-10: dense / RigL / Chase"
-left=$((TOTAL_S - SECONDS - 10))
-echo "budget for the CIFAR part: ${left} s"
-python3 benchmarks/gpu_cifar.py --data-dir /tmp/data/cifar10 --out "$OUT" --budget-s "$left" --fit-epochs
+if has tests; then
+  echo "== CUDA tests"
+  timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if has resnet50; then
+  echo "== ResNet-50 224: dense vs Chase widths"
+  timeout 150 python3 benchmarks/speedup.py --device cuda --models resnet50 --sparsities 0.3,0.4 \
+      --batch-sizes 1,64,256 --dtypes fp32,bf16 --channels-last --repeats 30 --warmup 10 \
+      --out "$OUT" --stem gpu_resnet50
+fi
+if has alignment; then
+  echo "== ResNet-50 224: width alignment"
+  timeout 150 python3 benchmarks/alignment.py --device cuda --dtypes fp32,bf16 --batch-sizes 64,256 \
+      --repeats 25 --warmup 8 --out "$OUT" --stem gpu_alignment
+fi
+if has cifar; then
+  echo "== CIFAR-10: dense / RigL / Chase"
+  left=$((TOTAL_S - SECONDS - 10))
+  echo "budget for the CIFAR part: ${left} s"
+  # shellcheck disable=SC2086
+  python3 benchmarks/gpu_cifar.py --data-dir /tmp/data/cifar10 --out "$OUT" --budget-s "$left" $CIFAR_ARGS
+fi
 echo "== done in ${SECONDS} s"

@@ -478,7 +478,10 @@ def test_channels_last_layout_is_kept() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu() -> None:
+def test_cuda_matches_cpu(monkeypatch) -> None:
+    # TF32 convolutions (cuDNN's default) differ from the CPU's fp32 by ~1e-3; compare in true fp32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cpu, opt_cpu = trained(Residual, "adam")
     gpu = copy.deepcopy(cpu).cuda()
     opt_gpu = OPTIMIZERS["adam"](gpu.parameters())
@@ -491,5 +494,7 @@ def test_cuda_matches_cpu() -> None:
         train_step(model, opt, seed=5)
     for (name, p), q in zip(cpu.state_dict().items(), gpu.state_dict().values()):
         assert q.is_cuda
-        torch.testing.assert_close(q.cpu(), p, msg=name)
+        # Adam divides by sqrt(v): float-order differences in near-zero gradients move a weight by up
+        # to ~lr, so the tolerance is a fraction of the step size, not of fp32 rounding.
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     assert all(m.is_cuda and m.shape == gpu.get_parameter(n).shape for n, m in masks.items())
