@@ -81,7 +81,8 @@ def in_process_group(rank: int, world: int, init_file: str, body, *args) -> None
 
 
 #: `chase train --set` options of a tiny Chase run: 32 synthetic 8x8 images in batches of 16, two
-#: epochs = 4 steps, channel events at steps 2 and 3.
+#: epochs = 4 steps, channel events at steps 1 and 2, exploration updates at steps 1-3 (one after the
+#: last event, which the schedule validation requires).
 TINY_CHASE_RUN = [
     "dataset=synthetic",
     "image_size=8",
@@ -91,8 +92,9 @@ TINY_CHASE_RUN = [
     "num_workers=0",
     "epochs=2",
     "model=cifar_resnet20",
-    "update_every=2",
+    "update_every=1",
     "channel_every=1",
+    "channel_end_epoch=1",
     "channel_sparsity=0.5",
     "density=0.2",
     "lr=0.05",

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from tests.nets import TinyResNet, batch, make_optimizer, train_step
+from tests.nets import TINY_CHASE_RUN, TinyResNet, batch, make_optimizer, train_step
 from torch import nn
 
 import chase
@@ -221,6 +221,41 @@ def test_bad_chase_options():
         _chase(model, opt, channel_every=100)
 
 
+def test_channel_events_need_a_later_update():
+    """Weights freed by the last channel event are regrown only by a later exploration update: a schedule
+    whose updates stop before that event is refused, by the library and by the trainer's config."""
+    model = TinyResNet()
+    opt = make_optimizer("sgd", model)
+    with pytest.raises(ValueError, match="no exploration update comes after the last channel event"):
+        _chase(model, opt, end_step=10, soft_bound=0.0, channel_end=18)  # events to 18, updates to 8
+    # the default schedule ends the soft bound and the channel events by the last update
+    sp = _chase(model, opt, end_step=18)
+    assert sp.soft_bound_end <= sp.last_update_step() and sp.last_event < sp.last_update_step()
+
+
+def test_trainer_refuses_a_schedule_without_regrowth(tmp_path, capsys):
+    from chase.cli import main
+
+    args = ["train", "-q", "--out", str(tmp_path), "--set", *TINY_CHASE_RUN, "update_end_epoch=0.5"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "method chase: no exploration update comes after the last channel event" in err
+    assert not (tmp_path / "chase").exists()  # nothing written
+
+
+def test_mask_mode_channel_events_are_in_the_cost_log(tmp_path):
+    from chase.cli import main
+    from chase.train.report import read_metrics
+
+    # 6 steps: updates at 2 and 4, one channel event at step 3 (no update there)
+    sets = ["removal=mask", "epochs=3", "update_every=2", "channel_every=2", "channel_end_epoch=1.5"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *TINY_CHASE_RUN, *sets]) == 0
+    records = read_metrics(tmp_path / "chase")
+    costs = [r for r in records if r["kind"] == "cost"]
+    assert [(r["step"], r["update"]) for r in costs] == [(2, True), (3, False), (4, True)]
+    assert costs[1]["macs_sparse"] < costs[0]["macs_sparse"]  # the event zeroed kept weights
+
+
 def test_channel_stats_hand_made_and_after_shrink():
     torch.manual_seed(0)
     model = TinyResNet()
@@ -264,3 +299,45 @@ def test_shrink_survives_a_live_gradient_accumulator():
     assert removed > 0
     _run(model, opt, sp, 2)
     assert held  # still alive during the backward above
+
+
+def test_amenable_family_hand_made():
+    """Ratios of the family, conv channels of sparse layers only: the Linear classifier and a layer the
+    distribution made dense are not counted."""
+    from chase.analysis import ChannelStats, LayerChannelStats
+
+    d = torch.tensor([0.05, 0.08, 0.10, 0.30])  # layer density 0.1325
+    conv = LayerChannelStats("a.weight", d, d, 0.1325, d < 0.5 * 0.1325, conv=True)
+    dense_conv = LayerChannelStats(
+        "stem.weight", torch.ones(3), torch.ones(3), 1.0, torch.zeros(3, dtype=torch.bool)
+    )
+    fc = LayerChannelStats(
+        "fc.weight", torch.zeros(5), torch.zeros(5), 0.2, torch.ones(5, dtype=torch.bool), False
+    )
+    stats = ChannelStats([conv, dense_conv, fc])
+    assert stats.counted_channels == 4
+    f = stats.fractions((1.0, 0.75, 0.5, 0.25))
+    # 0.1325 x r = 0.1325 / 0.0994 / 0.0663 / 0.0331 -> 3, 2, 1, 0 channels below
+    assert f == {1.0: 0.75, 0.75: 0.5, 0.5: 0.25, 0.25: 0.0}
+
+
+def test_trainer_logs_the_amenable_family_at_every_update(tmp_path, capsys):
+    from chase.analysis import AMENABLE_RATIOS, amenable_curve
+    from chase.cli import main
+    from chase.train.report import read_metrics
+
+    sets = ["epochs=3", "update_every=2", "channel_every=2", "channel_end_epoch=1.5"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *TINY_CHASE_RUN, *sets]) == 0
+    run = tmp_path / "chase"
+    records = read_metrics(run)
+    assert [r["step"] for r in records if r["kind"] == "channels"] == [0, 2, 4]  # start + every update
+    curve = amenable_curve(records)
+    assert sorted(curve) == sorted(AMENABLE_RATIOS)
+    assert all(0.0 <= f <= 1.0 for points in curve.values() for _, f in points)
+    final = next(r for r in records if r["kind"] == "final")
+    assert "amenable_1" in final and (run / "amenable.png").exists()
+    assert "amenable.png" in (run / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["analyze", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "amenable family over training" in out and "r=0.5" in out

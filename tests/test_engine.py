@@ -129,6 +129,21 @@ def test_mest_soft_bound_schedule():
     assert kept[0] > sp.budget
 
 
+def test_mest_soft_bound_ends_with_its_updates():
+    """By default the soft bound reaches 0 at the LAST update, so the run ends exactly at its budget; a
+    soft bound that outlives the updates is refused (the run would end above budget)."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    opt = make_optimizer("sgd", model)
+    sp = chase.MEST(model, opt, density=0.2, total_steps=20, update_every=3)  # updates 3..12, end 15
+    assert sp.last_update_step() == 12 and sp.soft_bound_end == 12
+    for i in range(20):
+        train_step(model, opt, sp, i)
+    assert sp.kept == sp.budget
+    with pytest.raises(ValueError, match=r"after the last exploration update \(step 12"):
+        chase.MEST(TinyResNet(), opt, density=0.2, total_steps=20, update_every=3, soft_bound_end=15)
+
+
 def test_global_scope_moves_density_between_layers():
     torch.manual_seed(0)
     model = TinyResNet()

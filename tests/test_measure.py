@@ -129,7 +129,7 @@ def test_untrained_width_is_chosen_on_masked_weights():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sp = chase.Chase(
-            work, torch.optim.SGD(work.parameters(), lr=0.0), density=0.1, soft_bound=0.0, total_steps=4,
+            work, torch.optim.SGD(work.parameters(), lr=0.0), density=0.1, soft_bound=0.0, total_steps=6,
             example_inputs=x, channel_sparsity=0.5, update_every=2, channel_every=1, channel_end=2,
         )  # fmt: skip
     sp.remove_channels_now(sp.last_event)

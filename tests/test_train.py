@@ -186,7 +186,7 @@ def test_quickstart_config_on_synthetic_data(tmp_path, capsys):
             "epochs=1",
             "update_every=1",
             "channel_every=1",
-            "channel_end_epoch=0.75",
+            "channel_end_epoch=0.5",
             "soft_bound_end_epoch=0.75",
             "speedup_batch=8",
             "bn_recalibrate=2",

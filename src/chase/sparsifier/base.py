@@ -75,11 +75,16 @@ class Sparsifier:
         swap_floor: value the cosine schedule decays to.
         swap_horizon: steps over which the cosine decays; default ``end_step``.
         soft_bound: MEST's extra density delta0 held between updates (0 disables); global scope only.
-        soft_bound_end: step at which delta(t) has decayed to 0; default ``end_step``.
+        soft_bound_end: step at which delta(t) has decayed to 0; default the last update step, so that the
+            last update prunes back to the budget. A later one is an error: the run would end above it.
         seed: seed of the sparsifier's own generator (initial masks, random growth); the global RNG is
             never touched.
         sync_distributed: under ``torch.distributed``, broadcast masks from rank 0 after every change.
     """
+
+    #: default soft-bound end as a fraction of ``total_steps`` (None: the last update step); never later
+    #: than the last update step.
+    soft_bound_end_fraction: float | None = None
 
     def __init__(
         self,
@@ -141,7 +146,18 @@ class Sparsifier:
         self.swap_floor = float(swap_floor)
         self.swap_horizon = self.end_step if swap_horizon is None else int(swap_horizon)
         self.soft_bound = float(soft_bound)
-        self.soft_bound_end = self.end_step if soft_bound_end is None else int(soft_bound_end)
+        last = self.last_update_step()
+        if soft_bound_end is None:
+            soft_bound_end = last or self.end_step
+            if self.soft_bound_end_fraction is not None:
+                soft_bound_end = min(soft_bound_end, max(1, int(self.soft_bound_end_fraction * total_steps)))
+        self.soft_bound_end = int(soft_bound_end)
+        if self.soft_bound > 0 and last and self.soft_bound_end > last:
+            raise ValueError(
+                f"soft_bound_end={self.soft_bound_end} is after the last exploration update (step {last}, "
+                f"update_every={self.update_every}, end_step={self.end_step}): the extra density would "
+                f"never be pruned back and the run would end above its budget; use soft_bound_end <= {last}"
+            )
         self.sync_distributed = sync_distributed
 
         params = find_sparse_params(self.module, dense_layers=dense_layers, sparse_types=sparse_types)
@@ -221,6 +237,13 @@ class Sparsifier:
     def is_update_step(self, t: int) -> bool:
         """Whether an exploration update is due after optimizer step ``t``."""
         return t % self.update_every == 0 and t < self.end_step
+
+    def last_update_step(self) -> int:
+        """The last step at which :meth:`is_update_step` holds (0: none in the run)."""
+        last = (min(self.end_step, self.total_steps + 1) - 1) // self.update_every * self.update_every
+        while last > 0 and not self.is_update_step(last):  # subclasses may refuse some steps
+            last -= self.update_every
+        return max(0, last)
 
     def step(self) -> StepInfo:
         """Count one optimizer step; run the exploration update (and subclass events) when due."""

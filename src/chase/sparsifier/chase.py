@@ -50,11 +50,14 @@ class Chase(Sparsifier):
         removal: ``"physical"`` or ``"mask"``.
         channel_score: ``"umm"`` (paper), ``"kept_mean"`` or ``"density"`` (ablations).
         update_every: exploration interval (the paper's Delta T_p, 1000).
-        soft_bound: MEST's delta0 (0.05); soft_bound_end: step where delta reaches 0 (default 0.8 x total).
+        soft_bound: MEST's delta0 (0.05); soft_bound_end: step where delta reaches 0 (default 0.8 x total,
+            or the last update step if that comes earlier).
         swap_fraction, swap_floor: after the soft bound, RigL swaps
             ``swap_floor + (swap_fraction - swap_floor)(1 + cos(pi t / total_steps))/2`` of the budget.
         **kwargs: any other :class:`Sparsifier` option (distribution, dense_layers, seed, ...).
     """
+
+    soft_bound_end_fraction = 0.8  # the paper's T_chan: soft bound and channel pruning end together
 
     def __init__(
         self,
@@ -88,8 +91,6 @@ class Chase(Sparsifier):
             raise ValueError(f"removal must be one of {REMOVAL_MODES}, got {removal!r}")
         if channel_score not in CHANNEL_SCORES:
             raise ValueError(f"channel_score must be one of {CHANNEL_SCORES}, got {channel_score!r}")
-        if isinstance(total_steps, int) and soft_bound_end is None:
-            soft_bound_end = max(1, int(0.8 * total_steps))
         kwargs.setdefault("scope", "global")
         kwargs.setdefault("growth", "gradient")
         kwargs.setdefault("swap_horizon", total_steps)
@@ -143,6 +144,13 @@ class Chase(Sparsifier):
         events = self._event_steps()
         #: the last channel event, where the schedule reaches channel_sparsity (at or before channel_end).
         self.last_event = events[-1] if events else 0
+        if self.channel_sparsity > 0 and events and not self._update_after(self.last_event):
+            raise ValueError(
+                f"no exploration update comes after the last channel event (step {self.last_event}; updates "
+                f"every {self.update_every} steps until end_step={self.end_step}): the weights freed by "
+                "removed channels would never be regrown and the run would end below its budget. End the "
+                "channel events earlier (channel_end) or explore longer (end_step)"
+            )
         if self.channel_sparsity > 0 and not events:
             warnings.warn(
                 f"no channel event fits before channel_end={self.channel_end} (first one at step "
@@ -157,6 +165,10 @@ class Chase(Sparsifier):
         (k >= 1, offset = half an exploration interval) up to ``channel_end``."""
         k, rem = divmod(t - self.channel_offset, self.channel_every)
         return self.channel_sparsity > 0 and rem == 0 and k >= 1 and t <= self.channel_end
+
+    def _update_after(self, t: int) -> bool:
+        """Whether an exploration update happens at some step after ``t``."""
+        return self.last_update_step() > t
 
     def _event_steps(self) -> list[int]:
         first = self.channel_offset + self.channel_every

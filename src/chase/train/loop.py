@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import chase
-from chase.train.config import TrainConfig
+from chase.train.config import ConfigError, TrainConfig
 from chase.train.distributed import Dist, wrap_ddp
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ def build_sparsifier(
         kw["soft_bound"] = cfg.soft_bound
     if cfg.soft_bound_end_epoch > 0:
         kw["soft_bound_end"] = steps(cfg.soft_bound_end_epoch)
+    try:
+        return _construct(module, optimizer, cfg, kw, steps, image_size)
+    except ValueError as e:  # the library validates its options; here they came from the config
+        raise ConfigError(f"method {cfg.method}: {e}") from e
+
+
+def _construct(module, optimizer, cfg: TrainConfig, kw: dict[str, Any], steps, image_size: int):
     if cfg.method != "chase":
         return SPARSIFIERS[cfg.method](module, optimizer, **kw)
     # Channel groups are traced once from an example input; its values do not matter, and a private

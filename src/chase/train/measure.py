@@ -94,14 +94,14 @@ def untrained_slim(
 
     work = copy.deepcopy(model)
     opt = torch.optim.SGD(work.parameters(), lr=0.0)
-    with warnings.catch_warnings():  # a 4-step schedule warns; we run its last event by hand
+    with warnings.catch_warnings():  # a 6-step schedule warns; we run its last event by hand
         warnings.simplefilter("ignore")
         sp = Chase(
             work,
             opt,
             density=density,
             soft_bound=0.0,
-            total_steps=4,
+            total_steps=6,
             example_inputs=example,
             channel_sparsity=channel_sparsity,
             prune_skip=prune_skip,
@@ -303,7 +303,8 @@ def _onnx_files(
 
 def analyze_command(args: argparse.Namespace) -> int:
     """``chase analyze``: per-layer channel densities of a sparse run, printed and plotted."""
-    from chase.analysis import channel_stats
+    from chase.analysis import amenable_curve, channel_stats
+    from chase.train.report import read_metrics
 
     run = load_run(args.source)
     if run.sparsifier is None:
@@ -316,16 +317,59 @@ def analyze_command(args: argparse.Namespace) -> int:
         out = out / "channel_density.png"
     plot_channel_densities(stats, out, title=f"{run.model_name} ({run.method})")
     print(f"wrote {out}")
+    curve = amenable_curve(read_metrics(run.folder))
+    if curve:
+        print(
+            "amenable family over training (share of sparse conv channels below r x their layer's density):"
+        )
+        for r, points in curve.items():
+            print(
+                f"  r={r:g}: {100 * points[0][1]:.1f}% at step {points[0][0]} -> "
+                f"{100 * points[-1][1]:.1f}% at step {points[-1][0]} ({len(points)} records)"
+            )
+        path = out.with_name("amenable.png")
+        plot_amenable_curve(curve, path, title=f"{run.model_name} ({run.method})")
+        print(f"wrote {path}")
     return 0
 
 
-def plot_channel_densities(stats: Any, path: pathlib.Path, title: str = "") -> None:
-    """Histogram of all channel densities, and per-layer box plots with each layer's density marked."""
+def plot_amenable_curve(
+    curve: dict[float, list[tuple[int, float]]], path: pathlib.Path, title: str = ""
+) -> None:
+    """The amenable family over training steps, one line per ratio (see ``chase.analysis``)."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for r, points in sorted(curve.items(), reverse=True):
+        ax.plot(
+            [p[0] for p in points],
+            [100 * p[1] for p in points],
+            marker=".",
+            label=f"density < {r:g} x layer's",
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("% of sparse conv channels")
+    ax.set_title(title or "sparse amenable channels")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    """matplotlib's Figure and Agg canvas (no pyplot: no global figure state, no display backend)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise CommandError("chase analyze needs matplotlib for its plot (pip install matplotlib)") from e
+        raise CommandError("chase analyze needs matplotlib for its plots (pip install matplotlib)") from e
+    return Figure, FigureCanvasAgg
+
+
+def plot_channel_densities(stats: Any, path: pathlib.Path, title: str = "") -> None:
+    """Histogram of all channel densities, and per-layer box plots with each layer's density marked."""
+    Figure, FigureCanvasAgg = _matplotlib()
     path.parent.mkdir(parents=True, exist_ok=True)
     layers = [s for s in stats.layers if s.density.numel()]
     fig = Figure(figsize=(12, 4.5))

@@ -145,6 +145,10 @@ def finish(
                 run_dir / FINAL_FILE,
             )
         results["model_file"] = FINAL_FILE
+    if sp is not None:
+        from chase.analysis import amenable_record
+
+        results.update(amenable_record(sp))  # the amenable family of the final masks
     if d.main and sp is not None:
         _density_plot(st, run_dir)
     if d.main:
@@ -268,15 +272,21 @@ def _plots(run_dir: pathlib.Path, before: dict[str, int], after: dict[str, int])
         fig.savefig(run_dir / "widths.png", dpi=100)
         plt.close(fig)
         out.append("widths.png")
+    # drawn before the report by _density_plot (sparse runs only)
+    out += [name for name in ("channel_density.png", "amenable.png") if (run_dir / name).exists()]
     return out
 
 
 def _density_plot(st: TrainState, run_dir: pathlib.Path) -> None:
-    """The per-channel density histogram of the final model (as ``chase analyze`` draws it)."""
-    from chase.analysis import channel_stats
-    from chase.train.measure import CommandError, plot_channel_densities
+    """The per-channel density histogram of the final model and the amenable family over training (as
+    ``chase analyze`` draws them)."""
+    from chase.analysis import amenable_curve, channel_stats
+    from chase.train.measure import CommandError, plot_amenable_curve, plot_channel_densities
 
     try:
         plot_channel_densities(channel_stats(st.module, st.sparsifier), run_dir / "channel_density.png")
+        curve = amenable_curve(read_metrics(run_dir))
+        if curve:
+            plot_amenable_curve(curve, run_dir / "amenable.png", title=f"{st.cfg.model} ({st.cfg.method})")
     except CommandError as e:  # matplotlib is optional
         log.info("no channel-density plot: %s", e)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from chase.analysis import amenable_record
 from chase.flops import count_flops
 from chase.models import get_model
 from chase.train import report
@@ -129,10 +130,19 @@ def _cost_record(st: TrainState) -> Optional[dict[str, Any]]:
     """After a step that changed masks or shapes: the forward cost from the next step on, and whether
     this step computed a dense weight gradient (gradient growth). ``chase.training_flops`` reads these."""
     info, sp = st.last_info, st.sparsifier
-    if sp is None or info is None or not (info.updated or info.shapes_changed):
+    # A mask-mode channel event changes no shape but zeroes weights: its cost changes too.
+    if sp is None or info is None or not (info.updated or info.shapes_changed or info.channels_removed):
         return None
     update = info.updated and getattr(sp, "growth", None) == "gradient"
     return {"kind": "cost", "step": st.step, "update": update, "density": sp.global_density(), **_macs(st)}
+
+
+def _channels_record(st: TrainState) -> Optional[dict[str, Any]]:
+    """At the start and after every mask update: the amenable-channel family (chase.analysis)."""
+    sp, info = st.sparsifier, st.last_info
+    if sp is None or (st.step > 0 and (info is None or not info.updated)):
+        return None
+    return {"kind": "channels", "step": st.step, **amenable_record(sp)}
 
 
 def _sparsity_record(st: TrainState) -> dict[str, Any]:
@@ -220,15 +230,18 @@ def _train(cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: D
     metrics = Metrics(run_dir, d.main, cfg.tensorboard, st.step if ckpt is not None else -1)
     if initial is not None:
         metrics.write({"kind": "start", "step": 0, "epoch": 0, **initial})
+        channels = _channels_record(st) if d.main else None
+        if channels is not None:
+            metrics.write(channels)
 
     def checkpoint() -> None:
         if d.main:
             save_checkpoint(st, run_dir / CHECKPOINT)
 
     def after_step(s: TrainState, loss: torch.Tensor) -> None:
-        cost = _cost_record(s) if d.main else None
-        if cost is not None:
-            metrics.write(cost)
+        for rec in (_cost_record(s), _channels_record(s)) if d.main else ():
+            if rec is not None:
+                metrics.write(rec)
         if cfg.log_every and s.step % cfg.log_every == 0:
             metrics.write(
                 {
