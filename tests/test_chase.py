@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -231,6 +232,42 @@ def test_channel_events_need_a_later_update():
     # the default schedule ends the soft bound and the channel events by the last update
     sp = _chase(model, opt, end_step=18)
     assert sp.soft_bound_end <= sp.last_update_step() and sp.last_event < sp.last_update_step()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"end_step": 10, "soft_bound": 0.0, "channel_end": 18},  # the schedule check (no later update)
+        {"keep_channels": ["no_such_layer"]},
+        {"removal": "mask", "example_inputs": "not a tensor"},  # the graph tracer fails
+    ],
+)
+def test_a_refused_chase_leaves_model_and_optimizer_untouched(bad):
+    torch.manual_seed(0)
+    model = TinyResNet()
+    opt = make_optimizer("sgd", model)
+    train_step(model, opt, None, 0)  # optimizer state exists
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in opt.state[model.conv1.weight].items()}
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        _chase(model, opt, **bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in opt.state[model.conv1.weight].items())
+    assert not opt._optimizer_step_post_hooks  # no hook left behind
+
+
+def test_keep_channels_leaves_the_named_groups_out():
+    torch.manual_seed(0)
+    model = TinyResNet()
+    opt = make_optimizer("sgd", model)
+    twin = copy.deepcopy(model)
+    every = _chase(twin, make_optimizer("sgd", twin))
+    kept = _chase(model, opt, keep_channels=["block_a"])
+    assert {g.name for g in every.groups} - {g.name for g in kept.groups}
+    assert not any(s.tensor == "block_a.weight" for g in kept.groups for s in g.producers)
+    assert kept.total_channels == every.total_channels - model.block_a.out_channels
+    _run(model, opt, kept, 20)
+    assert model.block_a.out_channels == 8 and kept.channel_sparsity_now() > 0
 
 
 def test_trainer_refuses_a_schedule_without_regrowth(tmp_path, capsys):

@@ -220,6 +220,26 @@ def test_shipped_configs_load():
     )
 
 
+@pytest.mark.parametrize("method", ["chase", "chase_sc0.5_skip"])
+def test_recipes_build_chase_with_the_papers_prunable_set(method):
+    """Every recipe builds its Chase sparsifier; the paper recipes keep the stem (ResNet-50) and the last
+    conv feeding the classifier (VGG-19) out of the prunable set."""
+    from chase.train.config import load_config
+    from chase.train.loop import build_sparsifier
+
+    for recipe in sorted((ROOT / "configs" / "recipes").glob("*.yaml")):
+        cfg = load_config([recipe, ROOT / "configs" / "methods" / f"{method}.yaml"])
+        classes = 1000 if cfg.dataset == "imagefolder" else 100 if cfg.dataset == "cifar100" else 10
+        model = get_model(cfg.model, classes)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sp = build_sparsifier(model, opt, cfg, steps_per_epoch=100, image_size=32)
+        producers = {s.tensor for g in sp.groups for s in g.producers}
+        for pattern in cfg.keep_channels:
+            assert f"{pattern}.weight" not in producers, recipe.name
+        if cfg.model in ("cifar_vgg19_bn", "cifar_resnet50", "resnet50"):
+            assert cfg.keep_channels, recipe.name
+
+
 def test_atomic_save_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
     ckpt_mod.atomic_save({"v": torch.ones(3)}, path)

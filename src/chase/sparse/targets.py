@@ -27,7 +27,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _matches(name: str, patterns: Iterable[str]) -> list[str]:
+def matches(name: str, patterns: Iterable[str]) -> list[str]:
+    """The fnmatch patterns (case-sensitive) that ``name`` matches: the one rule for layer patterns."""
     return [p for p in patterns if fnmatch.fnmatchcase(name, p)]
 
 
@@ -58,7 +59,7 @@ def find_sparse_params(
             continue
         candidates += 1
         name = f"{mod_name}.weight" if mod_name else "weight"
-        hits = _matches(mod_name, dense_layers) + _matches(name, dense_layers)
+        hits = matches(mod_name, dense_layers) + matches(name, dense_layers)
         used.update(hits)
         if not hits:
             found[name] = weight

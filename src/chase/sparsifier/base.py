@@ -175,6 +175,9 @@ class Sparsifier:
         # The run starts at density d; MEST's soft bound adds its extra delta(t) at the first growth.
         counts = layer_counts(shapes, self.density, distribution)
         self._masks = MaskSet(params, random_masks(shapes, counts, self._generator))
+        # Subclasses discover structure and validate here, before the model and optimizer are touched:
+        # a constructor that raises leaves both as they were.
+        self._prepare()
         self._broadcast_masks()
         self._masks.apply(optimizer)
         self._hook_fired = False
@@ -269,6 +272,10 @@ class Sparsifier:
 
     def _after_step(self, t: int, info: StepInfo) -> None:
         """Hook for subclasses (channel events)."""
+
+    def _prepare(self) -> None:
+        """Hook for subclasses, called by the constructor once the masks exist and before they are applied
+        to the model or the optimizer hooked: anything that may refuse the options belongs here."""
 
     def _grads(self) -> list[torch.Tensor]:
         grads = [self._masks.params[n].grad for n in self._masks.names]

@@ -5,14 +5,17 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from chase.graph import ChannelGraph, channel_groups
+from chase.graph.types import ChannelGroup
 from chase.sparse import schedules
 from chase.sparse.channels import CHANNEL_SCORES, channel_score, water_fill
+from chase.sparse.targets import matches
 from chase.sparsifier.base import Sparsifier, StepInfo
 from chase.surgery import SurgeryState, alive_mask, remove_channels, replay, zero_removed
 
@@ -47,6 +50,11 @@ class Chase(Sparsifier):
             default ``soft_bound_end``.
         min_channel_ratio: the paper's beta: a layer keeps at least ``int(C (1 - S_c) beta)`` channels.
         prune_skip: also prune residual-stream channels (all coupled layers together).
+        keep_channels: fnmatch patterns of layers (module or parameter names, as ``dense_layers``) whose
+            output channels are never pruned: their whole channel group leaves the prunable set, and
+            ``channel_sparsity`` counts the remaining groups only. The paper keeps the stem of ResNet-50
+            (``["conv1"]``) and VGG-19's last conv, which feeds the classifier. Each pattern must match
+            a prunable group.
         removal: ``"physical"`` or ``"mask"``.
         channel_score: ``"umm"`` (paper), ``"kept_mean"`` or ``"density"`` (ablations).
         update_every: exploration interval (the paper's Delta T_p, 1000).
@@ -72,6 +80,7 @@ class Chase(Sparsifier):
         channel_end: int | None = None,
         min_channel_ratio: float = 0.2,
         prune_skip: bool = False,
+        keep_channels: Sequence[str] = (),
         removal: str = "physical",
         channel_score: str = "umm",
         update_every: int = 1000,
@@ -94,6 +103,16 @@ class Chase(Sparsifier):
         kwargs.setdefault("scope", "global")
         kwargs.setdefault("growth", "gradient")
         kwargs.setdefault("swap_horizon", total_steps)
+        self.channel_sparsity = float(channel_sparsity)
+        self.channel_every = int(channel_every)
+        self.min_channel_ratio = float(min_channel_ratio)
+        self.prune_skip = prune_skip
+        self.removal = removal
+        self.channel_score = channel_score
+        self.keep_channels = tuple(keep_channels)
+        self.channel_offset = int(update_every) // 2
+        self._channel_end_arg = channel_end
+        self._example_inputs = example_inputs
         super().__init__(
             model,
             optimizer,
@@ -106,23 +125,22 @@ class Chase(Sparsifier):
             swap_floor=swap_floor,
             **kwargs,
         )
-        self.channel_sparsity = float(channel_sparsity)
-        self.channel_every = int(channel_every)
-        self.channel_end = self.soft_bound_end if channel_end is None else int(channel_end)
-        self.min_channel_ratio = float(min_channel_ratio)
-        self.prune_skip = prune_skip
-        self.removal = removal
-        self.channel_score = channel_score
-        self.channel_offset = self.update_every // 2
 
+    def _prepare(self) -> None:
+        """Channel groups, floors and the event schedule; refuses bad options before anything is changed."""
+        self.channel_end = (
+            self.soft_bound_end if self._channel_end_arg is None else int(self._channel_end_arg)
+        )
         like = next(iter(self._masks.params.values()))
-        example_inputs = _like(example_inputs, like)
-        self.graph: ChannelGraph = channel_groups(self.module, example_inputs, prune_skip=prune_skip)
-        self.groups = [
+        example_inputs = _like(self._example_inputs, like)
+        del self._example_inputs  # only its shapes mattered: do not hold the user's batch
+        self.graph: ChannelGraph = channel_groups(self.module, example_inputs, prune_skip=self.prune_skip)
+        groups = [
             g for g in self.graph.prunable() if any(s.tensor in self._masks.params for s in g.producers)
         ]
+        self.groups = _without_kept(groups, self.keep_channels)
         inexact = [g.name for g in self.groups if not g.exact]
-        if removal == "mask" and inexact:
+        if self.removal == "mask" and inexact:
             raise ValueError(
                 f"removal='mask' cannot represent removing channels that pass through a channel-mixing norm "
                 f"(LayerNorm/GroupNorm over channels) in group(s) {inexact[:3]}: zeroed channels would still "
@@ -316,6 +334,29 @@ class Chase(Sparsifier):
             "history": self._surgery.state_dict(),
             "model": self.export().state_dict(),
         }
+
+
+def _without_kept(groups: list[ChannelGroup], patterns: Sequence[str]) -> list[ChannelGroup]:
+    """``groups`` minus those with a producer matched by a ``keep_channels`` pattern (each must match one)."""
+    if not patterns:
+        return groups
+    used: set[str] = set()
+    out = []
+    for g in groups:
+        names = [n for s in g.producers for n in (s.tensor, s.tensor.rpartition(".")[0])]
+        hits = {p for n in names for p in matches(n, patterns)}
+        used |= hits
+        if not hits:
+            out.append(g)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        layers = sorted({s.tensor.rpartition(".")[0] for g in groups for s in g.producers})
+        raise ValueError(
+            f"keep_channels pattern(s) {unused} match no prunable channel group; patterns are fnmatch globs "
+            f"over producing layers' module names, here: {', '.join(layers[:8])}"
+            + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+        )
+    return out
 
 
 def _like(obj: Any, ref: torch.Tensor) -> Any:

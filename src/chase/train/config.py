@@ -111,6 +111,10 @@ class TrainConfig:
     channel_end_epoch: float = _opt(0.0, "chase: epoch at which channel pruning ends (T_chan); 0: default")
     min_channel_ratio: float = _opt(0.2, "chase: a layer keeps at least C (1 - S_c) beta channels (beta)")
     prune_skip: bool = _opt(False, "chase: also prune residual-stream channels")
+    keep_channels: list[str] = field(
+        default_factory=list,
+        metadata={"help": "chase: fnmatch patterns of layers whose output channels are never pruned"},
+    )
     removal: str = _opt("physical", "chase: physical (slice channels out while training) or mask")
     channel_score: str = _opt("umm", "chase: channel score: umm, kept_mean or density")
     # --- run

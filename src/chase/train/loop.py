@@ -79,6 +79,7 @@ def _construct(module, optimizer, cfg: TrainConfig, kw: dict[str, Any], steps, i
         channel_end=steps(cfg.channel_end_epoch) if cfg.channel_end_epoch > 0 else None,
         min_channel_ratio=cfg.min_channel_ratio,
         prune_skip=cfg.prune_skip,
+        keep_channels=list(cfg.keep_channels),
         removal=cfg.removal,
         channel_score=cfg.channel_score,
         **kw,
