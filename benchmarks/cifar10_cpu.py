@@ -1,20 +1,29 @@
-"""CIFAR-10 on a 2-core CPU: dense, SET, RigL, MEST, Chase S_c 0.3 and Chase S_c 0.5 at density 0.1.
+"""CIFAR-10 on a 2-core CPU: dense, SET, RigL, MEST and Chase at density 0.1, under two protocols.
 
-Protocol (``benchmarks/cifar10_cpu.yaml`` + ``configs/methods/<method>.yaml``, run by ``chase train``'s
-own code): CIFAR ResNet-20, all 50,000 training images, 2 epochs (780 steps of 128), SGD with cosine LR,
-ERK density 0.1; the reported accuracy is the FINAL model's on all 10,000 test images (no selection). For
-every method the script records: test accuracy (and the slim model's, after 20 batches of BatchNorm
-re-estimation, for Chase), inference MACs per image -- dense, sparse (kept weights x output positions)
-and GPU-supported (the deployable network counted dense: the slim one for Chase, the full one otherwise)
---, training MACs (RigL's accounting from the trainer's cost log), the fraction of sparse amenable
-channels (``chase.channel_stats``: channel density < 0.5 x its layer's), and wall time. Then it times
-the deployable networks (``chase.bench.benchmark``, fp32, batch 1 and 128, alternating in one process).
+``--protocol short`` (``benchmarks/cifar10_cpu.yaml``): CIFAR ResNet-20, all 50,000 training images, 2
+epochs (780 steps of 128); six methods in about an hour: how they compare early in training.
+``--protocol long`` (``benchmarks/cifar10_cpu_long.yaml``): the same network and data for 15 epochs (5,850
+steps), where every schedule completes (issue 10): dense, RigL and Chase S_c 0.5, with a second seed for
+RigL and Chase (``--methods dense rigl chase0.5 rigl@1 chase0.5@1``).
 
-Runs live in ``--runs`` (default ``runs/cifar10_cpu``); a killed script resumes the unfinished run from
-its checkpoint and skips finished ones, so the whole comparison can be continued. Results go to
-``benchmarks/results/cifar10_cpu.{json,md}`` (rewritten after every method).
+Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
+reported accuracy is the FINAL model's on all 10,000 test images (no selection). For every run the script
+records: test accuracy per epoch (and the slim model's, after 20 batches of BatchNorm re-estimation, for
+Chase), inference MACs per image -- dense, sparse (kept weights x output positions) and GPU-supported (the
+deployable network counted dense) --, training MACs (RigL's accounting from the trainer's cost log), the
+amenable-channel family at the start and the end of training (``chase.analysis``: share of sparse conv
+channels whose density is below r x their layer's), and wall time. Then it times the deployable networks
+(``chase.bench.benchmark``, fp32, batch 1 and 128, alternating in one process) and, for the long
+protocol, draws the accuracy, amenable-fraction and width plots next to the tables.
+
+Runs live in ``--runs`` (default ``runs/cifar10_cpu`` or ``runs/cifar10_long``), one folder per method
+(``<method>_seed<n>`` for seeds other than 0); a killed script resumes the unfinished run from its
+checkpoint and skips finished ones. Results go to ``benchmarks/results/cifar10_cpu[_long].{json,md}``
+(rewritten after every run).
 
     python benchmarks/cifar10_cpu.py --data-dir ../shared/data/cifar10
+    python benchmarks/cifar10_cpu.py --protocol long --data-dir ../shared/data/cifar10 \\
+        --methods dense rigl chase0.5 rigl@1 chase0.5@1
 
 Smoke test (a minute; never into results/):
 
@@ -34,7 +43,7 @@ from typing import Any
 import torch
 
 import common
-from chase.analysis import channel_stats
+from chase.analysis import amenable_curve, channel_stats
 from chase.bench import benchmark
 from chase.flops import count_flops
 from chase.models import get_model
@@ -44,7 +53,10 @@ from chase.train.report import read_metrics
 from chase.train.run import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PROTOCOL = ROOT / "benchmarks" / "cifar10_cpu.yaml"
+PROTOCOLS = {
+    "short": (ROOT / "benchmarks" / "cifar10_cpu.yaml", "cifar10_cpu", "runs/cifar10_cpu"),
+    "long": (ROOT / "benchmarks" / "cifar10_cpu_long.yaml", "cifar10_cpu_long", "runs/cifar10_long"),
+}
 METHODS = {
     "dense": "dense",
     "set": "set",
@@ -53,15 +65,8 @@ METHODS = {
     "chase0.3": "chase_sc0.3",
     "chase0.5": "chase_sc0.5",
 }
-SMOKE = [
-    "epochs=1",
-    "train_limit=1024",
-    "update_every=4",
-    "channel_every=4",
-    "update_end_epoch=0.75",
-    "soft_bound_end_epoch=0.75",
-]
-SMOKE += ["channel_end_epoch=0.8", "bn_recalibrate=2", "speedup_batch=8"]
+SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
+SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]
 
 log = logging.getLogger("cifar10_cpu")
 
@@ -70,33 +75,53 @@ def _final(run_dir: pathlib.Path) -> dict[str, Any] | None:
     return next((r for r in read_metrics(run_dir) if r.get("kind") == "final"), None)
 
 
-def train_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or resume, or reuse) one method's run; returns its row of the table."""
-    run_dir = pathlib.Path(args.runs) / method
-    sets = [f"data_dir={args.data_dir}", f"threads={args.threads}", "quiet=true", *args.set]
+def parse_run(spec: str) -> tuple[str, int]:
+    """``"rigl"`` -> ("rigl", 0); ``"rigl@1"`` -> ("rigl", 1)."""
+    method, _, seed = spec.partition("@")
+    if method not in METHODS or (seed and not seed.isdigit()):
+        raise SystemExit(f"bad run {spec!r}: give METHOD or METHOD@SEED, METHOD one of {', '.join(METHODS)}")
+    return method, int(seed or 0)
+
+
+def run_name(method: str, seed: int) -> str:
+    return method if seed == 0 else f"{method}_seed{seed}"
+
+
+def train_method(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume, or reuse) one run; returns its row of the table."""
+    protocol = PROTOCOLS[args.protocol][0]
+    name = run_name(method, seed)
+    run_dir = pathlib.Path(args.runs) / name
+    sets = [f"data_dir={args.data_dir}", f"threads={args.threads}", "quiet=true", f"seed={seed}", *args.set]
     if args.smoke:
         sets += SMOKE
-    cfg = load_config([PROTOCOL, ROOT / "configs" / "methods" / f"{METHODS[method]}.yaml"], sets)
+    cfg = load_config([protocol, ROOT / "configs" / "methods" / f"{METHODS[method]}.yaml"], sets)
     t0 = time.time()
     final = _final(run_dir)
     if final is None:
         resume = (run_dir / "checkpoint.pt").exists()
-        log.info("%s: %s", method, "resuming" if resume else "training")
+        log.info("%s: %s", name, "resuming" if resume else "training")
         train(cfg, run_dir, resume=resume)
         final = _final(run_dir)
         assert final is not None
     else:
-        log.info("%s: finished earlier, reusing %s", method, run_dir)
-    epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
+        log.info("%s: finished earlier, reusing %s", name, run_dir)
+    records = read_metrics(run_dir)
+    epochs = [r for r in records if r.get("kind") == "epoch"]
     row: dict[str, Any] = {
         "method": method,
-        "config": [str(PROTOCOL.relative_to(ROOT)), f"configs/methods/{METHODS[method]}.yaml"],
+        "seed": seed,
+        "run": name,
+        "config": [str(protocol.relative_to(ROOT)), f"configs/methods/{METHODS[method]}.yaml"],
         "test_acc": final["test_acc"],
         "train_seconds": sum(r["seconds"] for r in epochs),
         "wall_seconds_this_call": time.time() - t0,
         "steps": final["steps"],
         "epochs": len(epochs),
         "test_acc_per_epoch": [r.get("test_acc") for r in epochs],
+        "amenable_curve": {f"{r:g}": pts for r, pts in amenable_curve(records).items()},
+        "widths_start": next((r["widths"] for r in records if r.get("kind") == "start"), {}),
+        "widths_end": epochs[-1]["widths"] if epochs else {},
     }
     for key in (
         "slim_test_acc",
@@ -121,8 +146,8 @@ def train_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     row["macs_gpu"] = count_flops(deploy, example).dense  # what dense kernels execute
     if run.sparsifier is not None:
         stats = channel_stats(run.model, run.sparsifier)
-        row["amenable_fraction"] = stats.amenable_fraction
-        row["channels"] = stats.channels
+        row["amenable"] = {f"{r:g}": f for r, f in stats.fractions().items()}
+        row["channels"] = stats.counted_channels
     return row
 
 
@@ -131,7 +156,9 @@ def measure_throughput(rows: list[dict[str, Any]], args: argparse.Namespace) -> 
     models: dict[str, torch.nn.Module] = {}
     macs: dict[str, int] = {}
     for row in rows:
-        run = load_run(pathlib.Path(args.runs) / row["method"])
+        if row["seed"] != 0:  # one network per method: seed 0's
+            continue
+        run = load_run(pathlib.Path(args.runs) / row["run"])
         if row["method"] == "dense" or run.method == "chase":
             models[row["method"]] = run.model if run.method != "chase" else run.slim()
             macs[row["method"]] = row["macs_gpu"]
@@ -144,36 +171,64 @@ def measure_throughput(rows: list[dict[str, Any]], args: argparse.Namespace) -> 
     )
 
 
+def _amenable_cell(r: dict[str, Any]) -> str:
+    curve, end = r.get("amenable_curve") or {}, r.get("amenable")
+    if not end:
+        return "-"
+    start = {k: pts[0][1] for k, pts in curve.items() if pts}
+    cells = []
+    for k in ("1", "0.5"):
+        before = f"{100 * start[k]:.0f} -> " if k in start else ""
+        cells.append(f"{before}{100 * end[k]:.0f}%")
+    return " / ".join(cells)
+
+
+def _mean_rows(rows: list[dict[str, Any]]) -> list[str]:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    lines = []
+    for method, rs in by.items():
+        if len(rs) < 2:
+            continue
+        accs = [100 * r["test_acc"] for r in rs]
+        lines.append(
+            f"| {method} | {len(rs)} | {sum(accs) / len(accs):.2f}% | {min(accs):.2f} - {max(accs):.2f} |"
+        )
+    if not lines:
+        return []
+    return ["", "| method | seeds | mean test acc | min - max |", "|---|---|---|---|", *lines]
+
+
 def markdown(payload: dict[str, Any]) -> str:
     m = payload["machine"]
     lines = [
-        "# CIFAR-10 on a 2-core CPU: dense, SET, RigL, MEST and Chase at density 0.1",
+        f"# CIFAR-10 on a 2-core CPU ({payload['protocol_name']} protocol): methods at density 0.1",
         "",
         f"{m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), torch {m['torch']}, fp32, "
         f"{m['date']}. Protocol: `{payload['protocol']}` -- {payload['protocol_summary']} "
         f"Total training wall time {payload['total_train_minutes']:.1f} min.",
         "",
-        "| method | test acc | slim acc | sparse MACs | GPU-supported MACs | train MACs (x dense) | "
-        "amenable channels | train min |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | seed | epochs | test acc | slim acc | sparse MACs | GPU-supported MACs | "
+        "train MACs (x dense) | amenable < 1x / < 0.5x layer (start -> end) | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         dense = r["macs_dense"]
         lines.append(
-            f"| {r['method']} | {100 * r['test_acc']:.2f}% | "
+            f"| {r['method']} | {r['seed']} | {r['epochs']} | {100 * r['test_acc']:.2f}% | "
             + (f"{100 * r['slim_test_acc']:.2f}%" if "slim_test_acc" in r else "-")
             + f" | {r['macs_sparse'] / 1e6:.1f}M ({r['macs_sparse'] / dense:.3f}x) "
             f"| {r['macs_gpu'] / 1e6:.1f}M ({r['macs_gpu'] / dense:.3f}x) | "
             + (f"{r['train_macs_ratio']:.3f}x" if "train_macs_ratio" in r else "1.000x")
-            + " | "
-            + (f"{100 * r['amenable_fraction']:.1f}% of {r['channels']}" if "amenable_fraction" in r else "-")
-            + f" | {r['train_seconds'] / 60:.1f} |"
+            + f" | {_amenable_cell(r)} | {r['train_seconds'] / 60:.1f} |"
         )
+    lines += _mean_rows(payload["rows"])
     bench = payload.get("throughput") or {}
     if bench:
         lines += [
             "",
-            "Deployable networks, forward only, fp32, medians of alternating timings in one process "
+            "Deployable networks (seed 0), forward only, fp32, medians of alternating timings in one process "
             "(SET/RigL/MEST deploy the dense architecture: unstructured zeros do not speed up dense "
             "kernels).",
             "",
@@ -187,32 +242,131 @@ def markdown(payload: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Sparse amenable channel: channel density < 0.5 x its layer's density (our operational definition). "
-        "Training MACs: RigL's accounting (3 sparse forwards per step, a dense weight gradient at "
-        "gradient-growth updates, soft-bound density and shrinking widths from the trainer's cost log).",
-        "",
+        "Amenable: share of the output channels of the sparse convolutions (not the classifier, not layers "
+        "ERK made dense) whose density is below 1x / 0.5x their layer's density, at initialisation -> at "
+        "the end (`chase.analysis`; the paper's own Section 3 threshold could not be retrieved, its abstract "
+        "says 'sparser than others'). Training MACs: RigL's accounting (3 sparse forwards per step, a dense "
+        "weight gradient at gradient-growth updates, soft-bound density and shrinking widths from the "
+        "trainer's cost log).",
     ]
+    lines += ["", *[f"![{p}]({p})" for p in payload.get("plots", [])]]
+    lines.append("")
     return "".join(line + "\n" for line in lines)
+
+
+def plots(payload: dict[str, Any], out: pathlib.Path, stem: str) -> list[str]:
+    """Test accuracy per epoch of every run in one figure, the amenable family over training, and the
+    per-layer widths of Chase's final network against the dense one. Returns the file names."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return []
+    rows, names = payload["rows"], []
+    colors = {"dense": "black", "set": "tab:gray", "rigl": "tab:blue", "mest": "tab:purple"}
+    colors |= {"chase0.3": "tab:olive", "chase0.5": "tab:red"}
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        names.append(name)
+
+    fig = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for r in rows:
+        accs = [a for a in r["test_acc_per_epoch"] if a is not None]
+        ax.plot(
+            range(1, len(accs) + 1),
+            [100 * a for a in accs],
+            color=colors.get(r["method"]),
+            linestyle="-" if r["seed"] == 0 else "--",
+            marker=".",
+            label=f"{r['method']} (seed {r['seed']})",
+        )
+    ax.set(xlabel="epoch", ylabel="test accuracy %", title="CIFAR-10, ResNet-20, final model per epoch")
+    ax.legend(fontsize=8)
+    save(fig, f"{stem}_accuracy.png")
+
+    sparse = [r for r in rows if r.get("amenable_curve")]
+    if sparse:
+        fig = Figure(figsize=(7, 4.2))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for r in sparse:
+            for k, style in (("1", "-"), ("0.5", ":")):
+                pts = r["amenable_curve"].get(k, [])
+                ax.plot(
+                    [p[0] for p in pts],
+                    [100 * p[1] for p in pts],
+                    style,
+                    color=colors.get(r["method"]),
+                    alpha=1.0 if r["seed"] == 0 else 0.5,
+                    label=f"{r['method']} s{r['seed']}: < {k}x layer",
+                )
+        ax.set(
+            xlabel="optimizer step",
+            ylabel="% of sparse conv channels",
+            title="channels sparser than their layer (solid: < 1x, dotted: < 0.5x)",
+        )
+        ax.legend(fontsize=7, ncol=2)
+        save(fig, f"{stem}_amenable.png")
+
+    chase_rows = [r for r in rows if r["method"].startswith("chase") and r["seed"] == 0 and r["widths_end"]]
+    if chase_rows:
+        r = chase_rows[-1]
+        layers = [n for n in r["widths_start"] if n in r["widths_end"]]
+        fig = Figure(figsize=(max(7, 0.3 * len(layers)), 4))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        ax.bar(range(len(layers)), [r["widths_start"][n] for n in layers], color="lightgray", label="dense")
+        ax.bar(
+            range(len(layers)),
+            [r["widths_end"][n] for n in layers],
+            color=colors.get(r["method"]),
+            label=f"{r['method']} final",
+        )
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels([n.replace(".weight", "") for n in layers], rotation=90, fontsize=7)
+        ax.set(ylabel="output channels", title="layer widths: dense vs Chase's final network")
+        ax.legend()
+        save(fig, f"{stem}_widths.png")
+    return names
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="CIFAR-10: ImageFolder copy or torchvision cache")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--runs", default=str(ROOT / "runs" / "cifar10_cpu"), help="folder of the run folders")
-    p.add_argument("--out", default=str(common.RESULTS), help="folder of cifar10_cpu.json/.md")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="short")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="METHOD[@SEED]",
+        help=f"runs, from {', '.join(METHODS)}; @SEED for a seed other than 0 (default: all methods)",
+    )
+    p.add_argument("--runs", default=None, help="folder of the run folders (default per protocol)")
+    p.add_argument("--out", default=str(common.RESULTS), help="folder of the result files")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="1 epoch, tiny schedules: checks the script only")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    protocol, stem, runs = PROTOCOLS[args.protocol]
+    args.runs = args.runs or str(ROOT / runs)
+    runs_wanted = [parse_run(m) for m in (args.methods or list(METHODS))]
+    base = load_config([protocol], [f"data_dir={args.data_dir}", *args.set, *(SMOKE if args.smoke else [])])
     payload: dict[str, Any] = {
-        "protocol": str(PROTOCOL.relative_to(ROOT)) + (" (smoke overrides)" if args.smoke else ""),
+        "protocol": str(protocol.relative_to(ROOT)) + (" (smoke overrides)" if args.smoke else ""),
+        "protocol_name": args.protocol,
         "protocol_summary": (
-            "CIFAR ResNet-20, 50,000 training images, 2 epochs of batch 128 (780 steps), SGD + cosine LR, "
-            "density 0.1 (ERK), updates every 50 steps until 75%; Chase channel events every 100 steps until "
-            "80%; final model on the 10,000 test images."
+            f"{base.model}, {'a subset of the' if base.train_limit else 'all 50,000'} training images, "
+            f"{base.epochs} epochs of batch {base.batch_size}, SGD + {base.schedule} LR, "
+            f"density {base.density} ({base.distribution.upper()}), "
+            f"mask updates every {base.update_every} steps "
+            "(RigL/SET/MEST until 75% of the steps, Chase to the end), Chase channel events every "
+            f"{base.channel_every} steps until 80%; final model on the 10,000 test images."
         ),
         "overrides": args.set + (SMOKE if args.smoke else []),
         "machine": common.machine("cpu"),
@@ -220,15 +374,17 @@ def main() -> None:
         "rows": [],
     }
     out = pathlib.Path(args.out)
-    for method in args.methods:
-        payload["rows"].append(train_method(method, args))
+    for method, seed in runs_wanted:
+        payload["rows"].append(train_method(method, seed, args))
         payload["total_train_minutes"] = sum(r["train_seconds"] for r in payload["rows"]) / 60
         payload["load_average_end"] = os.getloadavg()
-        common.write("cifar10_cpu", payload, markdown(payload), folder=out)
-        log.info("%s", json.dumps({k: v for k, v in payload["rows"][-1].items() if k != "config"}))
+        common.write(stem, payload, markdown(payload), folder=out)
+        log.info("%s", json.dumps({k: v for k, v in payload["rows"][-1].items() if k in ("run", "test_acc")}))
     payload["throughput"] = measure_throughput(payload["rows"], args)
     payload["load_average_end"] = os.getloadavg()
-    common.write("cifar10_cpu", payload, markdown(payload), folder=out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload["plots"] = plots(payload, out, stem)
+    common.write(stem, payload, markdown(payload), folder=out)
     print(markdown(payload))
 
 
