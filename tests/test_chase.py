@@ -99,11 +99,14 @@ def test_mask_and_physical_runs_in_lockstep(opt_name):
     _lockstep(TinyResNet, opt_name)
 
 
-@pytest.mark.parametrize("topology", ["residual", "concat", "flatten", "depthwise", "grouped", "se_mul"])
+@pytest.mark.parametrize(
+    "topology", ["residual", "concat", "concat_residual", "flatten", "depthwise", "grouped", "se_mul"]
+)
 def test_lockstep_on_each_topology(topology):
     from tests.test_graph import TOPOLOGIES
 
-    _lockstep(TOPOLOGIES[topology][0], "sgd", size=8, prune_skip=topology == "residual")
+    skip = topology in ("residual", "concat_residual")
+    _lockstep(TOPOLOGIES[topology][0], "sgd", size=8, prune_skip=skip)
 
 
 def test_budget_exact_and_no_growth_in_removed_channels():

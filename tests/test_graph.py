@@ -228,6 +228,27 @@ class ConcatNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ConcatResidualNet(nn.Module):
+    """A block whose input is the concatenation of two branches, with a residual add around it: the
+    residual groups cover only part of the block conv's output (offsets into a larger tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 6, 3, padding=1)
+        self.b = nn.Conv2d(8, 2, 1)
+        self.f = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        z = torch.relu(y + self.bn(self.f(y)))
+        return self.fc(self.head(z).mean((2, 3)))
+
+
 class FlattenNet(nn.Module):
     """conv -> bn -> relu -> conv -> relu -> flatten (k = H*W features per channel) -> linear -> linear."""
 
@@ -348,6 +369,7 @@ def _x(size: int = 8) -> torch.Tensor:
 TOPOLOGIES = {
     "residual": (ResidualNet, {"conv1"}, {"stem"}),
     "concat": (ConcatNet, {"stem", "layer1.2", "layer2.2"}, set()),
+    "concat_residual": (ConcatResidualNet, {"stem", "head"}, {"a", "b"}),
     "flatten": (FlattenNet, {"conv1", "conv2", "fc1"}, set()),
     "depthwise": (DepthwiseNet, {"block.expand.0"}, {"stem.0"}),
     "grouped": (GroupedNet, {"conv3"}, set()),

@@ -47,7 +47,8 @@ class Chase(Sparsifier):
         channel_sparsity: final fraction of prunable channels removed (the paper's S_c: 0.3-0.5).
         channel_every: optimizer steps between channel events (the paper's Delta T).
         channel_end: step at which the cubic schedule reaches ``channel_sparsity`` (the paper's T_chan);
-            default ``soft_bound_end``.
+            default ``soft_bound_end``, but before the last exploration update (which regrows the weights
+            the last event freed).
         min_channel_ratio: the paper's beta: a layer keeps at least ``int(C (1 - S_c) beta)`` channels.
         prune_skip: also prune residual-stream channels (all coupled layers together).
         keep_channels: fnmatch patterns of layers (module or parameter names, as ``dense_layers``) whose
@@ -128,9 +129,11 @@ class Chase(Sparsifier):
 
     def _prepare(self) -> None:
         """Channel groups, floors and the event schedule; refuses bad options before anything is changed."""
-        self.channel_end = (
-            self.soft_bound_end if self._channel_end_arg is None else int(self._channel_end_arg)
-        )
+        if self._channel_end_arg is None:  # with the soft bound, and before the last update (regrowth)
+            last = self.last_update_step()
+            self.channel_end = min(self.soft_bound_end, last - 1) if last > 1 else self.soft_bound_end
+        else:
+            self.channel_end = int(self._channel_end_arg)
         like = next(iter(self._masks.params.values()))
         example_inputs = _like(self._example_inputs, like)
         del self._example_inputs  # only its shapes mattered: do not hold the user's batch
@@ -227,9 +230,10 @@ class Chase(Sparsifier):
                     continue  # a producer kept dense by dense_layers still scores through its siblings
                 w = self._masks.params[s.tensor]
                 sc = channel_score(w, self._masks[s.tensor], self._row_numel[s.tensor], self.channel_score)
-                if sc.numel() != int(alive.sum()):  # mask mode: rows of removed channels are still there
-                    sc = sc[alive.to(sc.device)]
-                per_producer.append(sc)
+                # This group's rows only: a producer may also carry other groups' channels (its output is
+                # concatenated, or added to a concatenation), and in mask mode removed rows remain.
+                rows = self._surgery.slot_positions(g.name, s.tensor, sliced=self.removal == "physical")
+                per_producer.append(sc[rows[:, 0].to(sc.device)])
             score = torch.stack(per_producer).mean(0)
             scores.append(score)
             gids.append(torch.full_like(score, i, dtype=torch.long))

@@ -116,6 +116,26 @@ class SurgeryState:
         """Number of channels of the group at discovery time."""
         return self._channels[group_name].numel()
 
+    def slot_positions(self, group_name: str, tensor_name: str, *, sliced: bool) -> torch.Tensor:
+        """Where the group's alive channels sit in ``tensor_name`` (its first slot in the group), in
+        channel-id order: ``LongTensor[alive, k]`` of positions along the slot's dim, in the CURRENT
+        tensor when it is physically ``sliced``, else in original coordinates.
+
+        A slot may cover only part of its tensor (a conv whose output is a concatenation, or that feeds
+        an add with a concatenation): its positions are offsets into the larger tensor, never 0..width.
+        """
+        alive = self._channels[group_name]
+        for tensor, dim, index in self._slots[group_name]:
+            if tensor != tensor_name:
+                continue
+            positions = index[alive]
+            if not sliced:
+                return positions
+            # The current tensor holds the alive original positions in order.
+            current = self._alive[tensor][dim].long().cumsum(0) - 1
+            return current[positions]
+        raise ValueError(f"group {group_name!r} has no slot on {tensor_name!r}")
+
     def tensor_alive(self, tensor_name: str) -> dict[int, torch.Tensor]:
         """dim -> alive-position vector over original positions, for every dim groups carry (copies).
 
