@@ -249,6 +249,32 @@ class ConcatResidualNet(nn.Module):
         return self.fc(self.head(z).mean((2, 3)))
 
 
+class ShuffleNet(nn.Module):
+    """ShuffleNetV2's unit: split the channels in two (chunk), a 1x1 -> depthwise -> 1x1 branch on one
+    half, concatenate, then shuffle the channels (a view that splits the channel dim into groups, a
+    transpose, a view back). Torch-Pruning cannot map that view; the branch's inner channels are still
+    prunable, the channels that cross the shuffle are kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pw1, self.bn1 = nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.dw, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6)
+        self.pw2, self.bn3 = nn.Conv2d(6, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(8, 5, 1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x1, x2 = x.chunk(2, dim=1)
+        y = torch.relu(self.bn1(self.pw1(x2)))
+        y = torch.relu(self.bn3(self.pw2(self.bn2(self.dw(y)))))
+        x = torch.cat([x1, y], 1)
+        b, c, h, w = x.shape
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        return self.fc(self.head(x).mean((2, 3)))
+
+
 class FlattenNet(nn.Module):
     """conv -> bn -> relu -> conv -> relu -> flatten (k = H*W features per channel) -> linear -> linear."""
 
@@ -370,6 +396,7 @@ TOPOLOGIES = {
     "residual": (ResidualNet, {"conv1"}, {"stem"}),
     "concat": (ConcatNet, {"stem", "layer1.2", "layer2.2"}, set()),
     "concat_residual": (ConcatResidualNet, {"stem", "head"}, {"a", "b"}),
+    "shuffle": (ShuffleNet, {"pw1", "head"}, set()),
     "flatten": (FlattenNet, {"conv1", "conv2", "fc1"}, set()),
     "depthwise": (DepthwiseNet, {"block.expand.0"}, {"stem.0"}),
     "grouped": (GroupedNet, {"conv3"}, set()),
@@ -595,3 +622,23 @@ def test_torchvision(name: str) -> None:
         g = rng.choice(residual)
         check_group(model, x, g, [rng.randrange(g.width)])
     _assert_clean(model)
+
+
+def test_shuffle_keeps_the_groups_it_cannot_map() -> None:
+    """A channel shuffle no longer takes the whole model down: its groups are kept with a reason."""
+    graph = channel_groups(_prep(ShuffleNet()), _x())
+    kept = {g.name: g.reason for g in graph if not g.prunable}
+    assert kept.get("stem")  # the stem's channels cross the chunk, the cat and the shuffle
+
+
+def test_discovery_of_swin_is_fast_and_bounded() -> None:
+    """Swin's window partitions made Torch-Pruning's position lists multiply (minutes, >22 GB)."""
+    import time
+
+    import torchvision
+
+    model = torchvision.models.swin_t(num_classes=10)
+    t = time.perf_counter()
+    graph = channel_groups(model, torch.randn(1, 3, 64, 64), prune_skip=True)
+    assert time.perf_counter() - t < 60
+    assert graph.prunable()  # the MLP hidden channels

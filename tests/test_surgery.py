@@ -414,7 +414,10 @@ def test_grouped_conv_and_groupnorm_raise_naming_the_layer() -> None:
 
 
 def test_linear_layernorm_and_unknown_module_warning(caplog: pytest.LogCaptureFixture) -> None:
-    class Gain(nn.Module):  # a fresh type: warned about once
+    """An unknown module that only owns a per-channel parameter (a layer scale) is sliced silently; one
+    that records the old size in an attribute is warned about once per type, naming the attribute."""
+
+    class Gain(nn.Module):  # a per-channel parameter and nothing else: nothing can go stale
         def __init__(self) -> None:
             super().__init__()
             self.g = nn.Parameter(torch.ones(8))
@@ -422,20 +425,21 @@ def test_linear_layernorm_and_unknown_module_warning(caplog: pytest.LogCaptureFi
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.g
 
-    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), Gain(), Gain(), nn.Linear(8, 3))
-    slots = [
-        prod("0.weight", 8),
-        slot("0.bias", 8),
-        norm("1", 8, stats=False),
-        slot("2.g", 8),
-        slot("3.g", 8),
-    ]
-    state = SurgeryState(model, [group("0", 8, *slots, cons("4.weight", 8))])
+    class SizedGain(Gain):  # also remembers its width: that attribute would be stale
+        def __init__(self) -> None:
+            super().__init__()
+            self.channels = 8
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), Gain(), SizedGain(), SizedGain(), nn.Linear(8, 3))
+    slots = [prod("0.weight", 8), slot("0.bias", 8), norm("1", 8, stats=False)]
+    slots += [slot("2.g", 8), slot("3.g", 8), slot("4.g", 8)]
+    state = SurgeryState(model, [group("0", 8, *slots, cons("5.weight", 8))])
     with caplog.at_level(logging.WARNING, logger="chase.surgery"):
         remove_channels(model, state, {"0": [1, 2]})
         remove_channels(model, state, {"0": [3]})
-    assert sum("no surgery rule for" in r.getMessage() for r in caplog.records) == 1
-    assert model[0].out_features == 5 and model[4].in_features == 5
+    warned = [r.getMessage() for r in caplog.records if "no surgery rule for" in r.getMessage()]
+    assert len(warned) == 1 and "SizedGain" in warned[0] and "channels" in warned[0]
+    assert model[0].out_features == 5 and model[5].in_features == 5
     assert model[1].normalized_shape == (5,) and model[2].g.shape == (5,)
     assert model(torch.randn(2, 4)).shape == (2, 3)
 

@@ -71,13 +71,17 @@ def channel_groups(model: nn.Module, example_inputs: Any, *, prune_skip: bool = 
     model = unwrap(model)
     modes = {m: m.training for m in model.modules()}
     hooks = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
+    failed: list[str] = []
     try:
-        dg, trace = tp_groups.build(model, example_inputs)
-        groups = _groups(model, dg, trace, prune_skip)
+        with tp_groups.tolerant_reshape_mapping(failed):
+            dg, trace = tp_groups.build(model, example_inputs)
+            groups = _groups(model, dg, trace, prune_skip)
     finally:
         for m, training in modes.items():
             m.training = training
         _drop_new_hooks(hooks)
+    for note in failed:
+        log.info("torch-pruning could not map channels through reshape %s: groups through it stay kept", note)
     graph = ChannelGraph(groups, prune_skip=prune_skip)
     log.info(
         "channel groups: %d found, %d prunable (prune_skip=%s)", len(graph), len(graph.prunable()), prune_skip

@@ -10,6 +10,10 @@ modifies the model (we never call Torch-Pruning's pruning functions, which repla
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -18,6 +22,8 @@ import torch_pruning as tp
 from torch import nn
 
 from chase.graph.trace import Trace, trace_model
+
+log = logging.getLogger(__name__)
 
 CONV = nn.modules.conv._ConvNd
 _OUTPUT_OP = getattr(tp.ops, "_OutputOp", ())  # Torch-Pruning's marker for model outputs (newer versions)
@@ -70,8 +76,86 @@ def has_channel_tensors(m: nn.Module) -> bool:
     return any(isinstance(getattr(m, a, None), torch.Tensor) for a in ("weight", "bias", "running_mean"))
 
 
+#: the ``failed`` lists of the active :func:`tolerant_reshape_mapping` contexts (to explain kept groups).
+_UNMAPPED: list[list[str]] = []
+#: the most channel positions one group query may map through reshapes (see tolerant_reshape_mapping).
+MAX_MAPPED_POSITIONS = 1 << 17
+_CREATED = [0]  # positions mapped by the current group query
+
+
+class MappingTooLarge(RuntimeError):
+    """A group query stopped because Torch-Pruning's position lists grew without bound."""
+
+
+@contextlib.contextmanager
+def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
+    """Two guards around Torch-Pruning's index mapping, for one graph build and its group queries.
+
+    - Torch-Pruning maps channel positions through every reshape; on some (ShuffleNet's channel
+      shuffle, a view that splits the channel dim into groups) that mapping raises and takes the whole
+      graph down. Here a reshape whose mapping fails is left unmapped and recorded in ``failed`` (once);
+      our own op rules never let a channel group through such a reshape, so those groups stay kept (their
+      reason names it) and the rest of the model is still pruned.
+    - It recomputes every mapping of the whole graph at each group query (``get_pruning_group``), which
+      makes discovery quadratic in the model's size; the graph does not change between our queries, so
+      the mapping is computed once per graph.
+    - Through a reshape it expands every channel position into ``stride`` positions, and through a chain
+      of reshapes (Swin's window partitions, a channel shuffle) the lists multiply until memory runs out.
+      A query that would create more than :data:`MAX_MAPPED_POSITIONS` positions is stopped; its group is
+      kept with that reason. Legitimate mappings (a conv flattened into a linear layer: channels x H x W
+      positions) stay far below the bound.
+    """
+    mod = importlib.import_module("torch_pruning.dependency.index_mapping")
+    reshape, update = (
+        getattr(mod, "update_reshape_index_mapping", None),
+        getattr(mod, "update_index_mapping", None),
+    )
+    if reshape is None or update is None:  # another Torch-Pruning layout: nothing to guard
+        yield
+        return
+    mapped: set[int] = set()
+    flatten = getattr(mod, "_FlattenIndexMapping", None)
+    expand = flatten.__call__ if flatten is not None else None
+
+    def bounded_expand(self: Any, idxs: Any) -> Any:
+        grows = 1 if getattr(self, "reverse", True) else int(getattr(self, "_stride", 1))
+        _CREATED[0] += len(idxs) * grows
+        if _CREATED[0] > MAX_MAPPED_POSITIONS:
+            raise MappingTooLarge(
+                f"its channel positions multiply through reshapes past {MAX_MAPPED_POSITIONS:,} "
+                "(window partitions or a channel shuffle on the way)"
+            )
+        return expand(self, idxs)
+
+    def guarded_reshape(graph: Any, node: Any) -> None:
+        try:
+            reshape(graph, node)
+        except Exception as e:  # any failure of one mapping, not of the graph
+            note = f"{getattr(node, 'name', node)}: {e}"
+            if note not in failed:
+                failed.append(note)
+
+    def update_once(graph: Any) -> None:
+        if id(graph) not in mapped:
+            update(graph)
+            mapped.add(id(graph))
+
+    mod.update_reshape_index_mapping, mod.update_index_mapping = guarded_reshape, update_once
+    if flatten is not None:
+        flatten.__call__ = bounded_expand
+    _UNMAPPED.append(failed)
+    try:
+        yield
+    finally:
+        mod.update_reshape_index_mapping, mod.update_index_mapping = reshape, update
+        if flatten is not None:
+            flatten.__call__ = expand
+        _UNMAPPED.remove(failed)
+
+
 def build(model: nn.Module, example_inputs: Any) -> tuple[tp.DependencyGraph, Trace]:
-    """Trace ``model`` once, feeding the same forward pass to our recorder and to Torch-Pruning."""
+    """Trace ``model`` once, feeding the same forward pass to our recorder and to Torch-Pruning (call it,
+    and query the groups, inside :func:`tolerant_reshape_mapping`)."""
     dg = tp.DependencyGraph()
 
     def run(forward: Callable[[], Any]) -> None:
@@ -116,12 +200,17 @@ def group(dg: tp.DependencyGraph, names: dict[Any, str], module: nn.Module, side
         fn, width = pruner.prune_out_channels, pruner.get_out_channels(module)
     else:
         fn, width = pruner.prune_in_channels, pruner.get_in_channels(module)
+    _CREATED[0] = 0
     try:
         g = dg.get_pruning_group(module, fn, list(range(width)))
+    except MappingTooLarge as e:
+        return TPGroup(names[module], side, width, [], [f"'{names[module]}': {e}"], False)
     except Exception as e:  # a graph Torch-Pruning cannot map: keep the layer, say why
-        return TPGroup(
-            names[module], side, width, [], [f"torch-pruning failed on '{names[module]}': {e}"], False
-        )
+        why = f"torch-pruning failed on '{names[module]}': {e}"
+        unmapped = [note for notes in _UNMAPPED for note in notes]
+        if unmapped:  # the likely cause: a reshape it could not map (e.g. a channel shuffle)
+            why += f" (it could not map channels through {len(unmapped)} reshape(s), e.g. {unmapped[0]})"
+        return TPGroup(names[module], side, width, [], [why], False)
     items: list[Item] = []
     problems: list[str] = []
     output = False

@@ -153,24 +153,46 @@ def find_rule(module: nn.Module) -> Rule | None:
 def new_attributes(name: str, module: nn.Module, shapes: Shapes) -> dict[str, Any]:
     """Attributes ``module`` (called ``name``) takes after slicing; ValueError naming the layer if none fit.
 
-    Unknown module types get no attribute changes (their tensors are still sliced) and one warning per type.
+    Unknown module types get no attribute changes (their tensors are still sliced). They are warned about
+    (once per type) only when an attribute could be stale: a plain int, or tuple/list of ints, equal to a
+    size that changed. A module that merely owns a per-channel parameter (ConvNeXt's layer scale) and
+    records no size is handled silently.
     """
     rule = find_rule(module)
     if rule is None:
         kind = type(module)
-        if kind not in _warned_types:
+        stale = _size_attributes(module, shapes)
+        if stale and kind not in _warned_types:
             _warned_types.add(kind)
             logger.warning(
-                "no surgery rule for %s (first seen at %r): its tensors were sliced but no attribute was "
-                "updated; register_rule() silences this",
+                "no surgery rule for %s (first seen at %r): its tensors were sliced but its attribute(s) %s "
+                "that hold the old size were not updated; register_rule() teaches surgery (or silences this)",
                 kind.__qualname__,
                 name,
+                ", ".join(stale),
             )
         return {}
     try:
         return rule(module, shapes)
     except ValueError as e:
         raise ValueError(f"cannot slice channels of layer {name!r} ({type(module).__name__}): {e}") from e
+
+
+def _size_attributes(module: nn.Module, shapes: Shapes) -> list[str]:
+    """Plain attributes of ``module`` holding a size that the new ``shapes`` change."""
+    changed: set[int] = set()
+    for tensor_name, new in shapes.items():
+        old = getattr(module, tensor_name, None)
+        if isinstance(old, torch.Tensor) and tuple(old.shape) != tuple(new):
+            changed |= {a for a, b in zip(old.shape, new) if a != b}
+    out = []
+    for attr, value in vars(module).items():
+        if attr.startswith("_"):
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, int) and not isinstance(v, bool) and v in changed for v in values):
+            out.append(attr)
+    return out
 
 
 def apply_attributes(module: nn.Module, attrs: Mapping[str, Any]) -> None:
