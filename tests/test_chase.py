@@ -29,6 +29,19 @@ def test_water_fill_hand_made():
     assert water_fill(scores, groups, caps=[3, 2, 2], quota=0).numel() == 0
 
 
+def test_water_fill_counts_unit_costs():
+    """Grouped-conv units cost several channels: the walk stops at the channel count nearest the quota."""
+    scores = torch.tensor([0.10, 0.20, 0.05, 0.30])
+    groups = torch.tensor([0, 0, 1, 1])  # group 1 holds units of 4 channels
+    caps, costs = [2, 2], [1, 4]
+    # lowest first: 0.05 (4 ch), 0.10 (1), 0.20 (1), 0.30 (4)
+    assert water_fill(scores, groups, caps, quota=4, costs=costs).tolist() == [2]
+    assert water_fill(scores, groups, caps, quota=5, costs=costs).tolist() == [2, 0]
+    assert water_fill(scores, groups, caps, quota=1, costs=costs).tolist() == []  # 0 is nearer than 4
+    assert water_fill(scores, groups, caps, quota=3, costs=costs).tolist() == [2]  # 4 is nearer than 0
+    assert water_fill(scores, groups, caps, quota=99, costs=costs).tolist() == [2, 0, 1, 3]
+
+
 def test_umm_counts_the_whole_original_filter():
     w = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.0]])
     mask = w != 0

@@ -120,8 +120,10 @@ def slice_out(model: nn.Module, group: ChannelGroup, j: int) -> nn.Module:
         touched.add(mod)
     for m in touched:  # make the module attributes agree with the new shapes
         if isinstance(m, nn.modules.conv._ConvNd):
-            if m.groups > 1:  # depthwise
+            if m.groups > 1 and m.groups == m.in_channels == m.out_channels:  # depthwise
                 m.groups = m.in_channels = m.out_channels = m.weight.shape[0]
+            elif m.groups > 1:  # grouped: a unit took one in-group channel from every group
+                m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
             else:
                 m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1]
         elif isinstance(m, nn.Linear):
@@ -399,7 +401,7 @@ TOPOLOGIES = {
     "shuffle": (ShuffleNet, {"pw1", "head"}, set()),
     "flatten": (FlattenNet, {"conv1", "conv2", "fc1"}, set()),
     "depthwise": (DepthwiseNet, {"block.expand.0"}, {"stem.0"}),
-    "grouped": (GroupedNet, {"conv3"}, set()),
+    "grouped": (GroupedNet, {"conv1", "grouped", "conv3"}, set()),
     "se_mul": (SENet, {"conv1", "fc1"}, set()),
     "channels_last": (ChannelsLastNet, {"fc1"}, {"stem"}),
 }
@@ -470,9 +472,33 @@ def test_depthwise_and_grouped_roles() -> None:
     stem = {s.tensor: s.role for s in graph["stem.0"].slots}
     assert stem["stem.2.weight"] == "param" and stem["block.project.0.weight"] == "producer"
     grouped = channel_groups(GroupedNet(), _x().float())
+    # groups=2 over 8 channels: 4 units of 2 channels, unit u = in-group channel u of both conv groups
     for name in ("conv1", "grouped"):
-        assert not grouped[name].prunable
-        assert "'grouped'" in grouped[name].reason and "groups=2" in grouped[name].reason
+        g = grouped[name]
+        assert g.prunable and g.width == 4 and g.unit == 2
+        assert g.producers[0].index.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    cons = {(s.tensor, s.dim): s.index.tolist() for s in grouped["conv1"].slots if s.role == "consumer"}
+    assert cons == {("grouped.weight", 1): [[0], [1], [2], [3]]}
+
+
+class _PartialGroupedNet(nn.Module):
+    """A grouped conv reading a concatenation: each branch covers only part of its input channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.grouped(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3))
+
+
+def test_grouped_conv_needs_the_whole_dim() -> None:
+    graph = channel_groups(_PartialGroupedNet(), _x().float())
+    for name in ("a", "b"):
+        assert not graph[name].prunable and "only part of grouped conv 'grouped'" in graph[name].reason
+    assert graph["grouped"].prunable  # its output side is whole
 
 
 def test_channels_last_layer_scale_and_mixing() -> None:

@@ -63,7 +63,10 @@ class ChannelGraph:
             shown = ", ".join(mods[:max_layers]) + (
                 f", ... (+{len(mods) - max_layers})" if len(mods) > max_layers else ""
             )
-            line = f"  [{mark}{flags}] {g.name:<{width}} {g.width:>5} ch -> {shown or '(no other layer)'}"
+            units = f" x{g.unit}" if g.unit > 1 else ""  # grouped-conv units of several channels
+            line = (
+                f"  [{mark}{flags}] {g.name:<{width}} {g.width:>5}{units} ch -> {shown or '(no other layer)'}"
+            )
             if not g.prunable:
                 line += f"  | kept: {g.reason}"
             lines.append(line)

@@ -166,11 +166,14 @@ def _translate(
     slots: list[Slot] = []
     for item in g.items:
         slots += _slots(item, modules, reach, problems)
+    width = g.width
+    if reach.grouped and not problems:
+        slots, width = _grouped_units(g, slots, modules, reach, problems)
     reason, residual = _decide(g, reach, problems, slots, prune_skip)
     name = g.root if g.side == "out" else f"{g.root}:in"
     return ChannelGroup(
         name=name or "(model)",
-        width=g.width,
+        width=width,
         slots=tuple(slots),
         prunable=not reason,
         residual=residual,
@@ -213,6 +216,60 @@ def _slots(
             continue
         out.append(Slot(prefix + attr, item.name, dim, item.index, role))
     return out
+
+
+def _grouped_units(
+    g: tp_groups.TPGroup,
+    slots: list[Slot],
+    modules: dict[str, nn.Module],
+    reach: Reach,
+    problems: list[str],
+) -> tuple[list[Slot], int]:
+    """Regroup channels that a grouped conv reads or writes into units it can lose.
+
+    A conv with ``G`` groups of ``per = C / G`` channels cannot lose one channel, but it can lose the
+    same in-group channel ``u`` of every group: channels ``u, u + per, ..., u + (G-1) per`` of its input
+    (or output) together. Each slot's index becomes ``[per, G * k]`` (unit ``u`` -> the positions of those
+    ``G`` channels), and the grouped conv's weight gets a consumer slot along its per-group input dim
+    (size ``per``). Returns the new slots and width (units), or the old ones with a problem recorded.
+    """
+    groups = set(reach.grouped.values())
+    if len(groups) != 1:
+        problems.append(f"grouped convs {sorted(reach.grouped)} split these channels into different groups")
+        return slots, g.width
+    n_groups = groups.pop()
+    items = {i.name: i for i in g.items if i.name in reach.grouped}
+    order = None
+    for conv_name, item in items.items():
+        conv = modules[conv_name]
+        size = conv.in_channels if (conv_name, "consumer") in reach.layers else conv.out_channels
+        index = item.index
+        if (
+            index is None
+            or index.shape != (g.width, 1)
+            or g.width != size
+            or not torch.equal(index[:, 0].sort().values, torch.arange(size))
+        ):
+            problems.append(f"the channels cover only part of grouped conv '{conv_name}' (groups={n_groups})")
+            return slots, g.width
+        if order is None:
+            order = index[:, 0]
+        elif not torch.equal(order, index[:, 0]):
+            problems.append(f"grouped convs {sorted(items)} see these channels in different orders")
+            return slots, g.width
+    assert order is not None
+    per = g.width // n_groups
+    chan_at = torch.empty_like(order)
+    chan_at[order] = torch.arange(order.numel())
+    # members[u] = the group's channels that sit at in-group position u of every conv group
+    members = chan_at.reshape(n_groups, per).t()
+    units = [Slot(s.tensor, s.module, s.dim, s.index[members].reshape(per, -1), s.role) for s in slots]
+    for conv_name in items:
+        if (conv_name, "consumer") in reach.layers:
+            prefix = f"{conv_name}." if conv_name else ""
+            index = torch.arange(per).reshape(per, 1)
+            units.append(Slot(prefix + "weight", conv_name, 1, index, "consumer"))
+    return units, per
 
 
 def _param_size(modules: dict[str, nn.Module], fqn: str, dim: int) -> int:

@@ -117,7 +117,10 @@ def conv(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> E
         return Effect({port: st}, role="consumer" if port == 0 else "producer")
     if groups == module.in_channels == module.out_channels:
         return Effect({0: st, -1: st}, role="depthwise")
-    raise Unsupported(f"grouped conv '{call.module}' (groups={groups}) cannot lose single channels")
+    # A grouped conv reads input channel c in conv group c // (C / groups): it cannot lose one channel,
+    # but it can lose the same in-group channel of every group (a unit of `groups` channels). Whether the
+    # group's channels cover the whole dim, as units need, is checked when the group is built.
+    return Effect({port: st}, role="consumer" if port == 0 else "producer", grouped=groups)
 
 
 def linear(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:

@@ -31,6 +31,7 @@ class Reach:
     problems: list[str] = field(default_factory=list)
     from_input: bool = False
     to_output: list[str] = field(default_factory=list)
+    grouped: dict[str, int] = field(default_factory=dict)  # grouped conv module -> its groups
 
 
 def propagate(trace: Trace, modules: dict[str, nn.Module], call: int, port: int, state: ChanState) -> Reach:
@@ -64,6 +65,8 @@ def propagate(trace: Trace, modules: dict[str, nn.Module], call: int, port: int,
                 )
             side = 0 if eff.role in ("consumer", "norm", "depthwise") else -1
             reach.layers[(rec.module, eff.role)] = eff.ports[side]
+            if eff.grouped:
+                reach.grouped[rec.module] = eff.grouped
         elif rec.op not in reach.ops:
             reach.ops.append(rec.op)
         if eff.residual:

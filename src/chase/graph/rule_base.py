@@ -44,6 +44,7 @@ class Effect:
     role: Optional[str] = None  # "producer", "consumer", "depthwise" or "norm" for layer ops
     residual: bool = False
     mixing: str = ""  # why removing a channel changes the other channels' values (LayerNorm, ...)
+    grouped: int = 0  # a grouped (not depthwise) conv's ``groups``: channels go in units across its groups
 
 
 Rule = Callable[[Call, int, ChanState, Optional[nn.Module]], Effect]

@@ -79,6 +79,13 @@ class ChannelGroup:
         return tuple(s for s in self.slots if s.role == "producer")
 
     @property
+    def unit(self) -> int:
+        """Channels removed together as one of the group's ``width`` entries: 1, or a grouped conv's
+        ``groups`` (the same in-group channel of every conv group goes at once)."""
+        producers = self.producers
+        return int(producers[0].index.shape[1]) if producers else 1
+
+    @property
     def modules(self) -> tuple[str, ...]:
         """Names of all modules touched by this group, in slot order, without repeats."""
         return tuple(dict.fromkeys(s.module for s in self.slots))
@@ -86,7 +93,8 @@ class ChannelGroup:
     def __str__(self) -> str:
         state = "prunable" if self.prunable else f"kept ({self.reason})"
         kind = "residual " if self.residual else ""
-        lines = [f"ChannelGroup {self.name!r}: {self.width} channels, {kind}{state}"]
+        units = f" (units of {self.unit} channels)" if self.unit > 1 else ""
+        lines = [f"ChannelGroup {self.name!r}: {self.width} channels{units}, {kind}{state}"]
         for s in self.slots:
             lines.append(f"    {s.role:<9} {s.tensor} [dim {s.dim}]")
         return "\n".join(lines)

@@ -33,13 +33,20 @@ def channel_score(
 
 
 def water_fill(
-    scores: torch.Tensor, group_ids: torch.Tensor, caps: Sequence[int], quota: int
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    caps: Sequence[int],
+    quota: int,
+    costs: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Pick ``quota`` channels with the lowest scores overall, at most ``caps[g]`` from group ``g``.
+    """Pick the channels with the lowest scores overall until ``quota`` is met, at most ``caps[g]`` from
+    group ``g``.
 
     Exact water-filling: walk all channels from the lowest score up, skipping a channel once its group
     has given all it may (it reached its floor), until the quota is met. Ties go to the earlier entry.
-    Returns positions into ``scores`` (fewer than ``quota`` only when the caps allow no more).
+    With ``costs`` (channels per entry of group ``g``, e.g. a grouped conv's units) the quota counts
+    channels: the walk stops at the count nearest to ``quota`` (within half the crossing entry's cost).
+    Returns positions into ``scores`` (fewer than the quota only when the caps allow no more).
     """
     if quota <= 0 or scores.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
@@ -54,5 +61,15 @@ def water_fill(
     rank = torch.empty_like(gid)
     rank[by_group] = torch.arange(gid.numel(), device=gid.device) - starts[sorted_gid]
     cap = torch.as_tensor(list(caps), dtype=torch.long, device=gid.device)
-    eligible = order[rank < cap[gid]]
-    return eligible[:quota]
+    keep = rank < cap[gid]
+    eligible = order[keep]
+    if costs is None or all(c == 1 for c in costs):
+        return eligible[:quota]
+    cost = torch.as_tensor(list(costs), dtype=torch.long, device=gid.device)[gid[keep]]
+    total = cost.cumsum(0)
+    n = int(torch.searchsorted(total, torch.tensor(quota, device=total.device)))  # first total >= quota
+    if n >= total.numel():
+        return eligible
+    before = int(total[n - 1]) if n > 0 else 0
+    take = n + 1 if int(total[n]) - quota <= quota - before else n
+    return eligible[:take]

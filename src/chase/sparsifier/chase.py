@@ -150,7 +150,9 @@ class Chase(Sparsifier):
                 "count in its statistics. Use removal='physical' (default) or prune_skip=False"
             )
         self._surgery = SurgeryState(self.module, self.groups)
-        self.total_channels = sum(g.width for g in self.groups)
+        # A grouped conv's channels go in units of `unit` channels (see the graph); S_c counts channels.
+        self._units = [g.unit for g in self.groups]
+        self.total_channels = sum(g.width * u for g, u in zip(self.groups, self._units))
         # The paper's floor int(C (1 - S_c) beta), and never an empty layer.
         self._floors = [
             max(1, int(g.width * (1 - self.channel_sparsity) * self.min_channel_ratio)) for g in self.groups
@@ -203,14 +205,18 @@ class Chase(Sparsifier):
 
     # ------------------------------------------------------------------ read-outs
     def alive_channels(self) -> dict[str, int]:
-        """Alive channels per prunable group."""
+        """Alive channels (units, for a group of grouped-conv units) per prunable group."""
         return {g.name: self._surgery.current_width(g.name) for g in self.groups}
+
+    def _alive_total(self) -> int:
+        """Alive prunable channels, every unit counted with its channels."""
+        return sum(self._surgery.current_width(g.name) * u for g, u in zip(self.groups, self._units))
 
     def channel_sparsity_now(self) -> float:
         """Fraction of prunable channels removed so far."""
         if not self.total_channels:
             return 0.0
-        return 1.0 - sum(self.alive_channels().values()) / self.total_channels
+        return 1.0 - self._alive_total() / self.total_channels
 
     # ------------------------------------------------------------------ channel events
     def _after_step(self, t: int, info: StepInfo) -> None:
@@ -232,8 +238,9 @@ class Chase(Sparsifier):
                 sc = channel_score(w, self._masks[s.tensor], self._row_numel[s.tensor], self.channel_score)
                 # This group's rows only: a producer may also carry other groups' channels (its output is
                 # concatenated, or added to a concatenation), and in mask mode removed rows remain.
+                # A grouped-conv unit owns several rows: its score is their mean (UMM stays a mean).
                 rows = self._surgery.slot_positions(g.name, s.tensor, sliced=self.removal == "physical")
-                per_producer.append(sc[rows[:, 0].to(sc.device)])
+                per_producer.append(sc[rows.to(sc.device)].mean(1))
             score = torch.stack(per_producer).mean(0)
             scores.append(score)
             gids.append(torch.full_like(score, i, dtype=torch.long))
@@ -245,12 +252,12 @@ class Chase(Sparsifier):
         """Run the channel event of step ``t``: remove the quota of lowest-score channels (water-filling)."""
         alive = [self._surgery.current_width(g.name) for g in self.groups]
         keep = round(self.total_channels * (1.0 - self.target_channel_sparsity(t)))
-        quota = sum(alive) - keep
+        quota = self._alive_total() - keep  # in channels; a unit costs its channels
         if quota <= 0:
             return 0
         caps = [max(0, a - f) for a, f in zip(alive, self._floors)]
         scores, gids, ids = self._scores()
-        chosen = water_fill(scores.float().cpu(), gids.cpu(), caps, quota)
+        chosen = water_fill(scores.float().cpu(), gids.cpu(), caps, quota, costs=self._units)
         if self._distributed():  # every rank removes rank 0's choice (same shape on all ranks)
             picked = torch.zeros(scores.numel(), dtype=torch.bool)
             picked[chosen] = True

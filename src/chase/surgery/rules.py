@@ -52,9 +52,13 @@ def _conv_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
             n = w[0] // mult
         new = {"in_channels": n, "out_channels": n * mult, "groups": n}
     else:
-        raise ValueError(
-            f"grouped conv (groups={groups}, in={c_in}, out={c_out}) cannot be sliced channel by channel"
-        )
+        # Grouped: channels go in units of one in-group position across every group (the graph's
+        # grouped units), so both widths stay multiples of ``groups`` and ``groups`` itself stays.
+        if module.transposed:
+            raise ValueError(f"grouped transposed conv (groups={groups}) cannot be sliced")
+        if w[0] % groups:
+            raise ValueError(f"grouped conv (groups={groups}) cannot take {w[0]} output channels")
+        new = {"in_channels": w[1] * groups, "out_channels": w[0]}
     bias = shapes.get("bias")
     if bias is not None and bias[0] != new["out_channels"]:
         raise ValueError(f"bias size {bias[0]} != out_channels {new['out_channels']}")
