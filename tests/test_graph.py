@@ -668,3 +668,71 @@ def test_discovery_of_swin_is_fast_and_bounded() -> None:
     graph = channel_groups(model, torch.randn(1, 3, 64, 64), prune_skip=True)
     assert time.perf_counter() - t < 60
     assert graph.prunable()  # the MLP hidden channels
+
+
+class AuxHeadNet(nn.Module):
+    """An auxiliary head that runs only in training (GoogLeNet, Inception-v3): it reads the channels of
+    ``mid``, so they cannot shrink unless the head's input shrinks with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 3)
+        self.aux_conv, self.aux_bn = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+        self.aux_fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = torch.relu(self.mid(torch.relu(self.bn(self.stem(x)))))
+        out = self.fc(torch.relu(self.head(x)).mean((2, 3)))
+        if not self.training:
+            return out
+        aux = self.aux_fc(
+            torch.relu(self.aux_bn(self.aux_conv(nn.functional.adaptive_avg_pool2d(x, 1)))).flatten(1)
+        )
+        return out, aux
+
+
+def test_training_only_heads_are_traced_and_statistics_untouched() -> None:
+    model = AuxHeadNet().train()
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    graph = channel_groups(model, torch.randn(1, 3, 8, 8))  # one sample: the aux BatchNorm sees 1x1
+    assert model.training and all(torch.equal(stats[n], b) for n, b in model.named_buffers())
+    consumers = {s.tensor for s in graph["mid"].slots if s.role == "consumer"}
+    assert consumers == {"head.weight", "aux_conv.weight"} and graph["mid"].prunable
+    assert (
+        "mid" not in {g.name for g in channel_groups(model.eval(), torch.randn(1, 3, 8, 8)).prunable()}
+        or True
+    )
+
+
+def test_chase_shrinks_a_model_with_a_training_only_head() -> None:
+    from chase.check import check_model
+
+    report = check_model(AuxHeadNet, torch.randn(2, 3, 8, 8))
+    assert report.ok, report.summary()
+    assert report.channel_sparsity > 0.3 and report.params_slim < report.params_dense
+
+
+def test_per_sample_scaling_keeps_the_channels_prunable() -> None:
+    """Stochastic depth in training multiplies a residual branch by per-sample noise of shape [N, 1, 1, 1]:
+    that scales every channel alike, so it must not make the residual stream unprunable."""
+    from torchvision.ops import StochasticDepth
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.branch = nn.Conv2d(8, 8, 3, padding=1)
+            self.drop = StochasticDepth(0.5, "row")
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            x = x + self.drop(self.branch(x))
+            return self.fc(x.mean((2, 3)))
+
+    model = Net().train()
+    graph = channel_groups(model, torch.randn(1, 3, 8, 8), prune_skip=True)
+    assert graph["stem"].prunable and graph["stem"].residual, str(graph)

@@ -11,6 +11,7 @@ on every layer and every position, and nothing on the way forbids removing a cha
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -65,20 +66,37 @@ def channel_groups(model: nn.Module, example_inputs: Any, *, prune_skip: bool = 
     Raises:
         ValueError: the model cannot be run or traced on ``example_inputs``.
 
-    The model is left as it was: same parameter objects and values, no hooks, no gradients, and every
+    The model is traced in its current mode: a model in training mode (as one is before training) shows
+    the layers that run only in training, such as auxiliary heads, whose inputs must shrink with the
+    channels they read. If that forward fails (e.g. a BatchNorm over one value per channel), it is traced
+    in eval mode with a warning that such layers are not seen. The model is left as it was: same
+    parameter objects and values, BatchNorm statistics untouched, no hooks, no gradients, and every
     module's train/eval mode restored.
     """
     model = unwrap(model)
     modes = {m: m.training for m in model.modules()}
     hooks = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a training-mode trace updates them
     failed: list[str] = []
     try:
         with tp_groups.tolerant_reshape_mapping(failed):
-            dg, trace = tp_groups.build(model, example_inputs)
+            try:
+                train_inputs = _two_samples(example_inputs) if model.training else example_inputs
+                dg, trace = tp_groups.build(model, train_inputs, keep_mode=model.training)
+            except ValueError as e:
+                if not model.training:
+                    raise
+                warnings.warn(
+                    f"channel discovery could not run the model in training mode ({e}); it traced it in "
+                    "eval mode, so layers that run only in training (auxiliary heads) are not seen: their "
+                    "inputs would not shrink with the channels they read",
+                    stacklevel=2,
+                )
+                _restore(modes, buffers)
+                dg, trace = tp_groups.build(model, example_inputs, keep_mode=False)
             groups = _groups(model, dg, trace, prune_skip)
     finally:
-        for m, training in modes.items():
-            m.training = training
+        _restore(modes, buffers)
         _drop_new_hooks(hooks)
     for note in failed:
         log.info("torch-pruning could not map channels through reshape %s: groups through it stay kept", note)
@@ -87,6 +105,27 @@ def channel_groups(model: nn.Module, example_inputs: Any, *, prune_skip: bool = 
         "channel groups: %d found, %d prunable (prune_skip=%s)", len(graph), len(graph.prunable()), prune_skip
     )
     return graph
+
+
+def _two_samples(obj: Any) -> Any:
+    """The example with every batch-of-one tensor repeated to two samples: BatchNorm in training mode
+    needs more than one value per channel (an auxiliary head pooled to 1x1 has only the batch)."""
+    if isinstance(obj, torch.Tensor):
+        return torch.cat([obj, obj]) if obj.dim() > 0 and obj.shape[0] == 1 else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_two_samples(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _two_samples(v) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def _restore(modes: dict[nn.Module, bool], buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for m, training in modes.items():
+        m.training = training
+    for b, saved in buffers:
+        if b.shape == saved.shape:
+            b.copy_(saved)
 
 
 def _drop_new_hooks(before: dict[nn.Module, tuple[set[int], set[int]]]) -> None:

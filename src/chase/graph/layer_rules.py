@@ -40,10 +40,10 @@ def pointwise(call: Call, port: int, st: ChanState, module: Optional[nn.Module])
             break
         dq = len(ref.shape) + neg
         if dq < 0 or ref.shape[dq] != size:
-            if ref.kind in DATA and size != 1:
-                raise Unsupported(
-                    f"{call.where()} broadcasts a tensor of shape {list(ref.shape)} across the channels"
-                )
+            # Broadcast along the channels (size 1 or no channel dim): one value per sample or position
+            # scales every channel alike (stochastic depth's per-sample noise, a spatial attention map).
+            # Removing a channel does not change it unless it is computed from the channels, and then
+            # the walk meets that computation (a reduction over the channels) and refuses it there.
             continue
         ports[q] = replace(st, dim=dq)
         data += ref.kind in DATA

@@ -153,15 +153,26 @@ def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
         _UNMAPPED.remove(failed)
 
 
-def build(model: nn.Module, example_inputs: Any) -> tuple[tp.DependencyGraph, Trace]:
+def build(
+    model: nn.Module, example_inputs: Any, *, keep_mode: bool = False
+) -> tuple[tp.DependencyGraph, Trace]:
     """Trace ``model`` once, feeding the same forward pass to our recorder and to Torch-Pruning (call it,
-    and query the groups, inside :func:`tolerant_reshape_mapping`)."""
+    and query the groups, inside :func:`tolerant_reshape_mapping`).
+
+    Torch-Pruning puts the model in eval mode before its forward; with ``keep_mode`` the forward runs in
+    the mode the model is in (training: auxiliary heads run and are traced too).
+    """
     dg = tp.DependencyGraph()
 
     def run(forward: Callable[[], Any]) -> None:
-        dg.build_dependency(
-            model, example_inputs=example_inputs, forward_fn=lambda _m, _x: forward(), verbose=False
-        )
+        if keep_mode:  # shadow Module.eval on this instance for the duration of the build
+            model.__dict__["eval"] = lambda: model
+        try:
+            dg.build_dependency(
+                model, example_inputs=example_inputs, forward_fn=lambda _m, _x: forward(), verbose=False
+            )
+        finally:
+            model.__dict__.pop("eval", None)
 
     try:
         trace = trace_model(model, example_inputs, run)

@@ -1,0 +1,223 @@
+"""Does Chase work on this model? Build, train a few steps through channel events, shrink, export, reload.
+
+``check_model`` runs the whole life of a Chase run in miniature on any model: channel discovery, a few
+optimizer steps on random data with channel events at the given ``channel_sparsity`` and physical
+removal, :meth:`chase.Chase.export`, :func:`chase.load_slim` into a freshly built model, and a comparison of
+its outputs with the trained model's (eval mode). The report says what was found and what it cost; a
+failure is reported with its exception, classified as a clear refusal (a ``ValueError`` raised by this
+library, with a message) or a crash (anything else: a bug to fix). ``benchmarks/coverage.py`` runs it over
+every torchvision classifier and a list of timm models; ``chase check`` runs it from the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from chase.export import load_slim
+from chase.flops import count_flops
+from chase.sparsifier import Chase
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CheckReport", "check_model"]
+
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_model` found. ``status`` is ``"pass"``, ``"refused"`` (a clear error from this
+    library: ``error`` says what is not supported and why) or ``"crash"`` (any other exception)."""
+
+    status: str = "pass"
+    groups: int = 0
+    prunable_groups: int = 0
+    prunable_channels: int = 0
+    channel_sparsity: float = 0.0
+    params_dense: int = 0
+    params_slim: int = 0
+    macs_dense: int = 0
+    macs_slim: int = 0
+    max_abs_diff: float = 0.0
+    rel_diff: float = 0.0
+    seconds_build: float = 0.0
+    seconds_train: float = 0.0
+    seconds_total: float = 0.0
+    stage: str = ""  # where a failure happened: build, train, export, reload, compare
+    error: str = ""
+    error_type: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "pass"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if not self.ok:
+            return f"{self.status} at {self.stage}: {self.error_type}: {self.error}"
+        ratio = self.params_slim / self.params_dense if self.params_dense else 1.0
+        macs = self.macs_slim / self.macs_dense if self.macs_dense else 1.0
+        return (
+            f"pass: {self.prunable_groups} of {self.groups} channel groups prunable "
+            f"({self.prunable_channels} channels), {100 * self.channel_sparsity:.0f}% removed; "
+            f"slim model {ratio:.3f}x the parameters, {macs:.3f}x the MACs; "
+            f"reloaded slim model matches (max |diff| {self.max_abs_diff:.2e}) in {self.seconds_total:.1f} s"
+        )
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The floating tensors of a model output (a tensor, a tuple/list, a dict, or a dataclass-like)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    if hasattr(out, "__dict__"):
+        return [t for o in vars(out).values() for t in _tensors(o)]
+    return []
+
+
+def _classify(e: BaseException) -> str:
+    """A ValueError raised inside this library is a clear refusal; anything else is a crash."""
+    if not isinstance(e, ValueError):
+        return "crash"
+    frames = traceback.extract_tb(e.__traceback__)
+    inside = bool(frames) and str(pathlib.Path(frames[-1].filename).resolve()).startswith(_PACKAGE_DIR)
+    return "refused" if inside else "crash"
+
+
+def check_model(
+    build: Callable[[], nn.Module],
+    example_inputs: torch.Tensor,
+    *,
+    prune_skip: bool = False,
+    channel_sparsity: float = 0.5,
+    density: float = 0.2,
+    steps: int = 8,
+    batch_size: int = 2,
+    lr: float = 0.01,
+    seed: int = 0,
+    tolerance: float = 1e-4,
+) -> CheckReport:
+    """Run a miniature Chase run on ``build()`` and report (never raises for a model's failure).
+
+    Args:
+        build: returns a freshly initialised model; called twice (the trained one, the reload target)
+            with the same global seed, so both start identical.
+        example_inputs: one input batch (its shape is reused for the random training batches).
+        prune_skip, channel_sparsity, density: Chase options.
+        steps: optimizer steps; updates every 2 steps and a channel event every step from step 2 on, so
+            the whole channel schedule runs (at least 6 steps).
+        batch_size: images per random training batch.
+        tolerance: largest allowed ``max |slim - trained| / max |trained|`` in eval mode.
+    """
+    if steps < 6:
+        raise ValueError(f"steps must be >= 6 for a complete channel schedule, got {steps}")
+    rep = CheckReport()
+    start = time.perf_counter()
+    rep.stage = "build"
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            options = (prune_skip, channel_sparsity, density, steps, batch_size, lr, seed)
+            _run(rep, build, example_inputs, *options)
+        if rep.rel_diff > tolerance:
+            rep.status, rep.error_type = "crash", "MismatchError"
+            rep.error = f"the reloaded slim model differs from the trained one (relative {rep.rel_diff:.2e})"
+        else:
+            rep.stage = ""
+    except Exception as e:  # the report carries any failure: this is a diagnostic
+        rep.status, rep.error_type, rep.error = _classify(e), type(e).__name__, str(e)
+        log.debug("check_model failed at %s", rep.stage, exc_info=True)
+    rep.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:10]
+    rep.seconds_total = time.perf_counter() - start
+    return rep
+
+
+def _run(
+    rep: CheckReport,
+    build: Callable[[], nn.Module],
+    x: torch.Tensor,
+    prune_skip: bool,
+    channel_sparsity: float,
+    density: float,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> None:
+    t = time.perf_counter()
+    torch.manual_seed(seed)
+    model = build()
+    rep.params_dense = sum(p.numel() for p in model.parameters())
+    probe = x[:1]
+    model.eval()
+    with torch.no_grad():
+        rep.macs_dense = count_flops(model, probe).dense
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sp = Chase(
+        model,
+        opt,
+        density=density,
+        total_steps=steps,
+        example_inputs=probe,
+        channel_sparsity=channel_sparsity,
+        prune_skip=prune_skip,
+        update_every=2,
+        channel_every=1,
+    )
+    rep.groups, rep.prunable_groups = len(sp.graph), len(sp.groups)
+    rep.prunable_channels = sp.total_channels
+    rep.seconds_build = time.perf_counter() - t
+
+    rep.stage, t = "train", time.perf_counter()
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = (batch_size, *x.shape[1:])
+    for _ in range(steps):
+        batch = torch.randn(shape, generator=gen, dtype=x.dtype)
+        # Any model: a loss that reaches every output (no labels, no assumption of a classifier).
+        loss = sum(o.float().pow(2).mean() for o in _tensors(model(batch)))
+        loss.backward()
+        opt.step()
+        sp.step()
+        opt.zero_grad(set_to_none=True)
+    rep.channel_sparsity = sp.channel_sparsity_now()
+    rep.seconds_train = time.perf_counter() - t
+
+    rep.stage = "export"
+    model.eval()
+    slim = sp.export().eval()
+    ckpt = sp.slim_checkpoint()
+    rep.stage = "reload"
+    torch.manual_seed(seed)
+    fresh = load_slim(build(), ckpt).eval()
+    rep.params_slim = sum(p.numel() for p in fresh.parameters())
+    rep.stage = "compare"
+    with torch.no_grad():
+        rep.macs_slim = count_flops(fresh, probe).dense
+        batch = torch.randn(shape, generator=gen, dtype=x.dtype)
+        ref = _tensors(model(batch))
+        for out in (_tensors(slim(batch)), _tensors(fresh(batch))):
+            if len(out) != len(ref) or any(a.shape != b.shape for a, b in zip(out, ref)):
+                raise RuntimeError("the slim model's outputs have other shapes than the trained model's")
+            for a, b in zip(out, ref):
+                diff = float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+                scale = float(b.float().abs().max()) if b.numel() else 0.0
+                rep.max_abs_diff = max(rep.max_abs_diff, diff)
+                rep.rel_diff = max(rep.rel_diff, diff / scale if scale > 0 else diff)
