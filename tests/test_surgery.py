@@ -505,3 +505,29 @@ def test_cuda_matches_cpu() -> None:
     for (name, p), q in zip(cpu.state_dict().items(), gpu.state_dict().values()):
         torch.testing.assert_close(q.cpu(), p, rtol=0, atol=2e-2, msg=lambda m, name=name: f"{name}: {m}")
     assert all(m.is_cuda and m.shape == gpu.get_parameter(n).shape for n, m in masks.items())
+
+
+def test_grouped_conv_down_to_one_channel_per_group_keeps_its_groups() -> None:
+    """A grouped conv whose input units shrink to one channel per group looks like a depthwise conv with a
+    channel multiplier; removing an output unit afterwards must still keep ``groups`` (found on timm's
+    regnetx_002, whose last stage went from 8 to 1 input channel per group)."""
+    from chase.graph import channel_groups
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 1)
+            self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=4)  # 2 in, 4 out per group
+            self.conv3 = nn.Conv2d(16, 5, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv3(torch.relu(self.grouped(torch.relu(self.conv1(x))))).mean((2, 3))
+
+    model = Net()
+    graph = channel_groups(model, torch.randn(1, 3, 6, 6))
+    state = SurgeryState(model, graph.prunable())
+    remove_channels(model, state, {"conv1": [1]})  # one of the 2 in-group inputs: 8 -> 4 channels
+    assert (model.grouped.in_channels, model.grouped.groups) == (4, 4)
+    remove_channels(model, state, {"grouped": [0, 3]})  # two of the 4 in-group outputs: 16 -> 8
+    assert (model.grouped.in_channels, model.grouped.out_channels, model.grouped.groups) == (4, 8, 4)
+    assert model(torch.randn(2, 3, 6, 6)).shape == (2, 5)

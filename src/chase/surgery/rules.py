@@ -38,22 +38,19 @@ def _conv_rule(module: nn.Module, shapes: Shapes) -> dict[str, Any]:
         # Plain convs hold [out, in, ...]; transposed convs hold [in, out, ...].
         rows, cols = (w[1], w[0]) if module.transposed else (w[0], w[1])
         new = {"in_channels": cols, "out_channels": rows}
-    elif groups == c_in:
-        # Depthwise, possibly with a channel multiplier: every input channel is its own group, so a
-        # channel takes its ``mult`` filters with it and ``groups`` follows the width.
-        mult = c_out // c_in
-        if module.transposed:
-            if w[1] != mult:
-                raise ValueError(f"depthwise transposed conv cannot take weight shape {tuple(w)}")
-            n = w[0]
-        else:
-            if w[1] != 1 or w[0] % mult:
-                raise ValueError(f"depthwise conv cannot take weight shape {tuple(w)}")
-            n = w[0] // mult
-        new = {"in_channels": n, "out_channels": n * mult, "groups": n}
+    elif groups == c_in == c_out:
+        # Depthwise: every channel is its own group, so a channel takes its filter with it and ``groups``
+        # follows the width.
+        # [out, in/groups, ...] for convs, [in, out/groups, ...] for transposed ones: dim 1 stays 1.
+        n = w[0]
+        if w[1] != 1:
+            raise ValueError(f"depthwise conv cannot take weight shape {tuple(w)}")
+        new = {"in_channels": n, "out_channels": n, "groups": n}
     else:
-        # Grouped: channels go in units of one in-group position across every group (the graph's
-        # grouped units), so both widths stay multiples of ``groups`` and ``groups`` itself stays.
+        # Grouped (a depthwise conv with a channel multiplier too): channels go in units of one in-group
+        # position across every group (the graph's grouped units), so ``groups`` stays and both widths
+        # stay multiples of it. (A grouped conv shrunk to one channel per group looks depthwise, but then
+        # neither of its unit groups can lose another unit.)
         if module.transposed:
             raise ValueError(f"grouped transposed conv (groups={groups}) cannot be sliced")
         if w[0] % groups:

@@ -1,0 +1,211 @@
+"""Coverage sweep: does Chase work on every torchvision classifier and on common timm families?
+
+For every model of ``benchmarks/coverage_models.yaml`` (all of torchvision's classification models, and the
+timm models listed there), with ``prune_skip`` False and True, ``chase.check.check_model`` builds it,
+trains a few steps on random data with channel events at S_c 0.5 and physical removal, exports the slim
+model, reloads it into a freshly built model with ``chase.load_slim``, and compares the outputs with the
+trained model's in eval mode. Each run happens in its own process, with a time limit and a memory limit,
+so a model that hangs or exhausts memory is recorded as such and the sweep goes on.
+
+Results: ``benchmarks/results/coverage.{json,md}`` (per model and option: status, channel groups,
+prunable channels, parameter and MAC ratios of the slim model, seconds, error). A status is ``pass``,
+``refused`` (a clear ValueError from the library saying what is not supported), ``crash`` (anything
+else, a bug), ``timeout``, ``oom`` or ``skip`` (with the reason from the YAML). Finished runs are kept
+in ``--state`` (JSON lines) and not repeated, so a killed sweep continues where it stopped.
+
+    python benchmarks/coverage.py                    # everything (an hour or more on 2 cores)
+    python benchmarks/coverage.py --only resnet18,timm:resnet18d --out /tmp/cov
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import yaml
+
+import common
+
+HERE = pathlib.Path(__file__).resolve().parent
+LIST = HERE / "coverage_models.yaml"
+TIMM = "timm:"
+
+
+def load_list(path: pathlib.Path = LIST) -> dict[str, Any]:
+    """The YAML model list (one owner for the sweep and the CI test)."""
+    return yaml.safe_load(path.read_text())
+
+
+def entries(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(model name, options) for every swept model: torchvision's classifiers, then the timm list."""
+    import torchvision
+
+    default = {"input": spec.get("input", 64), "kwargs": {}}
+    tv = spec.get("torchvision") or {}
+    out = [
+        (n, {**default, **tv.get(n, {})})
+        for n in sorted(torchvision.models.list_models(module=torchvision.models))
+    ]
+    out += [(TIMM + n, {**default, **(o or {})}) for n, o in (spec.get("timm") or {}).items()]
+    return out
+
+
+def build_fn(name: str, kwargs: dict[str, Any]):
+    """A zero-argument builder of a freshly initialised model (no pretrained weights)."""
+    from chase.models import get_model
+
+    return lambda: get_model(name, num_classes=10, **kwargs)
+
+
+def run_one(name: str, options: dict[str, Any], prune_skip: bool) -> dict[str, Any]:
+    """One check in THIS process (the child's body)."""
+    import torch
+
+    from chase.check import check_model
+
+    torch.set_num_threads(int(os.environ.get("COVERAGE_THREADS", "2")))
+    size = int(options["input"])
+    report = check_model(
+        build_fn(name, options.get("kwargs") or {}), torch.randn(2, 3, size, size), prune_skip=prune_skip
+    )
+    return report.to_dict()
+
+
+def run_isolated(
+    name: str, options: dict[str, Any], prune_skip: bool, timeout: float, memory_gb: float
+) -> dict[str, Any]:
+    """Run :func:`run_one` in a child process with a time and an address-space limit."""
+    cmd = [
+        sys.executable,
+        str(pathlib.Path(__file__).resolve()),
+        "--child",
+        name,
+        "--options",
+        json.dumps(options),
+    ]
+    cmd += ["--prune-skip"] if prune_skip else []
+    limit = int(memory_gb * (1 << 30))
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=limits, cwd=HERE
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"no result within {timeout:.0f} s", "seconds_total": timeout}
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr or "").strip().splitlines()[-3:]
+    oom = (
+        "MemoryError" in proc.stderr or "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
+    )
+    return {
+        "status": "oom" if oom else "crash",
+        "error": " | ".join(tail) or f"exit status {proc.returncode}",
+        "error_type": "child process",
+        "seconds_total": time.perf_counter() - t,
+    }
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    rows = payload["rows"]
+    m = payload["machine"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    done = [r for r in rows if r["status"] != "skip"]
+    passed = sum(r["status"] == "pass" for r in done)
+    tally = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    lines = [
+        "# Coverage sweep: Chase on torchvision and timm classifiers",
+        "",
+        f"{m['cpu']} ({m['torch_threads']} threads per run), torch {m['torch']}, {m['date']}. Every "
+        "model with prune_skip off and on: build, 8 steps on random data with channel events at S_c 0.5 "
+        "and physical removal, export, reload with `chase.load_slim` into a fresh model, outputs compared "
+        "with the trained model's in eval mode (relative tolerance 1e-4). "
+        f"**{passed} of {len(done)} runs pass** ({tally}).",
+        "",
+        "| model | input | prune_skip | status | groups (prunable) | prunable channels | params slim/dense | "
+        "MACs slim/dense | seconds | error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ok = r["status"] == "pass"
+        params = f"{r['params_slim'] / r['params_dense']:.3f}" if ok and r.get("params_dense") else ""
+        macs = f"{r['macs_slim'] / r['macs_dense']:.3f}" if ok and r.get("macs_dense") else ""
+        groups = f"{r.get('groups', '')} ({r.get('prunable_groups', '')})" if r.get("groups") else ""
+        err = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:160]
+        lines.append(
+            f"| {r['model']} | {r.get('input', '')} | {r['prune_skip']} | {r['status']} | {groups} | "
+            f"{r.get('prunable_channels', '')} | {params} | {macs} | {r.get('seconds_total', 0):.0f} | "
+            f"{err} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated model names (default: the whole list)")
+    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument(
+        "--state", default=None, help="JSON-lines file of finished runs (default OUT/coverage_state.jsonl)"
+    )
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    ap.add_argument("--memory-gb", type=float, default=16.0, help="address-space limit per run")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--prune-skip", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.child:
+        print(json.dumps(run_one(args.child, json.loads(args.options), args.prune_skip)), flush=True)
+        return
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = pathlib.Path(args.state) if args.state else out / "coverage_state.jsonl"
+    done = {}
+    if state.exists():
+        for line in state.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["model"], r["prune_skip"])] = r
+    wanted = set(filter(None, args.only.split(",")))
+    todo = [(n, o) for n, o in entries(load_list()) if not wanted or n in wanted]
+    payload: dict[str, Any] = {
+        "machine": common.machine("cpu"),
+        "list": str(LIST.relative_to(HERE.parent)),
+        "rows": [],
+    }
+    for name, options in todo:
+        for skip in (False, True):
+            key = (name, skip)
+            if key not in done:
+                if options.get("skip"):
+                    row = {"status": "skip", "error": options["skip"]}
+                else:
+                    row = run_isolated(name, options, skip, args.timeout, args.memory_gb)
+                row.update(model=name, prune_skip=skip, input=options["input"])
+                with state.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                done[key] = row
+                print(f"{name} prune_skip={skip}: {row['status']} {row.get('error', '')[:120]}", flush=True)
+            payload["rows"].append(done[key])
+        common.write("coverage", payload, markdown(payload), folder=out)
+    common.write("coverage", payload, markdown(payload), folder=out)
+    print(markdown(payload).split("\n\n")[1])
+
+
+if __name__ == "__main__":
+    main()
