@@ -394,3 +394,35 @@ def test_trainer_logs_the_amenable_family_at_every_update(tmp_path, capsys):
     assert main(["analyze", str(run)]) == 0
     out = capsys.readouterr().out
     assert "amenable family over training" in out and "r=0.5" in out
+
+
+def test_groups_a_module_cannot_follow_are_refused_at_construction():
+    """A custom module recording its width in an attribute of unknown meaning: its group is kept from the
+    start with a warning naming it, instead of failing at the first channel event."""
+
+    class Opaque(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.heads, self.g = c, nn.Parameter(torch.ones(c, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.g
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.opaque, self.head = Opaque(8), nn.Conv2d(8, 4, 1)
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.b(torch.relu(self.a(x))))
+            return self.fc(self.head(self.opaque(x)).mean((2, 3)))
+
+    model = Net()
+    opt = make_optimizer("sgd", model)
+    with pytest.warns(UserWarning, match=r"keeps 1 channel group.*heads"):
+        sp = _chase(model, opt)
+    assert "b" in sp.refused_groups and {g.name for g in sp.groups} == {"a", "head"}
+    _run(model, opt, sp, 24)
+    assert sp.channel_sparsity_now() > 0.3 and model.b.out_channels == 8

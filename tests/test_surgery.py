@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 from typing import Callable
 
 import pytest
@@ -20,6 +19,7 @@ from chase.surgery import (
     SurgeryState,
     alive_mask,
     register_rule,
+    removal_problem,
     remove_channels,
     replay,
     zero_removed,
@@ -413,11 +413,12 @@ def test_grouped_conv_and_groupnorm_raise_naming_the_layer() -> None:
     assert ok[1].num_channels == 6 and ok(torch.randn(1, 3, 4, 4)).shape == (1, 6, 4, 4)
 
 
-def test_linear_layernorm_and_unknown_module_warning(caplog: pytest.LogCaptureFixture) -> None:
-    """An unknown module that only owns a per-channel parameter (a layer scale) is sliced silently; one
-    that records the old size in an attribute is warned about once per type, naming the attribute."""
+def test_linear_layernorm_and_modules_without_a_rule() -> None:
+    """A module type without a rule: a per-channel parameter alone needs nothing; a size-named int and a
+    broadcast shape (timm's layer scale keeps ``shape = (dim, 1, 1)``) follow the new size; an attribute
+    of unknown meaning holding the size is refused before anything is sliced."""
 
-    class Gain(nn.Module):  # a per-channel parameter and nothing else: nothing can go stale
+    class Gain(nn.Module):  # a per-channel parameter and nothing else
         def __init__(self) -> None:
             super().__init__()
             self.g = nn.Parameter(torch.ones(8))
@@ -425,23 +426,42 @@ def test_linear_layernorm_and_unknown_module_warning(caplog: pytest.LogCaptureFi
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.g
 
-    class SizedGain(Gain):  # also remembers its width: that attribute would be stale
+    class ShapedGain(Gain):  # remembers its width twice, as a size name and as a broadcast shape
         def __init__(self) -> None:
             super().__init__()
-            self.channels = 8
+            self.channels, self.shape = 8, (8,)
 
-    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), Gain(), SizedGain(), SizedGain(), nn.Linear(8, 3))
-    slots = [prod("0.weight", 8), slot("0.bias", 8), norm("1", 8, stats=False)]
-    slots += [slot("2.g", 8), slot("3.g", 8), slot("4.g", 8)]
-    state = SurgeryState(model, [group("0", 8, *slots, cons("5.weight", 8))])
-    with caplog.at_level(logging.WARNING, logger="chase.surgery"):
-        remove_channels(model, state, {"0": [1, 2]})
-        remove_channels(model, state, {"0": [3]})
-    warned = [r.getMessage() for r in caplog.records if "no surgery rule for" in r.getMessage()]
-    assert len(warned) == 1 and "SizedGain" in warned[0] and "channels" in warned[0]
-    assert model[0].out_features == 5 and model[5].in_features == 5
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.g.view(self.shape)
+
+    class Opaque(Gain):  # an int of unknown meaning that equals the width
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = 8
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), Gain(), ShapedGain(), nn.Linear(8, 3))
+    slots = [
+        prod("0.weight", 8),
+        slot("0.bias", 8),
+        norm("1", 8, stats=False),
+        slot("2.g", 8),
+        slot("3.g", 8),
+    ]
+    state = SurgeryState(model, [group("0", 8, *slots, cons("4.weight", 8))])
+    remove_channels(model, state, {"0": [1, 2]})
+    remove_channels(model, state, {"0": [3]})
+    assert model[0].out_features == 5 and model[4].in_features == 5
     assert model[1].normalized_shape == (5,) and model[2].g.shape == (5,)
+    assert (model[3].channels, model[3].shape) == (5, (5,))
     assert model(torch.randn(2, 4)).shape == (2, 3)
+
+    opaque = nn.Sequential(nn.Linear(4, 8), Opaque(), nn.Linear(8, 3))
+    slots = [prod("0.weight", 8), slot("0.bias", 8), slot("1.g", 8)]
+    state = SurgeryState(opaque, [group("0", 8, *slots, cons("2.weight", 8))])
+    with pytest.raises(ValueError, match=r"'1' \(.*Opaque\).*heads"):
+        remove_channels(opaque, state, {"0": [0]})
+    assert opaque[0].weight.shape == (8, 4) and opaque[1].g.shape == (8,)  # nothing was sliced
+    assert removal_problem(opaque, state, "0")
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))

@@ -17,7 +17,7 @@ from chase.sparse import schedules
 from chase.sparse.channels import CHANNEL_SCORES, channel_score, water_fill
 from chase.sparse.targets import matches
 from chase.sparsifier.base import Sparsifier, StepInfo
-from chase.surgery import SurgeryState, alive_mask, remove_channels, replay, zero_removed
+from chase.surgery import SurgeryState, alive_mask, removal_problem, remove_channels, replay, zero_removed
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,21 @@ class Chase(Sparsifier):
                 "count in its statistics. Use removal='physical' (default) or prune_skip=False"
             )
         self._surgery = SurgeryState(self.module, self.groups)
+        # A group whose removal some module cannot follow (a custom module recording its width, say) is
+        # refused now, with the reason, rather than failing at the first channel event.
+        refused = {
+            g.name: why for g in self.groups if (why := removal_problem(self.module, self._surgery, g.name))
+        }
+        if refused:
+            warnings.warn(
+                f"Chase keeps {len(refused)} channel group(s) whose layers cannot be narrowed: "
+                + "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:3])
+                + (" ..." if len(refused) > 3 else ""),
+                stacklevel=3,
+            )
+            self.groups = [g for g in self.groups if g.name not in refused]
+            self._surgery = SurgeryState(self.module, self.groups)
+        self.refused_groups = refused
         # A grouped conv's channels go in units of `unit` channels (see the graph); S_c counts channels.
         self._units = [g.unit for g in self.groups]
         self.total_channels = sum(g.width * u for g, u in zip(self.groups, self._units))

@@ -9,7 +9,7 @@
 """
 
 from chase.surgery.masking import alive_mask, zero_removed
-from chase.surgery.remove import remove_channels
+from chase.surgery.remove import removal_problem, remove_channels
 from chase.surgery.replay import replay
 from chase.surgery.rules import register_rule
 from chase.surgery.slicing import slice_tensors
@@ -20,6 +20,7 @@ __all__ = [
     "SurgeryState",
     "alive_mask",
     "register_rule",
+    "removal_problem",
     "remove_channels",
     "replay",
     "slice_tensors",

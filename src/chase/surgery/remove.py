@@ -8,7 +8,7 @@ from collections.abc import Mapping, MutableMapping
 import torch
 from torch import nn
 
-from chase.surgery.slicing import slice_tensors
+from chase.surgery.slicing import check_attributes, slice_tensors
 from chase.surgery.state import ChannelIds, SurgeryState
 
 logger = logging.getLogger(__name__)
@@ -44,3 +44,17 @@ def remove_channels(
         ", ".join(f"{g} -> {state.current_width(g)}/{state.original_width(g)}" for g in plan.channels),
     )
     return changed
+
+
+def removal_problem(model: nn.Module, state: SurgeryState, group: str) -> str:
+    """Why removing a channel of ``group`` would fail (a module whose attributes cannot follow the new
+    shapes), or ``""`` when it would work. Nothing is changed: the check runs the rules on the planned
+    shapes of one channel's removal."""
+    alive = state.alive_channels(group).nonzero().flatten()
+    if alive.numel() < 2:
+        return ""
+    try:
+        check_attributes(model, state.plan({group: alive[:1]}).keep)
+    except ValueError as e:
+        return str(e)
+    return ""

@@ -132,8 +132,6 @@ _RULES: list[tuple[type, Rule]] = [
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     _RULES.append((nn.RMSNorm, _normalized_shape_rule))
 
-_warned_types: set[type] = set()
-
 
 def register_rule(module_type: type | tuple[type, ...], rule: Rule) -> None:
     """Teach surgery how to fix the attributes of ``module_type`` (e.g. a no-op for a layer-scale module).
@@ -151,49 +149,91 @@ def find_rule(module: nn.Module) -> Rule | None:
     return None
 
 
+#: int attributes of an unknown module that, holding a changed size, name that size (they follow it).
+SIZE_NAMES = frozenset(
+    [
+        "dim",
+        "channels",
+        "num_channels",
+        "num_features",
+        "features",
+        "in_features",
+        "out_features",
+        "in_channels",
+        "out_channels",
+        "hidden_dim",
+        "embed_dim",
+        "width",
+        "planes",
+        "chs",
+        "in_chs",
+        "out_chs",
+    ]
+)
+
+
 def new_attributes(name: str, module: nn.Module, shapes: Shapes) -> dict[str, Any]:
     """Attributes ``module`` (called ``name``) takes after slicing; ValueError naming the layer if none fit.
 
-    Unknown module types get no attribute changes (their tensors are still sliced). They are warned about
-    (once per type) only when an attribute could be stale: a plain int, or tuple/list of ints, equal to a
-    size that changed. A module that merely owns a per-channel parameter (ConvNeXt's layer scale) and
-    records no size is handled silently.
+    A module type without a rule keeps its attributes, except those that visibly record a size that the
+    slicing changes: an int attribute with a size name (``dim``, ``channels``, ``num_features``, ...) and a
+    broadcast shape (a tuple like timm's layer scale ``(dim, 1, 1)``) follow the new size. Any other
+    attribute holding a changed size (an int or tuple whose meaning is unknown) is an error naming it:
+    :func:`register_rule` teaches surgery that type. A module that only owns a per-channel parameter
+    (ConvNeXt's layer scale) needs nothing.
     """
     rule = find_rule(module)
     if rule is None:
-        kind = type(module)
-        stale = _size_attributes(module, shapes)
-        if stale and kind not in _warned_types:
-            _warned_types.add(kind)
-            logger.warning(
-                "no surgery rule for %s (first seen at %r): its tensors were sliced but its attribute(s) %s "
-                "that hold the old size were not updated; register_rule() teaches surgery (or silences this)",
-                kind.__qualname__,
-                name,
-                ", ".join(stale),
+        follow, unknown = _size_attributes(module, shapes)
+        if unknown:
+            raise ValueError(
+                f"cannot slice channels of layer {name!r} ({type(module).__qualname__}): no surgery rule for "
+                f"its type, and its attribute(s) {', '.join(unknown)} hold a size that would change; "
+                "chase.surgery.register_rule() can teach it"
             )
-        return {}
+        if follow:
+            logger.debug(
+                "%s (%s): attributes %s follow the new size", name, type(module).__qualname__, follow
+            )
+        return follow
     try:
         return rule(module, shapes)
     except ValueError as e:
         raise ValueError(f"cannot slice channels of layer {name!r} ({type(module).__name__}): {e}") from e
 
 
-def _size_attributes(module: nn.Module, shapes: Shapes) -> list[str]:
-    """Plain attributes of ``module`` holding a size that the new ``shapes`` change."""
-    changed: set[int] = set()
+def _size_attributes(module: nn.Module, shapes: Shapes) -> tuple[dict[str, Any], list[str]]:
+    """For a module without a rule: (attributes that follow the new size, attributes of unknown meaning
+    that hold a changed size)."""
+    changed: dict[int, set[int]] = {}
     for tensor_name, new in shapes.items():
         old = getattr(module, tensor_name, None)
         if isinstance(old, torch.Tensor) and tuple(old.shape) != tuple(new):
-            changed |= {a for a, b in zip(old.shape, new) if a != b}
-    out = []
+            for a, b in zip(old.shape, new):
+                if a != b:
+                    changed.setdefault(a, set()).add(b)
+    follow: dict[str, Any] = {}
+    unknown = []
     for attr, value in vars(module).items():
-        if attr.startswith("_"):
+        if attr.startswith("_") or isinstance(value, bool):
             continue
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(v, int) and not isinstance(v, bool) and v in changed for v in values):
-            out.append(attr)
-    return out
+        if isinstance(value, int) and value in changed:
+            if attr in SIZE_NAMES and len(changed[value]) == 1:
+                follow[attr] = next(iter(changed[value]))
+            else:
+                unknown.append(attr)
+        elif isinstance(value, (tuple, list)) and any(
+            isinstance(v, int) and not isinstance(v, bool) and v in changed for v in value
+        ):
+            hits = [i for i, v in enumerate(value) if v in changed]
+            broadcast = len(hits) == 1 and all(v == 1 for i, v in enumerate(value) if i != hits[0])
+            if broadcast and len(changed[value[hits[0]]]) == 1:
+                new_value = list(value)
+                new_value[hits[0]] = next(iter(changed[value[hits[0]]]))
+                follow[attr] = type(value)(new_value)
+            else:
+                unknown.append(attr)
+    return follow, unknown
 
 
 def apply_attributes(module: nn.Module, attrs: Mapping[str, Any]) -> None:

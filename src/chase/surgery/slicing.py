@@ -111,6 +111,11 @@ def _drop_grad_accumulator(param: torch.Tensor) -> None:
     param.data = torch.empty(0, dtype=other, device=param.device)
 
 
+def check_attributes(model: nn.Module, keep: Keep) -> None:
+    """Raise the ValueError :func:`slice_tensors` would raise for ``keep``, changing nothing."""
+    _plan_attributes(_resolve(model, keep))
+
+
 def slice_tensors(
     model: nn.Module,
     keep: Keep,
