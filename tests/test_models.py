@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import pathlib
 import subprocess
 import sys
 
@@ -91,11 +91,27 @@ def test_unknown_name_suggests() -> None:
         get_model("resnet_50", num_classes=10)
 
 
-def test_timm_without_timm_is_clear() -> None:
-    if importlib.util.find_spec("timm") is not None:
-        pytest.skip("timm is installed")
+def test_timm_without_timm_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if it were not installed
     with pytest.raises(ImportError, match="pip install timm"):
         get_model("timm:resnet50", num_classes=10)
+
+
+def test_timm_models_build_and_train(tmp_path: pathlib.Path) -> None:
+    """``timm:<name>`` builds a timm model (no pretrained weights), an unknown one suggests close names,
+    and the trainer trains one with Chase."""
+    pytest.importorskip("timm")
+    from chase.cli import main
+
+    model = get_model("timm:resnet18d", num_classes=7)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="timm:resnet18d"):
+        get_model("timm:resnet18dd", num_classes=7)
+    sets = ["dataset=synthetic", "image_size=16", "synthetic_train=32", "synthetic_test=16", "batch_size=16"]
+    sets += ["epochs=2", "model=timm:resnet18d", "update_every=1", "channel_every=1", "channel_end_epoch=1"]
+    sets += ["density=0.2", "speedup_batch=0", "threads=1", "name=timm", "tensorboard=false"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *sets]) == 0
+    assert (tmp_path / "timm" / "slim.pt").exists()
 
 
 def test_import_is_light() -> None:

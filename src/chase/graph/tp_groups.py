@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from chase.graph.trace import Trace, trace_model
@@ -26,7 +25,19 @@ from chase.graph.trace import Trace, trace_model
 log = logging.getLogger(__name__)
 
 CONV = nn.modules.conv._ConvNd
-_OUTPUT_OP = getattr(tp.ops, "_OutputOp", ())  # Torch-Pruning's marker for model outputs (newer versions)
+
+
+def _tp() -> Any:
+    """Torch-Pruning, imported on first use: it imports timm (and so torchvision) when those are installed,
+    and ``import chase`` stays light."""
+    import torch_pruning
+
+    return torch_pruning
+
+
+def _output_op() -> Any:
+    """Torch-Pruning's marker type for model outputs (newer versions; an empty tuple matches nothing)."""
+    return getattr(_tp().ops, "_OutputOp", ())
 NORMS = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
@@ -155,14 +166,14 @@ def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
 
 def build(
     model: nn.Module, example_inputs: Any, *, keep_mode: bool = False
-) -> tuple[tp.DependencyGraph, Trace]:
+) -> tuple[Any, Trace]:
     """Trace ``model`` once, feeding the same forward pass to our recorder and to Torch-Pruning (call it,
     and query the groups, inside :func:`tolerant_reshape_mapping`).
 
     Torch-Pruning puts the model in eval mode before its forward; with ``keep_mode`` the forward runs in
     the mode the model is in (training: auxiliary heads run and are traced too).
     """
-    dg = tp.DependencyGraph()
+    dg = _tp().DependencyGraph()
 
     def run(forward: Callable[[], Any]) -> None:
         if keep_mode:  # shadow Module.eval on this instance for the duration of the build
@@ -183,7 +194,7 @@ def build(
     return dg, trace
 
 
-def roots(dg: tp.DependencyGraph, model: nn.Module) -> list[tuple[str, nn.Module]]:
+def roots(dg: Any, model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv and linear layers that took part in the traced forward, in module order."""
     return [
         (n, m) for n, m in model.named_modules() if isinstance(m, (CONV, nn.Linear)) and m in dg.module2node
@@ -204,7 +215,7 @@ def _index(idxs: list[int], root_idxs: Optional[list[int]], width: int) -> Optio
     return torch.tensor([sorted(p) for p in per_root], dtype=torch.long).reshape(width, -1)
 
 
-def group(dg: tp.DependencyGraph, names: dict[Any, str], module: nn.Module, side: str) -> TPGroup:
+def group(dg: Any, names: dict[Any, str], module: nn.Module, side: str) -> TPGroup:
     """Torch-Pruning's group for all output (or input) channels of ``module``."""
     pruner = dg.get_pruner_of_module(module)
     if side == "out":
@@ -244,7 +255,7 @@ def group(dg: tp.DependencyGraph, names: dict[Any, str], module: nn.Module, side
         elif isinstance(obj, NORMS):
             if has_channel_tensors(obj):  # PReLU with one slope, norms without affine/stats: nothing to slice
                 items.append(Item(names[obj], "norm", index))
-        elif isinstance(obj, _OUTPUT_OP):
+        elif isinstance(obj, _output_op()):
             output = True
         elif isinstance(obj, nn.Module) and obj in names and any(True for _ in obj.parameters(recurse=False)):
             problems.append(f"layer '{names[obj]}' ({type(obj).__name__}) has weights with no channel rule")
