@@ -17,7 +17,7 @@ ALLOWED = {
     "surgery": {"graph"},
     "sparsifier": {"graph", "sparse", "surgery"},
 }
-TOP = {"train", "export", "bench", "flops", "analysis", "cli", "integrations", "onnx"}
+TOP = {"train", "export", "bench", "flops", "analysis", "check", "cli", "integrations", "onnx"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:
