@@ -44,7 +44,9 @@ def test_one_way_imports():
 
 
 def test_core_import_is_light():
-    heavy = "('torchvision', 'timm', 'matplotlib', 'yaml', 'tensorboard', 'onnx', 'onnxruntime', 'onnxscript')"
+    heavy = (
+        "('torchvision', 'timm', 'matplotlib', 'yaml', 'tensorboard', 'onnx', 'onnxruntime', 'onnxscript')"
+    )
     code = f"import sys, chase; print(','.join(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -209,3 +209,16 @@ def test_bench_compiled_is_frozen_and_matches_eager():
         torch.testing.assert_close(compiled(x), before)
     d = benchmark({"m": model}, (3, 8, 8), batch_sizes=(2,), compiled=(True,), warmup=1, repeats=2)
     assert not d["skipped"] and [r["compiled"] for r in d["results"]] == [True]
+
+
+def test_check_command(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert (
+        main(["check", "--model", "cifar_resnet20", "--input", "16", "--prune-skip", "--json", str(out)]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "pass:" in text and "reloaded slim model matches" in text
+    report = json.loads(out.read_text())
+    assert report["status"] == "pass" and report["params_slim"] < report["params_dense"]
+    assert main(["check", "--model", "cifar_resnet_20"]) == 2
+    assert "unknown model name" in capsys.readouterr().err

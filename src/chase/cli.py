@@ -84,7 +84,49 @@ def build_parser() -> argparse.ArgumentParser:
     _flops_parser(sub)
     _bench_parser(sub)
     _analyze_parser(sub)
+    _check_parser(sub)
     return parser
+
+
+def _check_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="does Chase work on this model? a miniature run: discover, train, shrink, export, reload",
+        description="Build the model, train it a few steps on random data with channel events and "
+        "physical removal, export the slim model, reload it into a fresh model with chase.load_slim and "
+        "compare the outputs (chase.check.check_model). Exit status 0 when everything worked, 1 otherwise.",
+    )
+    p.add_argument(
+        "--model", "-m", required=True, help="a chase.models name (torchvision, timm:<name>, CIFAR zoo)"
+    )
+    p.add_argument("--input", type=int, default=64, help="square input size (64)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--channel-sparsity", type=float, default=0.5)
+    p.add_argument("--prune-skip", action="store_true", help="also prune residual-stream channels")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+
+
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from chase.check import check_model
+    from chase.models import get_model
+
+    get_model(args.model, num_classes=args.num_classes)  # an unknown name is a usage error, not a report
+    report = check_model(
+        lambda: get_model(args.model, num_classes=args.num_classes),
+        torch.randn(2, 3, args.input, args.input),
+        prune_skip=args.prune_skip,
+        channel_sparsity=args.channel_sparsity,
+    )
+    print(f"{args.model} (input {args.input}, prune_skip={args.prune_skip}): {report.summary()}")
+    for w in report.warnings:
+        print(f"  warning: {w}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0 if report.ok else 1
 
 
 def _model_args(p: argparse.ArgumentParser, source_help: str) -> None:
@@ -234,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``chase`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     # The measurement commands print their own tables; the library's INFO lines would interleave.
-    quiet = getattr(args, "quiet", False) or args.command in MEASURE
+    quiet = getattr(args, "quiet", False) or args.command in (*MEASURE, "check")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     from chase.train.config import ConfigError
 
@@ -251,6 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             errors = (*errors, measure.CommandError)
             return getattr(measure, f"{args.command}_command")(args)
+        if args.command == "check":
+            errors = (*errors, ValueError, ImportError)  # an unknown model name, timm not installed
+            return _check(args)
         return _train(args) if args.command == "train" else _export(args)
     except errors as e:
         print(f"chase {args.command}: error: {e}", file=sys.stderr)

@@ -38,6 +38,8 @@ def _tp() -> Any:
 def _output_op() -> Any:
     """Torch-Pruning's marker type for model outputs (newer versions; an empty tuple matches nothing)."""
     return getattr(_tp().ops, "_OutputOp", ())
+
+
 NORMS = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
@@ -164,9 +166,7 @@ def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
         _UNMAPPED.remove(failed)
 
 
-def build(
-    model: nn.Module, example_inputs: Any, *, keep_mode: bool = False
-) -> tuple[Any, Trace]:
+def build(model: nn.Module, example_inputs: Any, *, keep_mode: bool = False) -> tuple[Any, Trace]:
     """Trace ``model`` once, feeding the same forward pass to our recorder and to Torch-Pruning (call it,
     and query the groups, inside :func:`tolerant_reshape_mapping`).
 
