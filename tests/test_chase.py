@@ -426,3 +426,47 @@ def test_groups_a_module_cannot_follow_are_refused_at_construction():
     assert "b" in sp.refused_groups and {g.name for g in sp.groups} == {"a", "head"}
     _run(model, opt, sp, 24)
     assert sp.channel_sparsity_now() > 0.3 and model.b.out_channels == 8
+
+
+class _WidthInPython(nn.Module):
+    """MaxViT's pattern: a branch of fixed width is reshaped with the residual stream's width read from
+    ``x.shape``, so the stream (prune_skip) cannot shrink while the branch keeps its width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 8, 1)  # its channels go through a split view: a group that stays
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        t = self.expand(x).reshape(b, 2, 4, h, w).reshape(b, c, h, w)  # c: the stream's width
+        x = x + self.proj(t)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_shape_dry_run_refuses_groups_that_break_the_forward_pass():
+    from chase.sparsifier.dry_run import breaking_groups
+
+    model = _WidthInPython()
+    opt = make_optimizer("sgd", model)
+    with pytest.warns(UserWarning, match="breaks the forward pass"):
+        sp = _chase(model, opt, example_inputs=torch.randn(1, 3, 8, 8))
+    assert "stem" in sp.refused_groups and "stem" not in {g.name for g in sp.groups}
+    _run(model, opt, sp, 24, start=0)  # trains through its events without a shape error
+    # a model whose every group can shrink: nothing refused
+    torch.manual_seed(0)
+    plain = TinyResNet()
+    groups = chase.channel_groups(plain, torch.randn(1, 3, 16, 16), prune_skip=True).prunable()
+    assert breaking_groups(plain, groups, torch.randn(1, 3, 16, 16)) == {}
+
+    class DataDependent(TinyResNet):  # .item() has no meta kernel: no verdict, and no error
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            return out * 2 if float(out.sum().item()) > 0 else out
+
+    model = DataDependent()
+    groups = chase.channel_groups(model, torch.randn(1, 3, 16, 16), prune_skip=True).prunable()
+    assert breaking_groups(model, groups, torch.randn(1, 3, 16, 16)) == {}

@@ -17,6 +17,7 @@ from chase.sparse import schedules
 from chase.sparse.channels import CHANNEL_SCORES, channel_score, water_fill
 from chase.sparse.targets import matches
 from chase.sparsifier.base import Sparsifier, StepInfo
+from chase.sparsifier.dry_run import breaking_groups
 from chase.surgery import SurgeryState, alive_mask, removal_problem, remove_channels, replay, zero_removed
 
 log = logging.getLogger(__name__)
@@ -150,11 +151,15 @@ class Chase(Sparsifier):
                 "count in its statistics. Use removal='physical' (default) or prune_skip=False"
             )
         self._surgery = SurgeryState(self.module, self.groups)
-        # A group whose removal some module cannot follow (a custom module recording its width, say) is
-        # refused now, with the reason, rather than failing at the first channel event.
+        # A group whose removal some module cannot follow (a custom module recording its width, say) or
+        # that breaks the forward pass (a width held in Python, e.g. a reshape to another tensor's size)
+        # is refused now, with the reason, rather than failing at the first channel event.
         refused = {
             g.name: why for g in self.groups if (why := removal_problem(self.module, self._surgery, g.name))
         }
+        left = [g for g in self.groups if g.name not in refused]
+        for name, error in breaking_groups(self.module, left, example_inputs).items():
+            refused[name] = f"removing a channel breaks the forward pass ({error})"
         if refused:
             warnings.warn(
                 f"Chase keeps {len(refused)} channel group(s) whose layers cannot be narrowed: "
