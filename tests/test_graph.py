@@ -658,16 +658,18 @@ def test_shuffle_keeps_the_groups_it_cannot_map() -> None:
 
 
 def test_discovery_of_swin_is_fast_and_bounded() -> None:
-    """Swin's window partitions made Torch-Pruning's position lists multiply (minutes, >22 GB)."""
+    """Swin's window partitions made Torch-Pruning's position lists multiply (swin_t: minutes, >22 GB),
+    and on the deeper swin_s its shape inference gives up inside a mapping (an int + None): discovery
+    must finish in seconds and keep only what it cannot map."""
     import time
 
     import torchvision
 
-    model = torchvision.models.swin_t(num_classes=10)
-    t = time.perf_counter()
-    graph = channel_groups(model, torch.randn(1, 3, 64, 64), prune_skip=True)
-    assert time.perf_counter() - t < 60
-    assert graph.prunable()  # the MLP hidden channels
+    for build in (torchvision.models.swin_t, torchvision.models.swin_s):
+        t = time.perf_counter()
+        graph = channel_groups(build(num_classes=10), torch.randn(1, 3, 64, 64), prune_skip=True)
+        assert time.perf_counter() - t < 60
+        assert graph.prunable()  # the MLP hidden channels
 
 
 class AuxHeadNet(nn.Module):

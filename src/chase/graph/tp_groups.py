@@ -102,13 +102,14 @@ class MappingTooLarge(RuntimeError):
 
 @contextlib.contextmanager
 def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
-    """Two guards around Torch-Pruning's index mapping, for one graph build and its group queries.
+    """Guards around Torch-Pruning's index mapping, for one graph build and its group queries.
 
-    - Torch-Pruning maps channel positions through every reshape; on some (ShuffleNet's channel
-      shuffle, a view that splits the channel dim into groups) that mapping raises and takes the whole
-      graph down. Here a reshape whose mapping fails is left unmapped and recorded in ``failed`` (once);
-      our own op rules never let a channel group through such a reshape, so those groups stay kept (their
-      reason names it) and the rest of the model is still pruned.
+    - Torch-Pruning maps channel positions through every reshape, concatenation, split, ...; on some
+      (ShuffleNet's channel shuffle, a view that splits the channel dim into groups; a deep Swin whose
+      shape inference gives up) that mapping raises and takes the whole graph down. Here a mapping that
+      fails is left out and recorded in ``failed`` (once); our own op rules then disagree with
+      Torch-Pruning about the groups through it, so those stay kept (their reason names it) and the rest
+      of the model is still pruned.
     - It recomputes every mapping of the whole graph at each group query (``get_pruning_group``), which
       makes discovery quadratic in the model's size; the graph does not change between our queries, so
       the mapping is computed once per graph.
@@ -119,13 +120,19 @@ def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
       positions) stay far below the bound.
     """
     mod = importlib.import_module("torch_pruning.dependency.index_mapping")
-    reshape, update = (
-        getattr(mod, "update_reshape_index_mapping", None),
-        getattr(mod, "update_index_mapping", None),
-    )
-    if reshape is None or update is None:  # another Torch-Pruning layout: nothing to guard
+    update = getattr(mod, "update_index_mapping", None)
+    if update is None:  # another Torch-Pruning layout: nothing to guard
         yield
         return
+    # Every per-op mapping (reshape, concat, split, unbind, expand, slice, flatten): one that fails (a
+    # channel shuffle's view; a deep Swin whose shape inference gives up and returns None) is skipped.
+    # Torch-Pruning then maps those positions as the identity, which our op rules contradict, so the
+    # groups through it are kept; the rest of the model is unaffected.
+    per_op = {
+        n: f
+        for n, f in vars(mod).items()
+        if n.startswith("update_") and n.endswith("_index_mapping") and n != "update_index_mapping"
+    }
     mapped: set[int] = set()
     flatten = getattr(mod, "_FlattenIndexMapping", None)
     expand = flatten.__call__ if flatten is not None else None
@@ -140,27 +147,34 @@ def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
             )
         return expand(self, idxs)
 
-    def guarded_reshape(graph: Any, node: Any) -> None:
-        try:
-            reshape(graph, node)
-        except Exception as e:  # any failure of one mapping, not of the graph
-            note = f"{getattr(node, 'name', node)}: {e}"
-            if note not in failed:
-                failed.append(note)
+    def guard(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(graph: Any, node: Any) -> None:
+            try:
+                fn(graph, node)
+            except Exception as e:  # any failure of one mapping, not of the graph
+                note = f"{getattr(node, 'name', node)} ({name[len('update_') : -len('_index_mapping')]}): {e}"
+                if note not in failed:
+                    failed.append(note)
+
+        return guarded
 
     def update_once(graph: Any) -> None:
         if id(graph) not in mapped:
             update(graph)
             mapped.add(id(graph))
 
-    mod.update_reshape_index_mapping, mod.update_index_mapping = guarded_reshape, update_once
+    for name, fn in per_op.items():
+        setattr(mod, name, guard(name, fn))
+    mod.update_index_mapping = update_once
     if flatten is not None:
         flatten.__call__ = bounded_expand
     _UNMAPPED.append(failed)
     try:
         yield
     finally:
-        mod.update_reshape_index_mapping, mod.update_index_mapping = reshape, update
+        for name, fn in per_op.items():
+            setattr(mod, name, fn)
+        mod.update_index_mapping = update
         if flatten is not None:
             flatten.__call__ = expand
         _UNMAPPED.remove(failed)
