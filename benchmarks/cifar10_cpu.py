@@ -48,8 +48,8 @@ from chase.bench import benchmark
 from chase.flops import count_flops
 from chase.models import get_model
 from chase.train.config import load_config
-from chase.train.measure import load_run
-from chase.train.report import read_metrics
+from chase.train.export import load_run
+from chase.train.metrics import read_metrics
 from chase.train.run import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

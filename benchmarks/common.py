@@ -7,32 +7,20 @@ import json
 import os
 import platform
 import statistics
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from chase.timing import time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timeit(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (CUDA-synchronised when a GPU is in use)."""
-    sync = (
-        torch.cuda.synchronize
-        if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else (lambda: None)
-    )
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median wall time of ``fn`` in seconds (``chase.timing``: CUDA-synchronised when a GPU is in use)."""
+    return statistics.median(time_calls(fn, warmup=warmup, repeats=repeats))
 
 
 def cpu_model() -> str:
@@ -54,7 +42,7 @@ def machine(device: str = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()

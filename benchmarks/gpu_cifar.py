@@ -199,7 +199,7 @@ def train_one(
     else:
         rep = chase.count_flops(model, x1, sp.masks)
         row.update(sparse_macs=rep.sparse, density=sp.global_density())
-        if hasattr(sp, "export"):
+        if sp.removes_channels:
             slim = sp.export().eval()
             row.update(
                 gpu_macs=chase.count_flops(slim, x1).dense,

@@ -9,7 +9,7 @@ timed all four in one round robin with spinning sessions; that is fair at 1 thre
 (and 256 for ResNet-20); median of repeats after warm-up.
 
 The slim models have the WIDTH OF CHASE'S FINAL NETWORK AT S_c = 0.5 WITH CHANNELS PICKED AT
-INITIALISATION, NOT A TRAINED RUN (``chase.train.measure.untrained_slim``, as in ``speedup.py``): a
+INITIALISATION, NOT A TRAINED RUN (``chase.untrained_slim``, as in ``speedup.py``): a
 trained run removes as many channels, chosen from trained weights, so its widths differ somewhat.
 
     python benchmarks/onnx_cpu.py                     # writes results/onnx_cpu.{json,md}
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from chase import count_flops
+from chase import count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
 from chase.onnx import check_onnx, export_onnx
-from chase.train.measure import untrained_slim
 from common import machine, write
 
 MODELS = {"cifar_resnet20": (1, 32, 256), "cifar_resnet18": (1, 32)}

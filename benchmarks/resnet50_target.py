@@ -5,7 +5,7 @@ each contiguous and channels_last, and onnxruntime (CPUExecutionProvider, same t
 Dense and slim are timed alternately, one runtime after the other, in one ``chase.bench.benchmark``
 call, on the same inputs, median of repeats after warm-up; the ONNX files are checked against PyTorch first
 (``chase.onnx.check_onnx``). The slim model has the WIDTH OF CHASE'S FINAL NETWORK WITH CHANNELS PICKED
-AT INITIALISATION, NOT A TRAINED RUN (``chase.train.measure.untrained_slim``; no ResNet-50 can be trained
+AT INITIALISATION, NOT A TRAINED RUN (``chase.untrained_slim``; no ResNet-50 can be trained
 on ImageNet on this machine): a trained run removes as many channels, chosen from trained weights.
 
     python benchmarks/resnet50_target.py                 # writes results/resnet50_target.{json,md}
@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 
-from chase import count_flops
+from chase import count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
 from chase.onnx import check_onnx, export_onnx
-from chase.train.measure import untrained_slim
 from common import RESULTS, machine, write
 
 TARGET = 1.7

@@ -8,7 +8,7 @@ realised speedup, the GPU-supported FLOPs ratio (slim MACs / dense MACs, ``chase
 speedup those FLOPs imply (1 / ratio), and whether the realised speedup is within 20% of it.
 
 The slim widths are the WIDTH OF CHASE'S FINAL NETWORK WITH CHANNELS PICKED AT INITIALISATION, NOT A
-TRAINED RUN (``chase.train.measure.untrained_slim``: the whole S_c removed at once, channels ranked by
+TRAINED RUN (``chase.untrained_slim``: the whole S_c removed at once, channels ranked by
 UMM of the initial weights masked at density 0.1, as Chase ranks them at its first event). A trained run
 removes the same number of channels but chooses which ones (and so how the removal spreads over layers)
 from trained weights, so its widths, and its speed, differ.
@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 
-from chase import count_flops
+from chase import count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
-from chase.train.measure import untrained_slim
 from common import RESULTS, machine, write
 
 MODELS = {"resnet50": 224, "cifar_resnet18": 32, "cifar_resnet50": 32, "cifar_vgg19_bn": 32}

@@ -1,7 +1,7 @@
 """Sparse training with chase in your own loop: RigL at 10% density on CIFAR-10 (or synthetic data).
 
-    python examples/quickstart.py --data-dir ../shared/data/cifar10 --steps 200
-    python examples/quickstart.py --synthetic            # no data needed, a few seconds
+python examples/quickstart.py --data-dir ../shared/data/cifar10 --steps 200
+python examples/quickstart.py --synthetic            # no data needed, a few seconds
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ def loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
 
-        tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                        T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
+        tf = T.Compose(
+            [
+                T.RandomCrop(32, padding=4),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            ]
+        )
         data = ImageFolder(f"{args.data_dir}/train", transform=tf)
     return torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
 
@@ -53,12 +59,20 @@ def main() -> None:
             optimizer.zero_grad()
             step += 1
             if info.updated or step % 50 == 0:
-                logging.info("step %d  loss %.3f  density %.4f%s", step, loss.item(),
-                             sparsifier.global_density(), "  (masks updated)" if info.updated else "")
+                logging.info(
+                    "step %d  loss %.3f  density %.4f%s",
+                    step,
+                    loss.item(),
+                    sparsifier.global_density(),
+                    "  (masks updated)" if info.updated else "",
+                )
             if step == args.steps:
                 break
-    logging.info("done in %.1f s; per-layer densities: %s", time.perf_counter() - start,
-                 {k: round(v, 3) for k, v in sparsifier.layer_densities().items()})
+    logging.info(
+        "done in %.1f s; per-layer densities: %s",
+        time.perf_counter() - start,
+        {k: round(v, 3) for k, v in sparsifier.layer_densities().items()},
+    )
 
 
 if __name__ == "__main__":

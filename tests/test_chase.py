@@ -298,7 +298,7 @@ def test_trainer_refuses_a_schedule_without_regrowth(tmp_path, capsys):
 
 def test_mask_mode_channel_events_are_in_the_cost_log(tmp_path):
     from chase.cli import main
-    from chase.train.report import read_metrics
+    from chase.train.metrics import read_metrics
 
     # 6 steps: updates at 2 and 4, one channel event at step 3 (no update there)
     sets = ["removal=mask", "epochs=3", "update_every=2", "channel_every=2", "channel_end_epoch=1.5"]
@@ -377,7 +377,7 @@ def test_amenable_family_hand_made():
 def test_trainer_logs_the_amenable_family_at_every_update(tmp_path, capsys):
     from chase.analysis import AMENABLE_RATIOS, amenable_curve
     from chase.cli import main
-    from chase.train.report import read_metrics
+    from chase.train.metrics import read_metrics
 
     sets = ["epochs=3", "update_every=2", "channel_every=2", "channel_end_epoch=1.5"]
     assert main(["train", "-q", "--out", str(tmp_path), "--set", *TINY_CHASE_RUN, *sets]) == 0

@@ -16,7 +16,7 @@ import chase
 from chase.cli import build_parser, main
 from chase.flops import StepCost, count_flops, training_flops
 from chase.models import get_model
-from chase.train.measure import untrained_label, untrained_slim
+from chase.sparsifier.channel_pruning import untrained_label, untrained_slim
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

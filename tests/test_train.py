@@ -327,7 +327,7 @@ def test_ddp_two_processes_identical_masks_across_shrink(tmp_path):
 
 
 def test_training_cost_follows_the_cost_records():
-    from chase.train.report import training_cost
+    from chase.train.metrics import training_cost
 
     records = [
         {"kind": "start", "step": 0, "macs": 100, "macs_sparse": 10},

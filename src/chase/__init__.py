@@ -1,12 +1,23 @@
 """chase: channel-aware dynamic sparse training for PyTorch."""
 
 from chase.analysis import ChannelStats, channel_stats
-from chase.export import load_slim
 from chase.flops import FlopReport, count_flops, training_flops
 from chase.graph import channel_groups
-from chase.sparsifier import MEST, SET, Chase, RigL, Sparsifier, Static, StepInfo
+from chase.slim import load_slim
+from chase.sparsifier import (
+    MEST,
+    SET,
+    Chase,
+    PrunedChannels,
+    RigL,
+    Sparsifier,
+    Static,
+    StepInfo,
+    prune_channels,
+    untrained_slim,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MEST",
@@ -14,6 +25,7 @@ __all__ = [
     "ChannelStats",
     "Chase",
     "FlopReport",
+    "PrunedChannels",
     "RigL",
     "Sparsifier",
     "Static",
@@ -23,5 +35,7 @@ __all__ = [
     "channel_stats",
     "count_flops",
     "load_slim",
+    "prune_channels",
     "training_flops",
+    "untrained_slim",
 ]

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from chase.graph import unwrap_model
 from chase.sparse.channels import channel_score
-from chase.sparse.targets import unwrap_model
 from chase.sparsifier.base import Sparsifier
 
 #: the ratios of the amenable family (channel density < r x its layer's density).

@@ -15,42 +15,19 @@ import logging
 import os
 import platform
 import statistics
-import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from chase.timing import time_forward
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "benchmark", "format_table", "time_forward"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def time_forward(
-    model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, *, warmup: int = 3, repeats: int = 10
-) -> list[float]:
-    """Seconds of each of ``repeats`` forwards of ``x`` after ``warmup`` untimed ones (CUDA synchronised
-    before and after each forward, so the time covers the kernels, not only their launch). ``model`` is
-    a module or any function of ``x`` (e.g. an onnxruntime session's run)."""
-    for _ in range(warmup):
-        model(x)
-    _sync(x.device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        _sync(x.device)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def _device_name(device: torch.device) -> str:
@@ -120,7 +97,7 @@ def benchmark(
             "cuda": torch.version.cuda,
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "input_shape": list(input_shape),
             "warmup": warmup,
             "repeats": repeats,

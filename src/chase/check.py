@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from chase.export import load_slim
 from chase.flops import count_flops
+from chase.slim import load_slim
 from chase.sparsifier import Chase
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from chase.sparse.targets import unwrap_model
+from chase.graph import unwrap_model
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,14 @@ import shutil
 import statistics
 import tempfile
 import warnings
-from collections.abc import Iterator
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from chase.timing import time_forward
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +323,6 @@ def onnx_throughput(
     """Median latency (ms) and images/s of the ONNX file under onnxruntime on the CPU, on random inputs of
     shape ``(batch_size, *input_shape)``: ``warmup`` untimed runs, then the median of ``repeats``.
     ``threads``: onnxruntime intra-op threads (None: its default, one per physical core)."""
-    from chase.bench import time_forward
-
     ort = _require("onnxruntime", "onnx_throughput")
     run = onnx_runner(path, threads)
     x = torch.randn(batch_size, *input_shape)

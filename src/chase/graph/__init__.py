@@ -2,7 +2,7 @@
 
 from chase.graph.channel_graph import ChannelGraph
 from chase.graph.discover import RESIDUAL_REASON, channel_groups
-from chase.graph.trace import unwrap
+from chase.graph.trace import unwrap_model
 from chase.graph.types import ChannelGroup, Slot
 
-__all__ = ["RESIDUAL_REASON", "ChannelGraph", "ChannelGroup", "Slot", "channel_groups", "unwrap"]
+__all__ = ["RESIDUAL_REASON", "ChannelGraph", "ChannelGroup", "Slot", "channel_groups", "unwrap_model"]

@@ -21,7 +21,7 @@ from chase.graph import tp_groups
 from chase.graph.channel_graph import ChannelGraph
 from chase.graph.propagate import Reach, propagate
 from chase.graph.rule_base import ChanState
-from chase.graph.trace import Trace, unwrap
+from chase.graph.trace import Trace, unwrap_model
 from chase.graph.types import ChannelGroup, Slot
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def channel_groups(model: nn.Module, example_inputs: Any, *, prune_skip: bool = 
     parameter objects and values, BatchNorm statistics untouched, no hooks, no gradients, and every
     module's train/eval mode restored.
     """
-    model = unwrap(model)
+    model = unwrap_model(model)
     modes = {m: m.training for m in model.modules()}
     hooks = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a training-mode trace updates them

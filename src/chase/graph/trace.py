@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -192,8 +193,12 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind DistributedDataParallel/DataParallel (``.module``) and torch.compile."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module behind DistributedDataParallel/DataParallel (``.module``) and torch.compile.
+
+    Parameter names are always taken relative to the unwrapped module, so masks keep the same keys
+    whether or not the model is wrapped.
+    """
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module

@@ -13,7 +13,8 @@ forward pass, whose saved tensors an update must not modify). Its state is saved
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ except ImportError:
         from pytorch_lightning.callbacks import Callback
     except ImportError as e:
         raise ImportError(
-            "chase.integrations.lightning needs PyTorch Lightning: pip install lightning"
+            "chase.integrations.lightning needs PyTorch Lightning: "
+            'pip install "chase-dst[lightning]" (it installs pytorch-lightning)'
         ) from e
 
 

@@ -1,4 +1,4 @@
-"""Which parameters of a model are sparse: discovery, dense-layer patterns and model unwrapping."""
+"""Which parameters of a model are sparse: discovery and dense-layer patterns."""
 
 from __future__ import annotations
 
@@ -10,21 +10,6 @@ from torch import nn
 
 #: Module types whose ``weight`` is made sparse by default (stem and classifier included).
 DEFAULT_SPARSE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the user's module inside DDP / DataParallel / ``torch.compile`` wrappers.
-
-    Parameter names are always taken relative to the unwrapped module, so masks keep the same keys
-    whether or not the model is wrapped.
-    """
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def matches(name: str, patterns: Iterable[str]) -> list[str]:

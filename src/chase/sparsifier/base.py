@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from chase.graph import unwrap_model
+from chase.slim import make_slim
 from chase.sparse import exploration, schedules
 from chase.sparse.distribution import DISTRIBUTIONS, layer_counts, random_masks
 from chase.sparse.masks import MaskSet
-from chase.sparse.targets import DEFAULT_SPARSE_TYPES, check_optimizer_holds, find_sparse_params, unwrap_model
+from chase.sparse.targets import DEFAULT_SPARSE_TYPES, check_optimizer_holds, find_sparse_params
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,39 @@ def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
     ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
     if not ok:
         raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+
+
+def check_options(
+    *,
+    density: float,
+    distribution: str = "erk",
+    update_every: int = 100,
+    growth: str = "gradient",
+    scope: str = "layer",
+    swap_fraction: float = 0.3,
+    swap_schedule: str = "cosine",
+    swap_floor: float = 0.0,
+    soft_bound: float = 0.0,
+) -> None:
+    """The one validation of :class:`Sparsifier`'s model-independent options (``ValueError`` naming the
+    option); the constructor and the trainer's config both call it."""
+    _check_fraction("density", density)
+    if update_every < 1:
+        raise ValueError(f"update_every must be >= 1, got {update_every}")
+    if growth not in GROWTH:
+        raise ValueError(f"growth must be one of {GROWTH}, got {growth!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if swap_schedule not in schedules.SWAP_SCHEDULES:
+        raise ValueError(f"swap_schedule must be one of {schedules.SWAP_SCHEDULES}, got {swap_schedule!r}")
+    _check_fraction("swap_fraction", swap_fraction, low_open=False)
+    _check_fraction("swap_floor", swap_floor, low_open=False)
+    if soft_bound < 0 or density + soft_bound > 1:
+        raise ValueError(f"soft_bound must be >= 0 with density + soft_bound <= 1, got {soft_bound}")
+    if soft_bound > 0 and scope != "global":
+        raise ValueError("the soft memory bound (soft_bound > 0) needs scope='global'")
 
 
 class Sparsifier:
@@ -85,6 +120,8 @@ class Sparsifier:
     #: default soft-bound end as a fraction of ``total_steps`` (None: the last update step); never later
     #: than the last update step.
     soft_bound_end_fraction: float | None = None
+    #: whether the algorithm removes channels, so that :meth:`export` is narrower than the model.
+    removes_channels: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -109,27 +146,19 @@ class Sparsifier:
         seed: int = 0,
         sync_distributed: bool = True,
     ) -> None:
-        _check_fraction("density", density)
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
-        if update_every < 1:
-            raise ValueError(f"update_every must be >= 1, got {update_every}")
-        if growth not in GROWTH:
-            raise ValueError(f"growth must be one of {GROWTH}, got {growth!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-        if swap_schedule not in schedules.SWAP_SCHEDULES:
-            raise ValueError(
-                f"swap_schedule must be one of {schedules.SWAP_SCHEDULES}, got {swap_schedule!r}"
-            )
-        _check_fraction("swap_fraction", swap_fraction, low_open=False)
-        _check_fraction("swap_floor", swap_floor, low_open=False)
-        if soft_bound < 0 or density + soft_bound > 1:
-            raise ValueError(f"soft_bound must be >= 0 with density + soft_bound <= 1, got {soft_bound}")
-        if soft_bound > 0 and scope != "global":
-            raise ValueError("the soft memory bound (soft_bound > 0) needs scope='global'")
+        check_options(
+            density=density,
+            distribution=distribution,
+            update_every=update_every,
+            growth=growth,
+            scope=scope,
+            swap_fraction=swap_fraction,
+            swap_schedule=swap_schedule,
+            swap_floor=swap_floor,
+            soft_bound=soft_bound,
+        )
 
         self.model = model
         self.module = unwrap_model(model)
@@ -409,6 +438,29 @@ class Sparsifier:
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """Hook for subclasses: restore their own state before the masks are loaded."""
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> nn.Module:
+        """The model to deploy. Unstructured sparsity keeps every channel, so it is the model itself (its
+        masked weights are already 0); :class:`~chase.Chase` returns a physically narrower copy."""
+        return self.module
+
+    def slim_checkpoint(self, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The exported model as a slim checkpoint (:mod:`chase.slim`): weights, removal history and
+        masks, plain tensors only; :func:`chase.load_slim` rebuilds it in a freshly built model."""
+        return make_slim(self.export(), history=self._export_history(), masks=self._export_masks(), meta=meta)
+
+    def _export_history(self) -> dict[str, Any]:
+        """The channel-removal record of the exported model (none for unstructured sparsity)."""
+        return {}
+
+    def _export_masks(self) -> dict[str, torch.Tensor] | None:
+        """Masks shaped like the exported model's weights (None when they are not)."""
+        return {n: m.detach().cpu().clone() for n, m in self._masks.masks.items()}
+
+    def channel_sparsity_now(self) -> float:
+        """Fraction of prunable channels removed so far (0 for unstructured sparsity)."""
+        return 0.0
 
     def remove(self) -> None:
         """Detach from the optimizer (the masks stop being enforced)."""

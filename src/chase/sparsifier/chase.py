@@ -11,19 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from chase.graph import ChannelGraph, channel_groups
+from chase.graph import ChannelGraph
 from chase.graph.types import ChannelGroup
 from chase.sparse import schedules
-from chase.sparse.channels import CHANNEL_SCORES, channel_score, water_fill
-from chase.sparse.targets import matches
 from chase.sparsifier.base import Sparsifier, StepInfo
-from chase.sparsifier.dry_run import breaking_groups
-from chase.surgery import SurgeryState, alive_mask, removal_problem, remove_channels, replay, zero_removed
+from chase.sparsifier.channel_pruning import REMOVAL_MODES, ChannelPruner, _like, check_channel_options
+from chase.surgery import SurgeryState, alive_mask, replay, zero_removed
 
 log = logging.getLogger(__name__)
 
-REMOVAL_MODES = ("physical", "mask")
-SLIM_FORMAT_VERSION = 1  # must match chase.export
+__all__ = ["REMOVAL_MODES", "Chase"]
 
 
 class Chase(Sparsifier):
@@ -68,6 +65,7 @@ class Chase(Sparsifier):
     """
 
     soft_bound_end_fraction = 0.8  # the paper's T_chan: soft bound and channel pruning end together
+    removes_channels = True
 
     def __init__(
         self,
@@ -92,16 +90,13 @@ class Chase(Sparsifier):
         swap_floor: float = 0.005,
         **kwargs: Any,
     ) -> None:
-        if not 0.0 <= channel_sparsity < 1.0:
-            raise ValueError(f"channel_sparsity must be in [0, 1), got {channel_sparsity}")
-        if not 0.0 <= min_channel_ratio <= 1.0:
-            raise ValueError(f"min_channel_ratio must be in [0, 1], got {min_channel_ratio}")
-        if channel_every < 1:
-            raise ValueError(f"channel_every must be >= 1, got {channel_every}")
-        if removal not in REMOVAL_MODES:
-            raise ValueError(f"removal must be one of {REMOVAL_MODES}, got {removal!r}")
-        if channel_score not in CHANNEL_SCORES:
-            raise ValueError(f"channel_score must be one of {CHANNEL_SCORES}, got {channel_score!r}")
+        check_channel_options(
+            channel_sparsity=channel_sparsity,
+            min_channel_ratio=min_channel_ratio,
+            removal=removal,
+            channel_score=channel_score,
+            channel_every=channel_every,
+        )
         kwargs.setdefault("scope", "global")
         kwargs.setdefault("growth", "gradient")
         kwargs.setdefault("swap_horizon", total_steps)
@@ -138,49 +133,16 @@ class Chase(Sparsifier):
         like = next(iter(self._masks.params.values()))
         example_inputs = _like(self._example_inputs, like)
         del self._example_inputs  # only its shapes mattered: do not hold the user's batch
-        self.graph: ChannelGraph = channel_groups(self.module, example_inputs, prune_skip=self.prune_skip)
-        groups = [
-            g for g in self.graph.prunable() if any(s.tensor in self._masks.params for s in g.producers)
-        ]
-        self.groups = _without_kept(groups, self.keep_channels)
-        inexact = [g.name for g in self.groups if not g.exact]
-        if self.removal == "mask" and inexact:
-            raise ValueError(
-                f"removal='mask' cannot represent removing channels that pass through a channel-mixing norm "
-                f"(LayerNorm/GroupNorm over channels) in group(s) {inexact[:3]}: zeroed channels would still "
-                "count in its statistics. Use removal='physical' (default) or prune_skip=False"
-            )
-        self._surgery = SurgeryState(self.module, self.groups)
-        # A group whose removal some module cannot follow (a custom module recording its width, say) or
-        # that breaks the forward pass (a width held in Python, e.g. a reshape to another tensor's size)
-        # is refused now, with the reason, rather than failing at the first channel event.
-        refused = {
-            g.name: why for g in self.groups if (why := removal_problem(self.module, self._surgery, g.name))
-        }
-        left = [g for g in self.groups if g.name not in refused]
-        for name, error in breaking_groups(self.module, left, example_inputs).items():
-            refused[name] = f"removing a channel breaks the forward pass ({error})"
-        if refused:
-            warnings.warn(
-                f"Chase keeps {len(refused)} channel group(s) whose layers cannot be narrowed: "
-                + "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:3])
-                + (" ..." if len(refused) > 3 else ""),
-                stacklevel=3,
-            )
-            self.groups = [g for g in self.groups if g.name not in refused]
-            self._surgery = SurgeryState(self.module, self.groups)
-        self.refused_groups = refused
-        # A grouped conv's channels go in units of `unit` channels (see the graph); S_c counts channels.
-        self._units = [g.unit for g in self.groups]
-        self.total_channels = sum(g.width * u for g, u in zip(self.groups, self._units))
-        # The paper's floor int(C (1 - S_c) beta), and never an empty layer.
-        self._floors = [
-            max(1, int(g.width * (1 - self.channel_sparsity) * self.min_channel_ratio)) for g in self.groups
-        ]
-        # Filter size of each producer before any input channel was removed: UMM divides by it.
-        self._row_numel = {
-            s.tensor: self._masks.params[s.tensor][0].numel() for g in self.groups for s in g.producers
-        }
+        self.pruner = ChannelPruner(
+            self.module,
+            example_inputs,
+            self._masks.params,
+            channel_sparsity=self.channel_sparsity,
+            min_channel_ratio=self.min_channel_ratio,
+            prune_skip=self.prune_skip,
+            keep_channels=self.keep_channels,
+            removal=self.removal,
+        )
         self._region: torch.Tensor | None = None
         if self.channel_sparsity > 0 and not self.groups:
             warnings.warn("Chase found no prunable channel group: only unstructured sparsity", stacklevel=2)
@@ -224,19 +186,37 @@ class Chase(Sparsifier):
         return schedules.cubic_channel_sparsity(t, final=self.channel_sparsity, end=self.last_event)
 
     # ------------------------------------------------------------------ read-outs
+    @property
+    def graph(self) -> ChannelGraph:
+        """The model's channel graph (traced once, at construction)."""
+        return self.pruner.graph
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """The prunable channel groups (after ``keep_channels`` and refusals)."""
+        return self.pruner.groups
+
+    @property
+    def refused_groups(self) -> dict[str, str]:
+        """Groups kept whole because some layer cannot be narrowed, and why."""
+        return self.pruner.refused_groups
+
+    @property
+    def total_channels(self) -> int:
+        """Prunable channels at construction (units counted with their channels)."""
+        return self.pruner.total_channels
+
+    @property
+    def _surgery(self) -> SurgeryState:
+        return self.pruner.surgery
+
     def alive_channels(self) -> dict[str, int]:
         """Alive channels (units, for a group of grouped-conv units) per prunable group."""
-        return {g.name: self._surgery.current_width(g.name) for g in self.groups}
-
-    def _alive_total(self) -> int:
-        """Alive prunable channels, every unit counted with its channels."""
-        return sum(self._surgery.current_width(g.name) * u for g, u in zip(self.groups, self._units))
+        return self.pruner.alive_channels()
 
     def channel_sparsity_now(self) -> float:
         """Fraction of prunable channels removed so far."""
-        if not self.total_channels:
-            return 0.0
-        return 1.0 - self._alive_total() / self.total_channels
+        return self.pruner.channel_sparsity_now()
 
     # ------------------------------------------------------------------ channel events
     def _after_step(self, t: int, info: StepInfo) -> None:
@@ -244,64 +224,25 @@ class Chase(Sparsifier):
             info.channels_removed = self.remove_channels_now(t)
             info.shapes_changed = self.removal == "physical" and info.channels_removed > 0
 
-    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Scores of every alive channel of every prunable group, their group ids, and per group the
-        original ids of its alive channels (in score order)."""
-        scores, gids, ids = [], [], []
-        for i, g in enumerate(self.groups):
-            alive = self._surgery.alive_channels(g.name)
-            per_producer = []
-            for s in g.producers:
-                if s.tensor not in self._masks.params:
-                    continue  # a producer kept dense by dense_layers still scores through its siblings
-                w = self._masks.params[s.tensor]
-                sc = channel_score(w, self._masks[s.tensor], self._row_numel[s.tensor], self.channel_score)
-                # This group's rows only: a producer may also carry other groups' channels (its output is
-                # concatenated, or added to a concatenation), and in mask mode removed rows remain.
-                # A grouped-conv unit owns several rows: its score is their mean (UMM stays a mean).
-                rows = self._surgery.slot_positions(g.name, s.tensor, sliced=self.removal == "physical")
-                per_producer.append(sc[rows.to(sc.device)].mean(1))
-            score = torch.stack(per_producer).mean(0)
-            scores.append(score)
-            gids.append(torch.full_like(score, i, dtype=torch.long))
-            ids.append(alive.nonzero().squeeze(1))
-        return torch.cat(scores), torch.cat(gids), ids
-
     @torch.no_grad()
     def remove_channels_now(self, t: int) -> int:
         """Run the channel event of step ``t``: remove the quota of lowest-score channels (water-filling)."""
-        alive = [self._surgery.current_width(g.name) for g in self.groups]
         keep = round(self.total_channels * (1.0 - self.target_channel_sparsity(t)))
-        quota = self._alive_total() - keep  # in channels; a unit costs its channels
-        if quota <= 0:
-            return 0
-        caps = [max(0, a - f) for a, f in zip(alive, self._floors)]
-        scores, gids, ids = self._scores()
-        chosen = water_fill(scores.float().cpu(), gids.cpu(), caps, quota, costs=self._units)
-        if self._distributed():  # every rank removes rank 0's choice (same shape on all ranks)
-            picked = torch.zeros(scores.numel(), dtype=torch.bool)
-            picked[chosen] = True
-            chosen = self._share(picked).nonzero().squeeze(1)
-        chosen_gids = gids.cpu()[chosen]
-        # Position of each chosen channel inside its group's alive list -> its original channel id.
-        starts = torch.tensor([0, *alive]).cumsum(0)[:-1]
-        local = chosen - starts[chosen_gids]
-        removals = {}
-        for i, g in enumerate(self.groups):
-            sel = local[chosen_gids == i]
-            if sel.numel():
-                removals[g.name] = ids[i][sel]
         masks = {n: m.clone() for n, m in self._masks.masks.items()}
-        if self.removal == "physical":
-            remove_channels(self.module, self._surgery, removals, optimizer=self.optimizer, masks=masks)
-        else:
-            self._surgery.mark_removed(removals)
-            zero_removed(self.module, self._surgery, optimizer=self.optimizer, masks=masks)
+        removed = self.pruner.remove(
+            keep,
+            self._masks.params,
+            masks,
+            score=self.channel_score,
+            optimizer=self.optimizer,
+            agree=self._share if self._distributed() else None,
+        )
+        if not removed:
+            return 0
         self._masks.rebuild(masks)
         self._region = None
         self._broadcast_masks()
         self._masks.apply(self.optimizer)
-        removed = int(chosen.numel())
         log.info(
             "step %d: removed %d channels (%.1f%% of prunable channels gone)",
             t,
@@ -357,46 +298,9 @@ class Chase(Sparsifier):
             replay(slim, self._surgery.state_dict())
         return slim
 
-    def slim_checkpoint(self) -> dict[str, Any]:
-        """``{"history", "model"}``: the exported model's weights and the removal history that reshapes a
-        freshly built model to fit them (see :func:`chase.load_slim`); plain tensors only."""
-        return {
-            "format_version": 1,
-            "history": self._surgery.state_dict(),
-            "model": self.export().state_dict(),
-        }
+    def _export_history(self) -> dict[str, Any]:
+        return self._surgery.state_dict()
 
-
-def _without_kept(groups: list[ChannelGroup], patterns: Sequence[str]) -> list[ChannelGroup]:
-    """``groups`` minus those with a producer matched by a ``keep_channels`` pattern (each must match one)."""
-    if not patterns:
-        return groups
-    used: set[str] = set()
-    out = []
-    for g in groups:
-        names = [n for s in g.producers for n in (s.tensor, s.tensor.rpartition(".")[0])]
-        hits = {p for n in names for p in matches(n, patterns)}
-        used |= hits
-        if not hits:
-            out.append(g)
-    unused = [p for p in patterns if p not in used]
-    if unused:
-        layers = sorted({s.tensor.rpartition(".")[0] for g in groups for s in g.producers})
-        raise ValueError(
-            f"keep_channels pattern(s) {unused} match no prunable channel group; patterns are fnmatch globs "
-            f"over producing layers' module names, here: {', '.join(layers[:8])}"
-            + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
-        )
-    return out
-
-
-def _like(obj: Any, ref: torch.Tensor) -> Any:
-    """``obj`` with its tensors on ``ref``'s device, floating ones in ``ref``'s dtype (so an example input
-    made on the CPU in fp32 works for a model on CUDA or in fp64)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(ref.device, ref.dtype if obj.is_floating_point() else obj.dtype)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_like(o, ref) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _like(v, ref) for k, v in obj.items()}
-    return obj
+    def _export_masks(self) -> dict[str, torch.Tensor] | None:
+        # In mask mode the masks keep the full shapes while the export is sliced.
+        return super()._export_masks() if self.removal == "physical" else None

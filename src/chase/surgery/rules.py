@@ -9,8 +9,8 @@ The table is keyed by type and matched with ``isinstance``; no model class names
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -8,34 +8,19 @@ weights_only=True)`` reads it; nothing is pickled.
 from __future__ import annotations
 
 import os
-import pathlib
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
+from chase.io import atomic_save, load_tensors
 from chase.train.loop import TrainState
+from chase.train.seeds import rank_seed
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "atomic_save", "load_checkpoint", "restore", "save_checkpoint"]
 
 CHECKPOINT_FORMAT_VERSION = 1
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash mid-write leaves
-    the previous file intact."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def rng_state() -> dict[str, Any]:
@@ -99,7 +84,11 @@ def save_checkpoint(st: TrainState, path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint (tensors only; on the CPU) and check its format version."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_tensors(path, "a training checkpoint")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
+        raise ValueError(
+            f"{path} is not a training checkpoint (an exported model? `chase export` reads checkpoint.pt)"
+        )
     if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(
             f"{path}: checkpoint format {ckpt.get('format_version')!r}, expected {CHECKPOINT_FORMAT_VERSION}"
@@ -124,5 +113,5 @@ def restore(st: TrainState, ckpt: dict[str, Any]) -> None:
     if st.dist.main:
         set_rng_state(ckpt["rng"])
     else:  # other ranks' streams were not saved: derive a fresh one that still differs per rank
-        torch.manual_seed(st.cfg.seed + 1000 * st.dist.rank + st.step)
+        torch.manual_seed(rank_seed(st.cfg.seed, st.dist.rank, st.step))
     st.wrap()

@@ -13,22 +13,36 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from chase.sparsifier.registry import CHOICES as ALGORITHM_CHOICES
+from chase.sparsifier.registry import METHODS, check, defaults
+
 __all__ = ["ConfigError", "TrainConfig", "apply_overrides", "config_help", "load_config", "load_yaml"]
 
-METHODS = ("dense", "static", "set", "rigl", "mest", "chase")
-DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+# The method names and the choices of the sparsifiers' options are the library's (one table).
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
-    "dataset": DATASETS,
+    "dataset": ("cifar10", "cifar100", "imagefolder", "synthetic"),
     "augment": ("auto", "cifar", "imagenet", "none"),
     "loader": ("auto", "resident", "workers"),
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "step", "constant"),
     "amp": ("none", "bf16", "fp16"),
-    "distribution": ("erk", "er", "uniform"),
-    "removal": ("physical", "mask"),
-    "channel_score": ("umm", "kept_mean", "density"),
+    **{k: ALGORITHM_CHOICES[k] for k in ("distribution", "removal", "channel_score")},
 }
+DATASETS = CHOICES["dataset"]
+#: options passed to the sparsifier as they are (None: the algorithm's default, chase.sparsifier.registry).
+LIBRARY_OPTIONS = (
+    "density",
+    "distribution",
+    "update_every",
+    "swap_fraction",
+    "soft_bound",
+    "channel_sparsity",
+    "channel_every",
+    "min_channel_ratio",
+    "removal",
+    "channel_score",
+)
 
 
 class ConfigError(ValueError):
@@ -92,31 +106,41 @@ class TrainConfig:
     # --- sparse training
     method: str = _opt("chase", "dense, static, set, rigl, mest or chase")
     density: float = _opt(0.1, "kept fraction of the sparse layers' weights")
-    distribution: str = _opt("erk", "initial per-layer densities: erk, er or uniform")
+    distribution: Optional[str] = _opt(None, "initial per-layer densities: erk, er or uniform; null: erk")
     dense_layers: list[str] = field(
         default_factory=list, metadata={"help": "fnmatch patterns of layers kept dense, e.g. [conv1]"}
     )
-    update_every: int = _opt(100, "optimizer steps between mask updates (the paper's Delta T_p)")
+    update_every: Optional[int] = _opt(
+        None, "optimizer steps between mask updates (Delta T_p); null: the method's (100; chase 1000)"
+    )
     update_end_epoch: float = _opt(0.0, "no mask updates from this epoch on; 0: the method's default")
     swap_fraction: Optional[float] = _opt(
         None, "fraction of weights swapped at the first update; null: default"
     )
     soft_bound: Optional[float] = _opt(None, "MEST/Chase soft memory bound delta0; null: method default")
     soft_bound_end_epoch: float = _opt(0.0, "epoch at which the soft bound reaches 0; 0: method default")
-    channel_sparsity: float = _opt(0.5, "chase: final fraction of prunable channels removed (S_c)")
-    channel_every: int = _opt(1000, "chase: optimizer steps between channel events (Delta T)")
+    channel_sparsity: Optional[float] = _opt(
+        None, "chase: final fraction of prunable channels removed (S_c); null: 0.4"
+    )
+    channel_every: Optional[int] = _opt(
+        None, "chase: optimizer steps between channel events (Delta T); null: 1000"
+    )
     channel_every_epochs: float = _opt(
-        0.0, "chase: channel event interval in epochs (overrides channel_every)"
+        0.0, "chase: channel event interval in epochs, instead of channel_every (0: use channel_every)"
     )
     channel_end_epoch: float = _opt(0.0, "chase: epoch at which channel pruning ends (T_chan); 0: default")
-    min_channel_ratio: float = _opt(0.2, "chase: a layer keeps at least C (1 - S_c) beta channels (beta)")
+    min_channel_ratio: Optional[float] = _opt(
+        None, "chase: a layer keeps at least C (1 - S_c) beta channels (beta); null: 0.2"
+    )
     prune_skip: bool = _opt(False, "chase: also prune residual-stream channels")
     keep_channels: list[str] = field(
         default_factory=list,
         metadata={"help": "chase: fnmatch patterns of layers whose output channels are never pruned"},
     )
-    removal: str = _opt("physical", "chase: physical (slice channels out while training) or mask")
-    channel_score: str = _opt("umm", "chase: channel score: umm, kept_mean or density")
+    removal: Optional[str] = _opt(
+        None, "chase: physical (slice channels out while training) or mask; null: physical"
+    )
+    channel_score: Optional[str] = _opt(None, "chase: channel score: umm, kept_mean or density; null: umm")
     # --- run
     seed: int = _opt(0, "seed of the model, data order and sparsifier")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")
@@ -134,18 +158,33 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check choices and ranges; returns ``self``."""
         for key, choices in CHOICES.items():
-            if getattr(self, key) not in choices:
+            if getattr(self, key) is not None and getattr(self, key) not in choices:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(choices)}")
-        if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"val_split must be in [0, 1), got {self.val_split}")
         if self.train_limit < 0:
             raise ConfigError(f"train_limit must be >= 0, got {self.train_limit}")
-        for key in ("epochs", "batch_size", "update_every", "channel_every", "eval_every"):
+        for key in ("epochs", "batch_size", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        try:  # the library's own rules; a value out of range is an error whatever the method
+            check(self.method, **self.library_options())
+            if self.method != "chase":
+                check("chase", **self.library_options())
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         return self
+
+    def resolved(self, key: str) -> Any:
+        """The value of a library option: the config's, or the algorithm's default when it is None."""
+        value = getattr(self, key)
+        if value is None and key in LIBRARY_OPTIONS:
+            return defaults("chase" if self.method == "dense" else self.method).get(key)
+        return value
+
+    def library_options(self) -> dict[str, Any]:
+        """The options the sparsifier takes as they are (None: its default)."""
+        return {k: getattr(self, k) for k in LIBRARY_OPTIONS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,15 +10,16 @@ import logging
 import math
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from chase.train.config import ConfigError, TrainConfig
 from chase.train.resident import ResidentLoader, dataset_tensors
+from chase.train.seeds import epoch_seed, split_seed
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class EpochSampler(Sampler[int]):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
@@ -231,7 +232,7 @@ def build_data(
     val_idx: list[int] = []
     val: Optional[Dataset] = None
     if cfg.val_split > 0 or 0 < cfg.train_limit < n:
-        g = torch.Generator().manual_seed(cfg.seed + 7)  # fixed split, independent of the training order
+        g = torch.Generator().manual_seed(split_seed(cfg.seed))  # fixed split
         perm = torch.randperm(n, generator=g).tolist()
         n_val = max(1, round(cfg.val_split * n)) if cfg.val_split > 0 else 0
         train_idx, val_idx = perm[n_val:], perm[:n_val]

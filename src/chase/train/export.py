@@ -1,22 +1,25 @@
-"""Turn a training checkpoint into a slim model file, without the data."""
+"""A training checkpoint rebuilt without the data: its model and sparsifier, and the exported model file."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from chase.models import get_model
+from chase.slim import make_slim, save_slim
 from chase.sparsifier import Sparsifier
-from chase.train.checkpoint import atomic_save, load_checkpoint
+from chase.train.checkpoint import load_checkpoint
 from chase.train.config import TrainConfig
 from chase.train.loop import build_sparsifier
 from chase.train.optim import build_optimizer
 
-__all__ = ["export_checkpoint", "rebuild"]
+__all__ = ["LoadedRun", "export_checkpoint", "load_run", "rebuild"]
 
 
 def rebuild(path: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any], nn.Module, Sparsifier | None]:
@@ -36,15 +39,53 @@ def rebuild(path: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any], nn.Mo
     return cfg, meta, model, sp
 
 
+@dataclass
+class LoadedRun:
+    """A training checkpoint rebuilt: ``model`` is the trained model (already narrowed when Chase removed
+    channels physically), ``sparsifier`` None for dense runs."""
+
+    path: pathlib.Path
+    model_name: str
+    method: str
+    num_classes: int
+    image_size: int
+    model: nn.Module
+    sparsifier: Optional[Sparsifier]
+
+    @property
+    def folder(self) -> pathlib.Path:
+        return self.path.parent
+
+    def slim(self) -> Optional[nn.Module]:
+        """The exported slim model when the method removed channels, else None (every channel is kept)."""
+        sp = self.sparsifier
+        return sp.export().eval() if sp is not None and sp.removes_channels else None
+
+
+def load_run(path: str | os.PathLike) -> LoadedRun:
+    """Rebuild model and sparsifier of a run folder or its ``checkpoint.pt``, in eval mode.
+
+    Raises:
+        ValueError: ``path`` is neither a run folder nor a checkpoint.
+    """
+    p = pathlib.Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise ValueError(f"{p} does not exist (give a run folder or its checkpoint.pt)")
+    cfg, meta, model, sp = rebuild(p)
+    model.eval()
+    return LoadedRun(p, cfg.model, cfg.method, meta["num_classes"], meta["image_size"], model, sp)
+
+
 def export_checkpoint(
     path: str | os.PathLike, out: str | os.PathLike, *, onnx: str | os.PathLike | None = None
 ) -> dict[str, Any]:
-    """Rebuild model and sparsifier from the checkpoint's config, load it, write the exported model.
+    """Rebuild model and sparsifier from the checkpoint's config, load it, write the exported model as a
+    slim checkpoint (:mod:`chase.slim`; for every method, ``chase.load_slim`` reads it).
 
-    Chase: the slim checkpoint (``chase.load_slim(get_model(meta["model"], ...), torch.load(out))``);
-    other methods: the masked weights. Returns the file's ``meta``; with ``onnx``, the same model is also
-    written to that ONNX file and checked with onnxruntime (:func:`chase.onnx.check_onnx`), whose result
-    is returned under ``"onnx"``.
+    Returns the file's ``meta``; with ``onnx``, the same model is also written to that ONNX file and checked
+    with onnxruntime (:func:`chase.onnx.check_onnx`), whose result is returned under ``"onnx"``.
     """
     cfg, meta, model, sp = rebuild(path)
     info = {
@@ -53,23 +94,12 @@ def export_checkpoint(
         "image_size": meta["image_size"],
         "method": cfg.method,
     }
-    if hasattr(sp, "slim_checkpoint"):
-        slim = sp.slim_checkpoint()
-        slim["meta"] = info
-        atomic_save(slim, out)
-    else:
-        with torch.no_grad():
-            state = {k: v.clone() for k, v in model.state_dict().items()}
-        atomic_save(
-            {"format_version": 1, "meta": info, "model": state, "masks": sp.masks if sp is not None else {}},
-            out,
-        )
+    save_slim(sp.slim_checkpoint(info) if sp is not None else make_slim(model, masks={}, meta=info), out)
     if onnx is None:
         return info
     from chase.onnx import check_onnx, export_onnx
 
-    # The model chase.load_slim would rebuild from `out`: the slim one for Chase, else the masked one.
-    exported = (sp.export() if hasattr(sp, "export") else model).eval()
+    exported = (sp.export() if sp is not None else model).eval()  # what chase.load_slim rebuilds from `out`
     size = meta["image_size"]
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     export_onnx(exported, example, onnx)

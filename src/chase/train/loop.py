@@ -10,21 +10,21 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 import chase
+from chase.sparsifier import registry
 from chase.train.config import ConfigError, TrainConfig
 from chase.train.distributed import Dist, wrap_ddp
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainState", "build_sparsifier", "evaluate", "train_one_epoch"]
-
-SPARSIFIERS = {"static": chase.Static, "set": chase.SET, "rigl": chase.RigL, "mest": chase.MEST}
 
 
 def build_sparsifier(
@@ -43,47 +43,40 @@ def build_sparsifier(
         return max(1, round(epochs * steps_per_epoch))
 
     kw: dict[str, Any] = {
-        "density": cfg.density,
+        **cfg.library_options(),
         "total_steps": total,
-        "distribution": cfg.distribution,
         "dense_layers": list(cfg.dense_layers),
-        "update_every": cfg.update_every,
         "seed": cfg.seed,
     }
     if cfg.update_end_epoch > 0:
         kw["end_step"] = steps(cfg.update_end_epoch)
-    if cfg.swap_fraction is not None:
-        kw["swap_fraction"] = cfg.swap_fraction
-    if cfg.soft_bound is not None:
-        kw["soft_bound"] = cfg.soft_bound
     if cfg.soft_bound_end_epoch > 0:
         kw["soft_bound_end"] = steps(cfg.soft_bound_end_epoch)
+    if cfg.method == "chase":
+        if cfg.channel_every_epochs > 0:
+            if cfg.channel_every is not None:
+                log.warning(
+                    "channel_every_epochs=%g (%d steps) is used, not channel_every=%d",
+                    cfg.channel_every_epochs,
+                    steps(cfg.channel_every_epochs),
+                    cfg.channel_every,
+                )
+            kw["channel_every"] = steps(cfg.channel_every_epochs)
+        kw["channel_end"] = steps(cfg.channel_end_epoch) if cfg.channel_end_epoch > 0 else None
+        kw["prune_skip"] = cfg.prune_skip
+        kw["keep_channels"] = list(cfg.keep_channels)
+        # Channel groups are traced once from an example input; its values do not matter, and a private
+        # generator keeps the global RNG (data augmentation, dropout) untouched.
+        kw["example_inputs"] = torch.randn(
+            1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
+        )
+    else:  # options of Chase only
+        for key in ("channel_sparsity", "channel_every", "min_channel_ratio", "removal", "channel_score"):
+            kw.pop(key)
     try:
-        return _construct(module, optimizer, cfg, kw, steps, image_size)
+        return registry.create(cfg.method, module, optimizer, **kw)
     except ValueError as e:  # the library validates its options; here they came from the config
         raise ConfigError(f"method {cfg.method}: {e}") from e
-
-
-def _construct(module, optimizer, cfg: TrainConfig, kw: dict[str, Any], steps, image_size: int):
-    if cfg.method != "chase":
-        return SPARSIFIERS[cfg.method](module, optimizer, **kw)
-    # Channel groups are traced once from an example input; its values do not matter, and a private
-    # generator keeps the global RNG (data augmentation, dropout) untouched.
-    example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    return chase.Chase(
-        module,
-        optimizer,
-        example_inputs=example,
-        channel_sparsity=cfg.channel_sparsity,
-        channel_every=steps(cfg.channel_every_epochs) if cfg.channel_every_epochs > 0 else cfg.channel_every,
-        channel_end=steps(cfg.channel_end_epoch) if cfg.channel_end_epoch > 0 else None,
-        min_channel_ratio=cfg.min_channel_ratio,
-        prune_skip=cfg.prune_skip,
-        keep_channels=list(cfg.keep_channels),
-        removal=cfg.removal,
-        channel_score=cfg.channel_score,
-        **kw,
-    )
 
 
 @dataclass

@@ -22,6 +22,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler, Subset
 
+from chase.train.seeds import batch_seed
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -217,7 +219,7 @@ class ResidentLoader:
         gen = torch.Generator()
         parts = []
         for j in range(batches):
-            gen.manual_seed(((epoch_seed * 1_000_003 + first + j) * 1009 + self.rank) % 2**63)
+            gen.manual_seed(batch_seed(epoch_seed, first + j, self.rank))
             parts.append(crop_flip_params(self.batch_size, self.padding, gen))
         return [torch.cat(t) for t in zip(*parts)]
 

@@ -7,7 +7,6 @@ installed) and the exported model (``slim.pt`` for Chase, ``final.pt`` otherwise
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -25,8 +24,9 @@ from chase.train.config import ConfigError, TrainConfig
 from chase.train.data import build_data
 from chase.train.distributed import Dist, init_distributed
 from chase.train.loop import TrainState, build_sparsifier, evaluate, train_one_epoch
+from chase.train.metrics import Metrics, read_metrics
 from chase.train.optim import build_optimizer, build_scheduler
-from chase.train.report import read_metrics
+from chase.train.seeds import epoch_seed, rank_seed
 
 log = logging.getLogger(__name__)
 
@@ -69,54 +69,6 @@ def config_diff(saved: dict[str, Any], new: TrainConfig) -> list[str]:
     ]
 
 
-def _kept(record: dict[str, Any], step: int) -> bool:
-    return record.get("step", 0) <= step and record.get("kind") != "final"
-
-
-class Metrics:
-    """JSON lines (one object per event) and TensorBoard scalars; a no-op on ranks other than 0."""
-
-    def __init__(
-        self, run_dir: pathlib.Path, enabled: bool, tensorboard: bool, resume_step: int = -1
-    ) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step >= 0 and self.path.exists():
-            # Lines written after the checkpoint by the interrupted process would be repeated: drop them.
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and _kept(json.loads(line), resume_step)
-            ]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        elif resume_step < 0 and self.path.exists():  # a new run in a folder whose first run died early
-            self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
-            else:
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=max(0, resume_step + 1))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _macs(st: TrainState) -> dict[str, Any]:
     """MACs per image of the model as it is now: dense-counted (GPU-supported) and over kept weights."""
     sp = st.sparsifier
@@ -150,7 +102,7 @@ def _sparsity_record(st: TrainState) -> dict[str, Any]:
     widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
     rec: dict[str, Any] = {"density": sp.global_density() if sp is not None else 1.0, "widths": widths}
     rec.update(_macs(st))
-    if sp is not None and hasattr(sp, "channel_sparsity_now"):
+    if sp is not None and sp.removes_channels:
         rec["channel_sparsity"] = sp.channel_sparsity_now()
     return rec
 
@@ -213,7 +165,7 @@ def _train(cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: D
     sparsifier = build_sparsifier(module, optimizer, cfg, data.steps_per_epoch, data.image_size)
     scaler = torch.amp.GradScaler(d.device.type) if cfg.amp == "fp16" else None
     if d.rank:
-        torch.manual_seed(cfg.seed + 1000 * d.rank)  # augmentation differs per rank
+        torch.manual_seed(rank_seed(cfg.seed, d.rank))  # augmentation differs per rank
     meta = {
         "steps_per_epoch": data.steps_per_epoch,
         "num_classes": data.num_classes,
@@ -259,7 +211,7 @@ def _train(cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: D
     test: dict[str, float] = {}
     while st.epoch < cfg.epochs:
         data.train_sampler.set_epoch(st.epoch, start=st.batch * cfg.batch_size)
-        data.train.generator.manual_seed(cfg.seed * 100003 + st.epoch)
+        data.train.generator.manual_seed(epoch_seed(cfg.seed, st.epoch))
         t0 = time.perf_counter()
         tr = train_one_epoch(st, data.train, data.steps_per_epoch, after_step)
         st.epoch, st.batch = st.epoch + 1, 0

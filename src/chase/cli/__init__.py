@@ -1,0 +1,49 @@
+"""The ``chase`` command: ``train``, ``export``, ``check`` and the measurement commands ``flops``, ``bench``,
+``analyze``. One module per command owns its arguments, its printing and its exit status; the library
+and the trainer never import this package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from chase.cli import analyze, bench, check, export, flops, train
+
+__all__ = ["build_parser", "main"]
+
+COMMANDS = {m.NAME: m for m in (train, export, flops, bench, analyze, check)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chase", description="Channel-aware dynamic sparse training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS.values():
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``chase`` console script; returns the exit status.
+
+    A usage error (a bad option value, a file that is not what the command needs, an optional package
+    missing, an ONNX file that does not compute the model) is one line ``chase <command>: error: ...``
+    and exit status 2; anything else is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
+    # The measurement commands print their own tables; the library's INFO lines would interleave.
+    quiet = getattr(args, "quiet", False) or not command.LOG_PROGRESS
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    from chase.onnx import OnnxCheckError
+
+    try:
+        return command.run(args)
+    except (ValueError, ImportError, OnnxCheckError) as e:  # ConfigError is a ValueError
+        print(f"chase {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

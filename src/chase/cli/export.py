@@ -1,0 +1,57 @@
+"""``chase export``: the exported model file of a training checkpoint (and optionally ONNX)."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+NAME = "export"
+LOG_PROGRESS = True
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        NAME,
+        help="write the exported (slim) model of a training checkpoint",
+        description="Rebuild the model from a checkpoint's config and write the exported model as a slim "
+        "checkpoint (Chase: channels sliced out; other methods: the masked weights); load it with "
+        "chase.load_slim.",
+    )
+    p.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
+    p.add_argument("--output", "-o", help="output file (default: slim.pt next to the checkpoint)")
+    p.add_argument(
+        "--onnx",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="also write the exported model as ONNX (default: the output's name with .onnx, e.g. slim.onnx) "
+        "and check it against PyTorch with onnxruntime at two batch sizes (needs chase-dst[onnx])",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from chase.cli.common import CommandError
+    from chase.train.export import export_checkpoint
+
+    path = pathlib.Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CommandError(f"{path} does not exist")
+    out = pathlib.Path(args.output) if args.output else path.with_name("slim.pt")
+    onnx = None if args.onnx is None else pathlib.Path(args.onnx or out.with_suffix(".onnx"))
+    meta = export_checkpoint(path, out, onnx=onnx)
+    print(
+        f"wrote {out} ({meta['model']}, {meta['method']}); load it with "
+        f"chase.load_slim(chase.models.get_model({meta['model']!r}, num_classes={meta['num_classes']}), "
+        f"{str(out)!r})"
+    )
+    if onnx is not None:
+        c = meta["onnx"]
+        print(
+            f"wrote {onnx}; onnxruntime {c['onnxruntime']} matches PyTorch at batch sizes "
+            f"{c['batch_sizes']}: "
+            f"max |diff| {c['max_abs_diff']:.3g}, largest |output| {c['max_abs_output']:.3g} "
+            f"(relative {c['relative_diff']:.2g}, allowed {c['atol']:g} + {c['rtol']:g} x largest)"
+        )
+    return 0

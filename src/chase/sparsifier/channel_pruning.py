@@ -1,0 +1,357 @@
+"""Global channel pruning: the prunable channel groups of a model, their floors and scores, and the removal
+of the lowest-scoring channels. Chase runs it at every channel event; :func:`prune_channels` once."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from chase.graph import ChannelGraph, channel_groups, unwrap_model
+from chase.graph.types import ChannelGroup
+from chase.sparse.channels import CHANNEL_SCORES, channel_score, water_fill
+from chase.sparse.distribution import layer_counts, random_masks
+from chase.sparse.targets import find_sparse_params, matches
+from chase.sparsifier.dry_run import breaking_groups
+from chase.surgery import SurgeryState, removal_problem, remove_channels, zero_removed
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "INIT_DENSITY",
+    "REMOVAL_MODES",
+    "ChannelPruner",
+    "PrunedChannels",
+    "check_channel_options",
+    "prune_channels",
+    "untrained_label",
+    "untrained_slim",
+]
+
+REMOVAL_MODES = ("physical", "mask")
+#: density at which an untrained width is chosen: the paper's d (what Chase sees at its first event).
+INIT_DENSITY = 0.1
+
+
+def check_channel_options(
+    *,
+    channel_sparsity: float,
+    min_channel_ratio: float,
+    removal: str = "physical",
+    channel_score: str = "umm",
+    channel_every: int = 1,
+) -> None:
+    """The one validation of the channel-pruning options (``ValueError`` naming the option)."""
+    if channel_every < 1:
+        raise ValueError(f"channel_every must be >= 1, got {channel_every}")
+    if not 0.0 <= channel_sparsity < 1.0:
+        raise ValueError(f"channel_sparsity must be in [0, 1), got {channel_sparsity}")
+    if not 0.0 <= min_channel_ratio <= 1.0:
+        raise ValueError(f"min_channel_ratio must be in [0, 1], got {min_channel_ratio}")
+    if removal not in REMOVAL_MODES:
+        raise ValueError(f"removal must be one of {REMOVAL_MODES}, got {removal!r}")
+    if channel_score not in CHANNEL_SCORES:
+        raise ValueError(f"channel_score must be one of {CHANNEL_SCORES}, got {channel_score!r}")
+
+
+class ChannelPruner:
+    """The channel side of Chase on one model.
+
+    Finds the prunable channel groups whose producers are among ``params`` (minus ``keep_channels``,
+    minus groups some module cannot follow or whose removal breaks the forward pass: those are refused
+    with a warning), and removes channels by global score with per-group floors
+    ``int(C (1 - channel_sparsity) min_channel_ratio)`` (at least 1).
+
+    Args:
+        module: the (unwrapped) model.
+        example_inputs: an input batch on the model's device and dtype, used to trace the groups.
+        params: the weights that are scored (name -> parameter), usually the sparse layers.
+        channel_sparsity, min_channel_ratio, prune_skip, keep_channels, removal: as for :class:`~chase.Chase`.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        example_inputs: Any,
+        params: Mapping[str, torch.Tensor],
+        *,
+        channel_sparsity: float,
+        min_channel_ratio: float = 0.2,
+        prune_skip: bool = False,
+        keep_channels: Sequence[str] = (),
+        removal: str = "physical",
+    ) -> None:
+        self.module = module
+        self.removal = removal
+        self.graph: ChannelGraph = channel_groups(module, example_inputs, prune_skip=prune_skip)
+        groups = [g for g in self.graph.prunable() if any(s.tensor in params for s in g.producers)]
+        self.groups = _without_kept(groups, keep_channels)
+        inexact = [g.name for g in self.groups if not g.exact]
+        if removal == "mask" and inexact:
+            raise ValueError(
+                f"removal='mask' cannot represent removing channels that pass through a channel-mixing norm "
+                f"(LayerNorm/GroupNorm over channels) in group(s) {inexact[:3]}: zeroed channels would still "
+                "count in its statistics. Use removal='physical' (default) or prune_skip=False"
+            )
+        self.surgery = SurgeryState(module, self.groups)
+        # A group whose removal some module cannot follow (a custom module recording its width, say) or
+        # that breaks the forward pass (a width held in Python, e.g. a reshape to another tensor's size)
+        # is refused now, with the reason, rather than failing at the first channel event.
+        refused = {g.name: why for g in self.groups if (why := removal_problem(module, self.surgery, g.name))}
+        left = [g for g in self.groups if g.name not in refused]
+        for name, error in breaking_groups(module, left, example_inputs).items():
+            refused[name] = f"removing a channel breaks the forward pass ({error})"
+        if refused:
+            warnings.warn(
+                f"Chase keeps {len(refused)} channel group(s) whose layers cannot be narrowed: "
+                + "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:3])
+                + (" ..." if len(refused) > 3 else ""),
+                stacklevel=4,
+            )
+            self.groups = [g for g in self.groups if g.name not in refused]
+            self.surgery = SurgeryState(module, self.groups)
+        #: group name -> why its channels are kept.
+        self.refused_groups: dict[str, str] = refused
+        # A grouped conv's channels go in units of `unit` channels (see the graph); sparsity counts channels.
+        self.units = [g.unit for g in self.groups]
+        self.total_channels = sum(g.width * u for g, u in zip(self.groups, self.units))
+        # The paper's floor int(C (1 - S_c) beta), and never an empty layer.
+        self.floors = [max(1, int(g.width * (1 - channel_sparsity) * min_channel_ratio)) for g in self.groups]
+        # Filter size of each producer before any input channel was removed: UMM divides by it.
+        self.row_numel = {s.tensor: params[s.tensor][0].numel() for g in self.groups for s in g.producers}
+
+    # ------------------------------------------------------------------ read-outs
+    def alive_channels(self) -> dict[str, int]:
+        """Alive channels (units, for a group of grouped-conv units) per prunable group."""
+        return {g.name: self.surgery.current_width(g.name) for g in self.groups}
+
+    def alive_total(self) -> int:
+        """Alive prunable channels, every unit counted with its channels."""
+        return sum(self.surgery.current_width(g.name) * u for g, u in zip(self.groups, self.units))
+
+    def channel_sparsity_now(self) -> float:
+        """Fraction of prunable channels removed so far."""
+        return 1.0 - self.alive_total() / self.total_channels if self.total_channels else 0.0
+
+    # ------------------------------------------------------------------ removal
+    def scores(
+        self, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], score: str = "umm"
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Scores of every alive channel of every group, their group ids, and per group the original ids of
+        its alive channels (in score order). ``masks`` may miss a parameter: it is then dense."""
+        scores, gids, ids = [], [], []
+        for i, g in enumerate(self.groups):
+            alive = self.surgery.alive_channels(g.name)
+            per_producer = []
+            for s in g.producers:
+                if s.tensor not in params:
+                    continue  # a producer kept dense by dense_layers still scores through its siblings
+                w = params[s.tensor]
+                m = masks.get(s.tensor)
+                if m is None:
+                    m = torch.ones_like(w, dtype=torch.bool)
+                sc = channel_score(w, m, self.row_numel[s.tensor], score)
+                # This group's rows only: a producer may also carry other groups' channels (its output is
+                # concatenated, or added to a concatenation), and in mask mode removed rows remain.
+                # A grouped-conv unit owns several rows: its score is their mean (UMM stays a mean).
+                rows = self.surgery.slot_positions(g.name, s.tensor, sliced=self.removal == "physical")
+                per_producer.append(sc[rows.to(sc.device)].mean(1))
+            score_g = torch.stack(per_producer).mean(0)
+            scores.append(score_g)
+            gids.append(torch.full_like(score_g, i, dtype=torch.long))
+            ids.append(alive.nonzero().squeeze(1))
+        return torch.cat(scores), torch.cat(gids), ids
+
+    @torch.no_grad()
+    def remove(
+        self,
+        keep: int,
+        params: Mapping[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+        *,
+        score: str = "umm",
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        agree: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> int:
+        """Remove the lowest-score channels until ``keep`` prunable channels are left (water-filling under
+        the floors). ``masks`` is updated in place (sliced, or removed rows zeroed); ``agree`` makes every
+        distributed rank take the same choice. Returns the number of channels removed."""
+        alive = [self.surgery.current_width(g.name) for g in self.groups]
+        quota = self.alive_total() - keep  # in channels; a unit costs its channels
+        if quota <= 0:
+            return 0
+        caps = [max(0, a - f) for a, f in zip(alive, self.floors)]
+        scores, gids, ids = self.scores(params, masks, score)
+        chosen = water_fill(scores.float().cpu(), gids.cpu(), caps, quota, costs=self.units)
+        if agree is not None:  # every rank removes rank 0's choice (same shape on all ranks)
+            picked = torch.zeros(scores.numel(), dtype=torch.bool)
+            picked[chosen] = True
+            chosen = agree(picked).nonzero().squeeze(1)
+        chosen_gids = gids.cpu()[chosen]
+        # Position of each chosen channel inside its group's alive list -> its original channel id.
+        starts = torch.tensor([0, *alive]).cumsum(0)[:-1]
+        local = chosen - starts[chosen_gids]
+        removals = {}
+        for i, g in enumerate(self.groups):
+            sel = local[chosen_gids == i]
+            if sel.numel():
+                removals[g.name] = ids[i][sel]
+        if self.removal == "physical":
+            remove_channels(self.module, self.surgery, removals, optimizer=optimizer, masks=masks)
+        else:
+            self.surgery.mark_removed(removals)
+            zero_removed(self.module, self.surgery, optimizer=optimizer, masks=masks)
+        return int(chosen.numel())
+
+
+@dataclass
+class PrunedChannels:
+    """What :func:`prune_channels` did.
+
+    Attributes:
+        history: the channel-removal record (``chase.slim`` ``history``): :func:`chase.load_slim` replays
+            it on a fresh model.
+        masks: the given masks, sliced to the new shapes (None when none were given).
+        removed: channels removed per group.
+        total_channels: prunable channels before pruning.
+        refused_groups: groups kept whole, and why.
+    """
+
+    history: dict[str, Any]
+    masks: Optional[dict[str, torch.Tensor]]
+    removed: dict[str, int] = field(default_factory=dict)
+    total_channels: int = 0
+    refused_groups: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def channel_sparsity(self) -> float:
+        """Fraction of the prunable channels removed."""
+        return sum(self.removed.values()) / self.total_channels if self.total_channels else 0.0
+
+
+@torch.no_grad()
+def prune_channels(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    channel_sparsity: float,
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
+    min_channel_ratio: float = 0.2,
+    prune_skip: bool = False,
+    keep_channels: Sequence[str] = (),
+    channel_score: str = "umm",
+    dense_layers: Sequence[str] = (),
+) -> PrunedChannels:
+    """One-shot global channel pruning, in place: by the same groups, scores, floors and surgery as a
+    Chase channel event, remove ``channel_sparsity`` of the prunable channels of ``model``.
+
+    Channels are scored on the weights of the sparse layers (Conv/Linear minus ``dense_layers``) times
+    ``masks`` (parameter name -> bool tensor; missing names are dense, as is everything when ``masks`` is
+    None). The model is narrowed physically; build its optimizer afterwards. Save the result with
+    ``chase.slim.make_slim(model, history=result.history)``.
+    """
+    check_channel_options(
+        channel_sparsity=channel_sparsity, min_channel_ratio=min_channel_ratio, channel_score=channel_score
+    )
+    module = unwrap_model(model)
+    params = find_sparse_params(module, dense_layers=dense_layers)
+    work = {n: m.to(params[n].device, torch.bool).clone() for n, m in (masks or {}).items() if n in params}
+    unknown = sorted(set(masks or {}) - set(params))
+    if unknown:
+        raise ValueError(f"masks name parameters that are not sparse layers of the model: {unknown[:5]}")
+    pruner = ChannelPruner(
+        module,
+        _like(example_inputs, next(iter(params.values()))),
+        params,
+        channel_sparsity=channel_sparsity,
+        min_channel_ratio=min_channel_ratio,
+        prune_skip=prune_skip,
+        keep_channels=keep_channels,
+    )
+    before = pruner.alive_channels()
+    pruner.remove(round(pruner.total_channels * (1.0 - channel_sparsity)), params, work, score=channel_score)
+    after = pruner.alive_channels()
+    units = dict(zip(before, pruner.units))
+    log.info("prune_channels: %.1f%% of prunable channels removed", 100 * pruner.channel_sparsity_now())
+    return PrunedChannels(
+        history=pruner.surgery.state_dict(),
+        masks=work if masks is not None else None,
+        removed={g: (before[g] - after[g]) * units[g] for g in before if before[g] != after[g]},
+        total_channels=pruner.total_channels,
+        refused_groups=dict(pruner.refused_groups),
+    )
+
+
+def untrained_slim(
+    model: nn.Module,
+    example_inputs: Any,
+    channel_sparsity: float,
+    prune_skip: bool = False,
+    density: float = INIT_DENSITY,
+) -> nn.Module:
+    """A copy of ``model`` narrowed at once to Chase's final width for ``channel_sparsity``. The channels are
+    chosen as Chase chooses at its first event: by UMM of the current (e.g. random) weights masked at
+    ``density`` (ERK masks, drawn as a Chase with seed 0 draws them), not of the dense weights; the copy
+    keeps those masked weights. For timing and FLOPs only: it is not a trained model."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    work = copy.deepcopy(unwrap_model(model))
+    params = find_sparse_params(work)
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    masks = random_masks(shapes, layer_counts(shapes, density, "erk"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].mul_(m.to(params[n].device))
+    prune_channels(
+        work, example_inputs, channel_sparsity=channel_sparsity, masks=masks, prune_skip=prune_skip
+    )
+    return work.eval()
+
+
+def untrained_label(channel_sparsity: float, prune_skip: bool, density: float = INIT_DENSITY) -> str:
+    """What an :func:`untrained_slim` model is, for every table that reports one."""
+    return (
+        f"UNTRAINED width: Chase channel_sparsity={channel_sparsity} prune_skip={prune_skip}, all removed at "
+        f"once, channels ranked by UMM of the initial weights masked at density {density} (ERK)"
+    )
+
+
+def _without_kept(groups: list[ChannelGroup], patterns: Sequence[str]) -> list[ChannelGroup]:
+    """``groups`` minus those with a producer matched by a ``keep_channels`` pattern (each must match one)."""
+    if not patterns:
+        return groups
+    used: set[str] = set()
+    out = []
+    for g in groups:
+        names = [n for s in g.producers for n in (s.tensor, s.tensor.rpartition(".")[0])]
+        hits = {p for n in names for p in matches(n, patterns)}
+        used |= hits
+        if not hits:
+            out.append(g)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        layers = sorted({s.tensor.rpartition(".")[0] for g in groups for s in g.producers})
+        raise ValueError(
+            f"keep_channels pattern(s) {unused} match no prunable channel group; patterns are fnmatch globs "
+            f"over producing layers' module names, here: {', '.join(layers[:8])}"
+            + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+        )
+    return out
+
+
+def _like(obj: Any, ref: torch.Tensor) -> Any:
+    """``obj`` with its tensors on ``ref``'s device, floating ones in ``ref``'s dtype (so an example input
+    made on the CPU in fp32 works for a model on CUDA or in fp64)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(ref.device, ref.dtype if obj.is_floating_point() else obj.dtype)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_like(o, ref) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _like(v, ref) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,91 @@
+"""The algorithms by name: what they are called, their defaults, and the validation of their options.
+
+The library, the trainer's config and the CLI all read this one table, so a name, a default or a rule
+lives in one place. An option given as ``None`` means "the algorithm's default".
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from chase.sparse.channels import CHANNEL_SCORES
+from chase.sparse.distribution import DISTRIBUTIONS
+from chase.sparse.schedules import SWAP_SCHEDULES
+from chase.sparsifier.algorithms import MEST, SET, RigL, Static
+from chase.sparsifier.base import GROWTH, SCOPES, Sparsifier, check_options
+from chase.sparsifier.channel_pruning import REMOVAL_MODES, check_channel_options
+from chase.sparsifier.chase import Chase
+
+__all__ = ["ALGORITHMS", "CHOICES", "METHODS", "check", "create", "defaults"]
+
+#: name -> class of every sparse training algorithm.
+ALGORITHMS: dict[str, type[Sparsifier]] = {
+    "static": Static,
+    "set": SET,
+    "rigl": RigL,
+    "mest": MEST,
+    "chase": Chase,
+}
+#: every method a trainer offers: dense training (no sparsifier) and the algorithms.
+METHODS: tuple[str, ...] = ("dense", *ALGORITHMS)
+#: the allowed values of every option that is a choice.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "distribution": tuple(DISTRIBUTIONS),
+    "growth": tuple(GROWTH),
+    "scope": tuple(SCOPES),
+    "swap_schedule": tuple(SWAP_SCHEDULES),
+    "removal": tuple(REMOVAL_MODES),
+    "channel_score": tuple(CHANNEL_SCORES),
+}
+_CHANNEL_OPTIONS = ("channel_sparsity", "min_channel_ratio", "removal", "channel_score", "channel_every")
+
+
+def _algorithm(method: str) -> type[Sparsifier]:
+    if method not in ALGORITHMS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return ALGORITHMS[method]
+
+
+def defaults(method: str) -> dict[str, Any]:
+    """Every keyword option of ``method`` with its default (the class's own keywords, its preset values and
+    the engine's), e.g. ``defaults("chase")["update_every"] == 1000``."""
+    cls = _algorithm(method)
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" not in vars(klass):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind == p.KEYWORD_ONLY and p.default is not p.empty:
+                out[p.name] = p.default
+    out.update(getattr(cls, "defaults", {}))
+    if cls is Chase:  # Chase's own setdefaults (global MEST exploration)
+        out.update(scope="global", growth="gradient")
+    return out
+
+
+def check(method: str, **options: Any) -> None:
+    """Validate ``options`` of ``method`` without a model (``None`` values take the defaults); raises
+    ``ValueError`` naming the option. The constructors run the same checks."""
+    if method == "dense":
+        return
+    values = {**defaults(method), **{k: v for k, v in options.items() if v is not None}}
+    engine = inspect.signature(check_options).parameters
+    check_options(**{k: values[k] for k in engine if k in values})
+    if _algorithm(method) is Chase:
+        check_channel_options(**{k: values[k] for k in _CHANNEL_OPTIONS})
+
+
+def create(
+    method: str, model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any
+) -> Optional[Sparsifier]:
+    """The sparsifier ``method`` names on ``model`` (None for ``"dense"``); ``None`` options are left to the
+    algorithm's default."""
+    if method == "dense":
+        return None
+    kwargs: Mapping[str, Any] = {k: v for k, v in options.items() if v is not None}
+    return _algorithm(method)(model, optimizer, **kwargs)

@@ -1,0 +1,99 @@
+"""A run's ``metrics.jsonl``: the writer (JSON lines + TensorBoard scalars), the reader, and the training
+cost computed from its records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from chase.flops import StepCost, training_flops
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METRICS_FILE", "Metrics", "read_metrics", "training_cost"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _kept(record: dict[str, Any], step: int) -> bool:
+    return record.get("step", 0) <= step and record.get("kind") != "final"
+
+
+class Metrics:
+    """JSON lines (one object per event) and TensorBoard scalars; a no-op on ranks other than 0."""
+
+    def __init__(
+        self, run_dir: pathlib.Path, enabled: bool, tensorboard: bool, resume_step: int = -1
+    ) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step >= 0 and self.path.exists():
+            # Lines written after the checkpoint by the interrupted process would be repeated: drop them.
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and _kept(json.loads(line), resume_step)
+            ]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_step < 0 and self.path.exists():  # a new run in a folder whose first run died early
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=max(0, resume_step + 1))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def training_cost(records: Sequence[dict[str, Any]], steps: int, batch_size: int) -> dict[str, float]:
+    """Training MACs of a run from its metrics: RigL's accounting (``chase.training_flops``) over the
+    per-step forward cost that the ``start`` and ``cost`` records describe (density, widths, and which
+    steps computed a dense gradient). Returns ``{}`` when the run has no ``start`` record."""
+    start = next((r for r in records if r.get("kind") == "start"), None)
+    if start is None or not start.get("macs"):
+        return {}
+    changes = {r["step"]: r for r in records if r.get("kind") == "cost"}
+
+    def log() -> Iterator[StepCost]:
+        now = start
+        for t in range(1, steps + 1):
+            rec = changes.get(t)
+            # Step t ran with the state before its own update; the update's cost is its dense gradient.
+            yield StepCost(now["macs_sparse"] / now["macs"], now["macs"], bool(rec and rec["update"]))
+            now = rec or now
+
+    total = training_flops(log(), update_every=None, batch_size=batch_size)
+    return {
+        "train_macs": round(total.total),
+        "train_macs_dense": round(total.dense_total),
+        "train_macs_ratio": total.ratio,
+        "dense_gradient_steps": total.update_steps,
+    }
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run folder's ``metrics.jsonl`` (empty when it has none)."""
+    path = pathlib.Path(run_dir) / METRICS_FILE
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []

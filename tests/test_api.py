@@ -1,0 +1,203 @@
+"""The top layer's one-owner pieces: the slim format, one-shot channel pruning, the algorithm registry,
+and checkpoints written before them."""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import shutil
+
+import pytest
+import torch
+from tests.nets import TinyResNet, make_optimizer, train_step
+
+import chase
+from chase.slim import SLIM_FORMAT_VERSION, load_slim, make_slim, read_slim, save_slim
+from chase.sparsifier import registry
+
+EXAMPLE = torch.randn(2, 3, 16, 16)
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+# ---------------------------------------------------------------- the slim format, for every method
+@pytest.mark.parametrize("method", ["static", "set", "rigl", "mest", "chase"])
+def test_every_sparsifier_exports_a_slim_checkpoint_that_reloads(method, tmp_path):
+    torch.manual_seed(0)
+    model = TinyResNet()
+    opt = make_optimizer("sgd", model)
+    extra = (
+        {"example_inputs": EXAMPLE, "channel_every": 2, "channel_sparsity": 0.5} if method == "chase" else {}
+    )
+    sp = registry.create(method, model, opt, density=0.3, total_steps=12, update_every=4, **extra)
+    for i in range(12):
+        train_step(model, opt, sp, i)
+    assert sp.removes_channels == (method == "chase")
+    save_slim(sp.slim_checkpoint({"note": method}), tmp_path / "m.pt")
+    ckpt = read_slim(tmp_path / "m.pt")
+    assert ckpt["format_version"] == SLIM_FORMAT_VERSION and ckpt["meta"] == {"note": method}
+    assert bool(ckpt["history"]) == (method == "chase")
+    fresh = load_slim(TinyResNet(), tmp_path / "m.pt").eval()  # a path works as well as the dict
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), sp.export().eval()(x), atol=1e-5)
+    for name, mask in ckpt["masks"].items():  # masks have the exported shapes and match the zeros
+        w = fresh.get_parameter(name)
+        assert mask.shape == w.shape and not w[~mask].any()
+
+
+def test_an_unstructured_export_is_the_model_itself():
+    model = TinyResNet()
+    sp = chase.RigL(model, make_optimizer("sgd", model), density=0.5, total_steps=10)
+    assert sp.export() is model
+
+
+def test_slim_reader_says_what_a_file_is(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "junk.pt").write_bytes(b"\x00not a torch file at all")
+    torch.save({"config": {}, "optimizer": {}, "format_version": 1}, tmp_path / "train.pt")
+    torch.save({"format_version": 99, "model": {}}, tmp_path / "future.pt")
+    for name, words in [
+        ("empty.pt", "is not a slim checkpoint"),
+        ("junk.pt", "is not a slim checkpoint"),
+        ("train.pt", "training checkpoint"),
+        ("future.pt", "unsupported slim checkpoint format 99"),
+        ("missing.pt", "does not exist"),
+    ]:
+        with pytest.raises(ValueError, match=words) as e:
+            read_slim(tmp_path / name)
+        assert "weights_only=False" not in str(e.value)  # never pass on torch's unsafe advice
+    with pytest.raises(ValueError, match="not a slim checkpoint"):
+        save_slim({"format_version": SLIM_FORMAT_VERSION}, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_file_without_history_loads():
+    """Files of unstructured runs written before the format had one owner had no 'history' key."""
+    model = TinyResNet()
+    ckpt = make_slim(model)
+    del ckpt["history"]
+    fresh = load_slim(TinyResNet(width=8), ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+# ---------------------------------------------------------------- prune_channels
+def test_prune_channels_is_a_chase_event():
+    """One-shot pruning removes exactly what Chase's last event removes from the same weights and masks."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    sp = chase.Chase(
+        model,
+        make_optimizer("sgd", model),
+        density=0.3,
+        total_steps=40,
+        example_inputs=EXAMPLE,
+        channel_sparsity=0.5,
+        update_every=8,
+        channel_every=4,
+    )
+    twin, masks = copy.deepcopy(model), {n: m.clone() for n, m in sp.masks.items()}
+    sp.remove_channels_now(sp.last_event)
+    result = chase.prune_channels(twin, EXAMPLE, channel_sparsity=0.5, masks=masks)
+    assert [p.shape for p in twin.parameters()] == [p.shape for p in sp.export().parameters()]
+    assert result.channel_sparsity == pytest.approx(sp.channel_sparsity_now())
+    assert result.total_channels == sp.total_channels and result.removed
+    assert all(result.masks[n].shape == twin.get_parameter(n).shape for n in result.masks)
+    # The history rebuilds the narrow shape in a fresh model.
+    fresh = load_slim(TinyResNet(), make_slim(twin, history=result.history))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), twin.eval()(x))
+
+
+def test_prune_channels_refuses_bad_input_and_leaves_the_model():
+    model = TinyResNet()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="channel_sparsity"):
+        chase.prune_channels(model, EXAMPLE, channel_sparsity=1.5)
+    with pytest.raises(ValueError, match="not sparse layers"):
+        chase.prune_channels(model, EXAMPLE, channel_sparsity=0.5, masks={"nope.weight": torch.ones(1)})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_untrained_slim_matches_the_chase_it_replaced():
+    """untrained_slim = Chase (ERK masks at d, seed 0) with its whole S_c removed at once."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    slim = chase.untrained_slim(model, EXAMPLE, 0.5, density=0.1)
+    work = copy.deepcopy(model)
+    sp = chase.Chase(
+        work,
+        torch.optim.SGD(work.parameters(), lr=0.0),
+        density=0.1,
+        soft_bound=0.0,
+        total_steps=6,
+        example_inputs=EXAMPLE,
+        channel_sparsity=0.5,
+        update_every=2,
+        channel_every=1,
+        channel_end=2,
+    )
+    sp.remove_channels_now(sp.last_event)
+    ref = sp.export()
+    assert all(torch.equal(a, b) for a, b in zip(slim.state_dict().values(), ref.state_dict().values()))
+
+
+# ---------------------------------------------------------------- the registry and the config
+def test_registry_defaults_are_the_classes_defaults():
+    assert registry.METHODS == ("dense", "static", "set", "rigl", "mest", "chase")
+    assert registry.defaults("chase")["update_every"] == 1000
+    assert registry.defaults("chase")["channel_sparsity"] == 0.4
+    assert registry.defaults("rigl")["update_every"] == 100
+    assert registry.defaults("set")["growth"] == "random"
+    assert registry.defaults("mest")["soft_bound"] == 0.05
+    with pytest.raises(ValueError, match="unknown method"):
+        registry.defaults("nope")
+
+
+def test_config_none_means_the_library_default():
+    from chase.train.config import TrainConfig, load_config
+
+    cfg = load_config([], ["method=chase"])
+    assert cfg.update_every is None and cfg.resolved("update_every") == 1000
+    assert cfg.resolved("channel_sparsity") == 0.4
+    assert TrainConfig(method="rigl").resolved("update_every") == 100
+    assert load_config([], ["update_every=7"]).resolved("update_every") == 7
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("channel_sparsity=1.5", "channel_sparsity must be in"),
+        ("min_channel_ratio=2", "min_channel_ratio must be in"),
+        ("swap_fraction=-0.1", "swap_fraction must be in"),
+        ("channel_every=0", "channel_every must be >= 1"),
+        ("update_every=0", "update_every must be >= 1"),
+        ("density=1.5", "density must be in"),
+        ("removal=nope", "removal='nope' is not one of"),
+    ],
+)
+def test_cli_refuses_bad_library_options_in_one_line(override, words, tmp_path, capsys):
+    from chase.cli import main
+
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chase train: error:") and words in err and "\n" not in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+# ---------------------------------------------------------------- runs written before this layout
+def test_a_run_checkpointed_by_version_0_1_resumes_bit_for_bit(tmp_path):
+    """tests/data/run_v0_1: a run written by the code before the top-layer refactor (commit 160e8f9),
+    stopped after its first epoch; expected_slim.pt is the same run's result without the stop."""
+    pytest.importorskip("yaml")
+    from chase.cli import main
+
+    run = tmp_path / "old"
+    shutil.copytree(DATA / "run_v0_1", run)
+    expected = torch.load(run / "expected_slim.pt", weights_only=True)
+    assert main(["train", "-q", "--resume", str(run)]) == 0
+    got = read_slim(run / "slim.pt")
+    assert got.keys() >= {"history", "model", "meta"}
+    assert got["model"].keys() == expected["model"].keys()
+    for k, v in expected["model"].items():
+        assert torch.allclose(got["model"][k].double(), v.double(), rtol=1e-4, atol=1e-5), k
