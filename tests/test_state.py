@@ -191,7 +191,8 @@ def test_load_state_from_different_model():
     sp_other = chase.RigL(other, make_optimizer("sgd", other), density=0.1, total_steps=10)
     with pytest.raises(ValueError, match="different model"):
         sp.load_state_dict(sp_other.state_dict())
-    mest = chase.MEST(model, make_optimizer("sgd", model), density=0.1, total_steps=10)
+    twin = TinyResNet()
+    mest = chase.MEST(twin, make_optimizer("sgd", twin), density=0.1, total_steps=10)
     with pytest.raises(ValueError, match="saved by MEST"):
         sp.load_state_dict(mest.state_dict())
 

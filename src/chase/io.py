@@ -2,30 +2,71 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "load_tensors"]
+__all__ = ["atomic_save", "atomic_write_text", "load_tensors", "stale_temporaries"]
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash mid-write leaves
-    the previous file intact."""
+#: prefix and infix of the temporary files of atomic writes: ``.<name>.tmp<pid>``.
+TMP_INFIX = ".tmp"
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
+    """Write through ``write(file)`` into a temporary file in the same folder, then ``os.replace``: a crash
+    or a full disk mid-write leaves the previous file intact and no temporary file behind."""
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if _disk_full(e):
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}") from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a full disk; torch's writer reports one as a failed "enforce"
+    about an unexpected file position."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically (see :func:`_atomic`); a full disk raises ``OSError(ENOSPC)`` naming
+    the file."""
+    _atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (see :func:`_atomic`)."""
+    _atomic(path, lambda f: f.write(text), "w")
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[pathlib.Path]:
+    """Temporary files that atomic writes of a killed process left in ``folder``."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.name.startswith(".") and TMP_INFIX in p.name and p.is_file()]
 
 
 def load_tensors(path: str | os.PathLike, what: str) -> Any:

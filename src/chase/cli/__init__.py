@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from chase.cli import analyze, bench, check, export, flops, train
+from chase.cli.args import OneLineParser
 
 __all__ = ["build_parser", "main"]
 
@@ -18,8 +19,8 @@ COMMANDS = {m.NAME: m for m in (train, export, flops, bench, analyze, check)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chase", description="Channel-aware dynamic sparse training.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = OneLineParser(prog="chase", description="Channel-aware dynamic sparse training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for command in COMMANDS.values():
         command.add_parser(sub)
     return parser
@@ -29,9 +30,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``chase`` console script; returns the exit status.
 
     A usage error (a bad option value, a file that is not what the command needs, an optional package
-    missing, an ONNX file that does not compute the model) is one line ``chase <command>: error: ...``
-    and exit status 2; anything else is a bug and keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    missing, an ONNX file that does not compute the model, a full disk or an unreadable file) is one line
+    ``chase <command>: error: ...`` and exit status 2; anything else is a bug and keeps its traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its line already printed)
+        return e.code if isinstance(e.code, int) else 2
     command = COMMANDS[args.command]
     # The measurement commands print their own tables; the library's INFO lines would interleave.
     quiet = getattr(args, "quiet", False) or not command.LOG_PROGRESS
@@ -40,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return command.run(args)
-    except (ValueError, ImportError, OnnxCheckError) as e:  # ConfigError is a ValueError
+    except (ValueError, ImportError, OnnxCheckError, OSError) as e:  # ConfigError is a ValueError
         print(f"chase {args.command}: error: {e}", file=sys.stderr)
         return 2
 

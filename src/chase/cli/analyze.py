@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chase.analysis import amenable_curve, channel_stats
-    from chase.cli.common import CommandError
+    from chase.cli.common import CommandError, refuse_overwriting
     from chase.plots import plot_amenable_curve, plot_channel_densities
     from chase.train.export import load_run
     from chase.train.metrics import read_metrics
@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
     print(stats.summary())
     out = pathlib.Path(args.out) if args.out else loaded.folder / "channel_density.png"
     if out.suffix.lower() != ".png":
+        if out.is_file():
+            raise CommandError(f"--out {out} is a file: give a .png file name or a folder")
         out = out / "channel_density.png"
+    refuse_overwriting(out, args.source)
     plot_channel_densities(stats, out, title=title)
     print(f"wrote {out}")
     curve = amenable_curve(read_metrics(loaded.folder))

@@ -14,7 +14,7 @@ LOG_PROGRESS = False
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from chase.cli.common import add_model_args
+    from chase.cli.args import add_model_args, nonnegative_int, positive_int, positive_ints
 
     p = sub.add_parser(
         NAME,
@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p, "a Chase run folder or checkpoint: its exported model is the slim one")
     p.add_argument("--slim-from", metavar="CHECKPOINT", help="same as the positional run/checkpoint")
-    p.add_argument("--batch-sizes", help="comma-separated (default 1,8,32 on CPU; up to 256 on CUDA)")
+    p.add_argument(
+        "--batch-sizes", type=positive_ints, help="comma-separated (default 1,8,32 on CPU; up to 256 on CUDA)"
+    )
     p.add_argument("--dtypes", default="fp32", help="comma-separated from fp32,bf16,fp16 (default fp32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--channels-last", choices=("off", "on", "both"), default="off", help="memory format")
@@ -35,9 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also time torch.compile'd models (Inductor, inference freezing)",
     )
-    p.add_argument("--warmup", type=int, default=3, help="untimed forwards first (3)")
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards; the median is reported (10)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed forwards first (3)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=10, help="timed forwards; the median is reported (10)"
+    )
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads for CPU runs")
     p.add_argument(
         "--onnx",
         action="store_true",
@@ -52,8 +56,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from chase.bench import DTYPES, benchmark, format_table
-    from chase.cli.common import CommandError, example_input, models_to_measure, write_json
+    from chase.cli.common import (
+        CommandError,
+        example_input,
+        models_to_measure,
+        refuse_overwriting,
+        write_json,
+    )
     from chase.flops import count_flops
+
+    refuse_overwriting(args.json, args.source, args.slim_from)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,10 +78,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise CommandError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
-    if args.batch_sizes:
-        batches = [int(b) for b in args.batch_sizes.split(",")]
-    else:  # a full sweep to 256 takes minutes per model on a small CPU
-        batches = [1, 8, 32, 64, 128, 256] if device.startswith("cuda") else [1, 8, 32]
+    # A full sweep to 256 takes minutes per model on a small CPU.
+    default = [1, 8, 32, 64, 128, 256] if device.startswith("cuda") else [1, 8, 32]
+    batches = args.batch_sizes or default
     dense, slim, run, what = models_to_measure(args)
     x = example_input(run, args)
     models = {"dense": dense} if slim is None else {"dense": dense, "slim": slim}

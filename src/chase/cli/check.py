@@ -11,6 +11,8 @@ LOG_PROGRESS = False
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from chase.cli.args import positive_int
+
     p = sub.add_parser(
         NAME,
         help="does Chase work on this model? a miniature run: discover, train, shrink, export, reload",
@@ -21,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", "-m", required=True, help="a chase.models name (torchvision, timm:<name>, CIFAR zoo)"
     )
-    p.add_argument("--input", type=int, default=64, help="square input size (64)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input", type=positive_int, default=64, help="square input size (64)")
+    p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--channel-sparsity", type=float, default=0.5)
     p.add_argument("--prune-skip", action="store_true", help="also prune residual-stream channels")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")

@@ -13,33 +13,17 @@ from torch import nn
 from chase.sparsifier.channel_pruning import INIT_DENSITY, untrained_label, untrained_slim
 from chase.train.export import LoadedRun, load_run
 
-__all__ = ["CommandError", "add_model_args", "example_input", "models_to_measure", "write_json"]
+__all__ = [
+    "CommandError",
+    "example_input",
+    "models_to_measure",
+    "refuse_overwriting",
+    "write_json",
+]
 
 
 class CommandError(ValueError):
     """A user error: printed without a traceback, exit status 2."""
-
-
-def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
-    p.add_argument("source", nargs="?", help=source_help)
-    p.add_argument("--model", "-m", help="model name (chase.models.get_model), built untrained")
-    p.add_argument("--input", type=int, help="input image size (default: the run's, or 224)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier size for --model (1000)")
-    p.add_argument(
-        "--channel-sparsity",
-        type=float,
-        metavar="S",
-        help="with --model: also measure a slim model of Chase's final width at S, channels removed at "
-        "once from the untrained model (an UNTRAINED-width model, labelled so)",
-    )
-    p.add_argument("--prune-skip", action="store_true", help="with --channel-sparsity: prune the skip path")
-    p.add_argument(
-        "--density",
-        type=float,
-        help="with --channel-sparsity: weight density of the initial masks the channels are ranked on, as "
-        f"Chase ranks them at its first event (default {INIT_DENSITY}, the paper's d)",
-    )
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def example_input(run: Optional[LoadedRun], args: argparse.Namespace) -> torch.Tensor:
@@ -73,6 +57,29 @@ def models_to_measure(
     d = INIT_DENSITY if getattr(args, "density", None) is None else args.density
     slim = untrained_slim(dense, example_input(None, args), s, skip, density=d)
     return dense, slim, None, untrained_label(s, skip, d)
+
+
+#: files of a run folder that a command's output must never replace (the run could not resume).
+RUN_INPUTS = ("checkpoint.pt", "config.yaml", "metrics.jsonl")
+
+
+def refuse_overwriting(output: str | pathlib.Path | None, *inputs: str | pathlib.Path | None) -> None:
+    """Refuse an output path that is one of the command's inputs or a run folder's own files (its
+    checkpoint, config or metrics): writing it would lose the run."""
+    if output is None:
+        return
+    out = pathlib.Path(output).expanduser().resolve()
+    protected = set()
+    for given in inputs:
+        if given is None:
+            continue
+        path = pathlib.Path(given).expanduser().resolve()
+        folder = path if path.is_dir() else path.parent
+        protected |= {path} | {folder / name for name in RUN_INPUTS}
+    if out in protected:
+        raise CommandError(f"refusing to write {output}: it is an input of this command or a file of the run")
+    if out.is_dir():
+        raise CommandError(f"{output} is a folder; give a file name")
 
 
 def write_json(obj: Any, path: str | pathlib.Path) -> None:

@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chase.cli.common import CommandError
+    from chase.cli.common import CommandError, refuse_overwriting
+    from chase.train.checkpoint import load_checkpoint
     from chase.train.export import export_checkpoint
 
     path = pathlib.Path(args.checkpoint)
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{path} does not exist")
     out = pathlib.Path(args.output) if args.output else path.with_name("slim.pt")
     onnx = None if args.onnx is None else pathlib.Path(args.onnx or out.with_suffix(".onnx"))
+    load_checkpoint(path)  # say what a wrong input is before looking at the output
+    refuse_overwriting(out, path)
+    refuse_overwriting(onnx, path, out)
     meta = export_checkpoint(path, out, onnx=onnx)
     print(
         f"wrote {out} ({meta['model']}, {meta['method']}); load it with "

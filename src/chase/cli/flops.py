@@ -9,7 +9,7 @@ LOG_PROGRESS = False
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from chase.cli.common import add_model_args
+    from chase.cli.args import add_model_args
 
     p = sub.add_parser(
         NAME,
@@ -23,9 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chase.cli.common import example_input, models_to_measure, write_json
+    from chase.cli.common import example_input, models_to_measure, refuse_overwriting, write_json
     from chase.flops import FlopReport, count_flops
 
+    refuse_overwriting(args.json, args.source)
     dense, slim, run, what = models_to_measure(args)
     x = example_input(run, args)
     ref = count_flops(dense, x)

@@ -50,6 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="dataset folder (same as --set data_dir=...)")
     p.add_argument("--out", help="parent folder of run folders (same as --set out=...)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a folder that holds an earlier run's outputs but no checkpoint",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"cannot resume: {run_dir / 'config.yaml'} does not exist")
             files = [run_dir / "config.yaml"]
     cfg = load_config(files, sets)
-    results = train(cfg, run_dir, resume=bool(args.resume))
+    results = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 prints the table
         return 0
     width = max(map(len, results))

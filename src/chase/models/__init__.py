@@ -5,6 +5,6 @@ Use :func:`get_model` (by name) and :func:`list_models`. The CIFAR classes live 
 imported only when a name needs them.
 """
 
-from chase.models.registry import get_model, list_models
+from chase.models.registry import check_model_name, get_model, list_models
 
-__all__ = ["get_model", "list_models"]
+__all__ = ["check_model_name", "get_model", "list_models"]

@@ -79,7 +79,8 @@ def _unknown(name: str, candidates: list[str], hint: str = "") -> ValueError:
     return ValueError(msg)
 
 
-def _get_timm_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+def _timm_module(name: str) -> Any:
+    """timm, after checking that it is installed and knows ``name``."""
     try:
         import timm
     except ImportError as e:
@@ -88,7 +89,11 @@ def _get_timm_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         ) from e
     if not timm.is_model(name):
         raise _unknown(TIMM_PREFIX + name, _timm_names())
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return timm
+
+
+def _get_timm_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    return _timm_module(name).create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -106,15 +111,28 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         ValueError: unknown name (the message lists close matches).
         ImportError: a ``timm:`` name while timm is not installed.
     """
+    return _builder(name)(num_classes=num_classes, **kwargs)
+
+
+def check_model_name(name: str) -> None:
+    """Raise what :func:`get_model` would raise for ``name`` (``ValueError`` for an unknown name with close
+    matches, ``ImportError`` when the needed package is missing) without building a model."""
+    _builder(name)
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    """The constructor :func:`get_model` calls for ``name`` (``num_classes`` and kwargs)."""
     name = name.strip()
     if name.startswith(TIMM_PREFIX):
-        return _get_timm_model(name[len(TIMM_PREFIX) :], num_classes, **kwargs)
+        timm_name = name[len(TIMM_PREFIX) :]
+        _timm_module(timm_name)
+        return lambda **kw: _get_timm_model(timm_name, **kw)
     if name.lower() in CIFAR_MODELS:
-        return _cifar_builder(name.lower())(num_classes=num_classes, **kwargs)
+        return _cifar_builder(name.lower())
     tv_names = _torchvision_names()
     if name.lower() in tv_names:
         import torchvision.models as tvm
 
-        return tvm.get_model(name.lower(), weights=None, num_classes=num_classes, **kwargs)
+        return lambda **kw: tvm.get_model(name.lower(), weights=None, **kw)
     hint = "" if tv_names else " (torchvision is not installed, so only the CIFAR zoo is available.)"
     raise _unknown(name, sorted(CIFAR_MODELS) + tv_names, hint)

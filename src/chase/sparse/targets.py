@@ -32,16 +32,22 @@ def find_sparse_params(
             matching layer stays dense. Each pattern must match at least one sparse-type layer.
         sparse_types: module types whose ``weight`` is sparsified.
 
+    A weight shared by several layers (tied weights) is returned once, under its first name.
+
     Raises:
         ValueError: when a pattern matches nothing, or when no sparsifiable layer is left.
     """
     used: set[str] = set()
     found: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
     candidates = 0
     for mod_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(module, tuple(sparse_types)) or not isinstance(weight, nn.Parameter):
             continue
+        if id(weight) in seen:  # a tied weight (shared by two layers) has one mask, under its first name
+            continue
+        seen.add(id(weight))
         candidates += 1
         name = f"{mod_name}.weight" if mod_name else "weight"
         hits = matches(mod_name, dense_layers) + matches(name, dense_layers)

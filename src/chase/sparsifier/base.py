@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -83,6 +84,31 @@ def check_options(
         raise ValueError(f"soft_bound must be >= 0 with density + soft_bound <= 1, got {soft_bound}")
     if soft_bound > 0 and scope != "global":
         raise ValueError("the soft memory bound (soft_bound > 0) needs scope='global'")
+
+
+#: id(parameter) -> (parameter, sparsifier), both weak: two sparsifiers on one weight would fight over its
+#: mask. (Tensors compare elementwise, so they cannot key a WeakKeyDictionary.)
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _owner(p: torch.Tensor) -> Any:
+    entry = _OWNERS.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    owner = entry[1]()
+    return owner if owner is not None and not owner._removed else None
+
+
+def _check_not_owned(params: Mapping[str, torch.Tensor]) -> None:
+    for stale in [k for k, (p, sp) in _OWNERS.items() if p() is None or sp() is None]:
+        del _OWNERS[stale]
+    for name, p in params.items():
+        owner = _owner(p)
+        if owner is not None:
+            raise ValueError(
+                f"{name} is already masked by a {type(owner).__name__} sparsifier: one model takes one "
+                "sparsifier (call .remove() on the first one to replace it)"
+            )
 
 
 class Sparsifier:
@@ -168,6 +194,8 @@ class Sparsifier:
         self.distribution = distribution
         self.update_every = int(update_every)
         self.end_step = total_steps if end_step is None else int(end_step)
+        if self.end_step < 1:
+            raise ValueError(f"end_step must be >= 1 (the step updates stop at), got {end_step}")
         self.growth = growth
         self.scope = scope
         self.swap_fraction = float(swap_fraction)
@@ -191,6 +219,7 @@ class Sparsifier:
 
         params = find_sparse_params(self.module, dense_layers=dense_layers, sparse_types=sparse_types)
         check_optimizer_holds(optimizer, params)
+        _check_not_owned(params)
         #: weights per sparse layer at construction: densities always count against these.
         self.dense_numel = {n: p.numel() for n, p in params.items()}
         self.dense_shapes = {n: tuple(p.shape) for n, p in params.items()}
@@ -211,6 +240,9 @@ class Sparsifier:
         self._masks.apply(optimizer)
         self._hook_fired = False
         self._hook = optimizer.register_step_post_hook(self._post_step_hook)
+        self._removed = False
+        for p in params.values():
+            _OWNERS[id(p)] = (weakref.ref(p), weakref.ref(self))
         log.info(
             "%s: %d sparse layers, %d of %d weights kept (density %.4f)",
             type(self).__name__,
@@ -463,5 +495,7 @@ class Sparsifier:
         return 0.0
 
     def remove(self) -> None:
-        """Detach from the optimizer (the masks stop being enforced)."""
+        """Detach from the optimizer (the masks stop being enforced); another sparsifier may then take the
+        model."""
         self._hook.remove()
+        self._removed = True

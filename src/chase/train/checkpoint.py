@@ -109,7 +109,8 @@ def restore(st: TrainState, ckpt: dict[str, Any]) -> None:
     if st.scaler is not None and ckpt["scaler"] is not None:
         st.scaler.load_state_dict(ckpt["scaler"])
     st.epoch, st.batch, st.step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
-    st.sums = ckpt["sums"].to(st.device)
+    # Rank 0 saved every rank's partial sums added up: it carries them, the others start from 0.
+    st.sums = ckpt["sums"].to(st.device) if st.dist.main else torch.zeros_like(ckpt["sums"], device=st.device)
     if st.dist.main:
         set_rng_state(ckpt["rng"])
     else:  # other ranks' streams were not saved: derive a fresh one that still differs per rank

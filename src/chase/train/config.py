@@ -167,6 +167,55 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in (
+            "ckpt_every_steps",
+            "log_every",
+            "threads",
+            "num_workers",
+            "bn_recalibrate",
+            "speedup_batch",
+            "image_size",
+            "num_classes",
+            "synthetic_train",
+            "synthetic_test",
+            "warmup_epochs",
+            "update_end_epoch",
+            "soft_bound_end_epoch",
+            "channel_every_epochs",
+            "channel_end_epoch",
+            "min_lr",
+            "weight_decay",
+            "label_smoothing",
+            "momentum",
+        ):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.lr > 0:  # `not >` also refuses NaN
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.gamma <= 0:
+            raise ConfigError(f"gamma must be > 0, got {self.gamma}")
+        name = pathlib.PurePath(self.name)
+        if self.name and (name.is_absolute() or len(name.parts) != 1 or self.name in (".", "..")):
+            raise ConfigError(
+                f"name={self.name!r} must be a plain folder name (the run folder is out/name), not a path"
+            )
+        try:
+            import torch
+
+            if self.device != "auto":
+                torch.device(self.device)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(
+                f"device={self.device!r} is not a device (auto, cpu, cuda, cuda:1, ...): {e}"
+            ) from None
+        from chase.models import check_model_name
+
+        try:
+            check_model_name(self.model)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"model={self.model!r}: {e}") from None
         try:  # the library's own rules; a value out of range is an error whatever the method
             check(self.method, **self.library_options())
             if self.method != "chase":

@@ -1,7 +1,8 @@
 """Datasets and loaders: CIFAR-10/100, ImageFolder-layout folders, and a synthetic set for tests.
 
-The data order is a pure function of (seed, epoch), so a run resumed from a checkpoint -- at an epoch
-boundary or in the middle of an epoch -- sees exactly the batches the uninterrupted run saw.
+The data order is a pure function of (seed, epoch), and so is the augmentation (per batch in the resident
+loader, per sample in the DataLoader one), so a run resumed from a checkpoint -- at an epoch boundary or in
+the middle of an epoch -- sees exactly the batches the uninterrupted run saw.
 """
 
 from __future__ import annotations
@@ -10,20 +11,30 @@ import logging
 import math
 import os
 import pathlib
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from chase.train.config import ConfigError, TrainConfig
-from chase.train.resident import ResidentLoader, dataset_tensors
-from chase.train.seeds import epoch_seed, split_seed
+from chase.train.resident import ImageDecodeError, ResidentLoader, dataset_tensors
+from chase.train.seeds import epoch_seed, sample_seed, split_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Data", "EpochSampler", "SyntheticDataset", "build_data", "default_data_dir"]
+__all__ = [
+    "Data",
+    "EpochSampler",
+    "SeededDataset",
+    "SeededEpochSampler",
+    "SyntheticDataset",
+    "build_data",
+    "default_data_dir",
+]
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -98,6 +109,46 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         share = math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
         return max(0, share - self.start)
+
+
+class SeededEpochSampler(EpochSampler):
+    """An :class:`EpochSampler` that yields ``(index, seed)``: the seed of a sample depends on the epoch and
+    on its position in the epoch's order (over all ranks), for a :class:`SeededDataset`.
+
+    Why: a DataLoader seeds its workers by worker id, and which worker loads which batch shifts when an
+    epoch starts in the middle (a resume) or the number of workers changes; per-sample seeds do not.
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        order_seed = epoch_seed(self.seed, self.epoch)
+        share = self._indices()
+        for k in range(self.start, len(share)):
+            yield share[k], sample_seed(order_seed, k * self.world + self.rank)
+
+
+class SeededDataset(Dataset):
+    """``dataset[index]`` for a key ``(index, seed)``, loaded with the global torch (CPU), Python and numpy
+    RNGs seeded from ``seed`` -- random transforms draw from them -- and restored afterwards, so a sample's
+    augmentation depends on its seed only and the caller's RNG streams are left as they were."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.default_generator.manual_seed(seed)  # CPU only: transforms run on the CPU
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
 
 
 #: what the trainer iterates: batches ``(x, y)``, with a ``generator`` it seeds at each epoch
@@ -190,6 +241,7 @@ def _datasets(cfg: TrainConfig) -> _Sets:
             datasets.ImageFolder(str(root / s), transform=t)
             for s, t in (("train", tf(True)), ("train", tf(False)), ("test", tf(False)))
         ]
+        _check_same_classes(root, sets[0].classes, sets[2].classes)
         classes = len(sets[0].classes)
     else:
         cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
@@ -206,6 +258,26 @@ def _datasets(cfg: TrainConfig) -> _Sets:
             ) from e
         classes = NUM_CLASSES[cfg.dataset]
     return _Sets(sets[0], sets[1], sets[2], cfg.num_classes or classes, size, kind, stats)
+
+
+def _check_same_classes(root: pathlib.Path, train: list[str], test: list[str]) -> None:
+    """ImageFolder numbers classes by their sorted folder names: test/ must hold train/'s class folders,
+    or its labels would silently mean other classes."""
+    if train == test:
+        return
+    only_test, only_train = sorted(set(test) - set(train)), sorted(set(train) - set(test))
+    raise ConfigError(
+        f"{root / 'test'} has classes {_names(test)} but {root / 'train'} has {_names(train)} "
+        f"(only in test/: {_names(only_test)}; only in train/: {_names(only_train)}): the test labels would "
+        "mean other classes. Give test/ the same class folders as train/"
+    )
+
+
+def _names(names: list[str], most: int = 20) -> str:
+    """A list of names for a message, shortened when long (ImageNet has 1000 classes)."""
+    if len(names) <= most:
+        return str(names)
+    return f"[{', '.join(map(repr, names[:most]))}, ... ({len(names)} in all)]"
 
 
 def _resident(cfg: TrainConfig, sets: _Sets) -> bool:
@@ -242,7 +314,10 @@ def build_data(
         if val_idx:
             val = Subset(sets.train_plain, val_idx)
     pin = device is not None and device.type == "cuda"
-    sampler = EpochSampler(len(train_aug), shuffle=True, seed=cfg.seed, rank=rank, world=world)
+    in_memory = _resident(cfg, sets)
+    # The DataLoader's training samples carry their augmentation seed; the resident loader seeds per batch.
+    sampler_type = EpochSampler if in_memory else SeededEpochSampler
+    sampler = sampler_type(len(train_aug), shuffle=True, seed=cfg.seed, rank=rank, world=world)
     workers = cfg.num_workers
     steps = len(sampler) // cfg.batch_size
     if steps == 0:
@@ -253,7 +328,7 @@ def build_data(
     def evaluation_sampler(ds: Dataset) -> EpochSampler:
         return EpochSampler(len(ds), shuffle=False, rank=rank, world=world, pad=False)
 
-    if _resident(cfg, sets):
+    if in_memory:
         mean, std = sets.stats if sets.stats is not None else (None, None)
 
         def resident(x: torch.Tensor, y: torch.Tensor, smp: Sampler, train: bool) -> ResidentLoader:
@@ -278,8 +353,11 @@ def build_data(
             )
 
         # The training and validation images come from the same files: decode them once.
-        x_all, y_all = dataset_tensors(sets.train_aug)
-        x_test, y_test = dataset_tensors(test)
+        try:
+            x_all, y_all = dataset_tensors(sets.train_aug)
+            x_test, y_test = dataset_tensors(test)
+        except ImageDecodeError as e:  # a corrupt or truncated file: say which, the run cannot start
+            raise ConfigError(f"{e}; remove or replace the file (loader=resident decodes every image)") from e
         x_tr, y_tr = (x_all, y_all) if train_idx is None else (x_all[train_idx], y_all[train_idx])
         tr = resident(x_tr, y_tr, sampler, True)
         te = resident(x_test, y_test, evaluation_sampler(test), False)
@@ -301,9 +379,11 @@ def build_data(
             **kw,
         )
 
-    # Workers are seeded from the loader's own generator, re-seeded per epoch by the trainer, so the
-    # global RNG is not consumed when an iterator starts (a resumed run would otherwise drift).
-    train = loader(train_aug, sampler, True, generator=torch.Generator())
+    # Augmentation draws from per-sample seeds (SeededDataset), not from the worker's RNG: which worker
+    # loads a batch depends on where the iteration started. The loader's own generator (re-seeded per
+    # epoch by the trainer) still draws the workers' base seed, so the global RNG is not consumed when an
+    # iterator starts (a resumed run would otherwise drift).
+    train = loader(SeededDataset(train_aug), sampler, True, generator=torch.Generator())
 
     def evaluation(ds: Dataset) -> DataLoader:
         return loader(ds, evaluation_sampler(ds), False)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from chase.flops import StepCost, training_flops
+from chase.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,10 @@ class Metrics:
         if not enabled:
             return
         if resume_step >= 0 and self.path.exists():
-            # Lines written after the checkpoint by the interrupted process would be repeated: drop them.
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and _kept(json.loads(line), resume_step)
-            ]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            # Lines written after the checkpoint by the interrupted process would be repeated: drop them
+            # (and a line torn by a crash or a full disk); rewrite atomically, never half the history.
+            keep = [r for r in _parse(self.path) if _kept(r, resume_step)]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step < 0 and self.path.exists():  # a new run in a folder whose first run died early
             self.path.unlink()
         if tensorboard:
@@ -96,4 +94,26 @@ def training_cost(records: Sequence[dict[str, Any]], steps: int, batch_size: int
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a run folder's ``metrics.jsonl`` (empty when it has none)."""
     path = pathlib.Path(run_dir) / METRICS_FILE
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return _parse(path) if path.exists() else []
+
+
+def _parse(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a line that is not a JSON object (torn by a crash or a full disk
+    during an append) is skipped with a warning, never an error: the checkpoint, not this log, is what a
+    resume needs."""
+    records, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn += 1
+    if torn:
+        log.warning("%s: skipped %d unreadable line(s) (a write torn by a crash or a full disk)", path, torn)
+    return records

@@ -121,7 +121,15 @@ def save_model(st: TrainState, exported: nn.Module, run_dir: pathlib.Path, data:
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader: Any, batches: int, cfg: TrainConfig, d: Dist) -> None:
-    """Re-estimate BatchNorm running statistics over ``batches`` training batches (cumulative average)."""
+    """Re-estimate BatchNorm running statistics over ``batches`` training batches (cumulative average).
+
+    The batches are the first ones of the pseudo-epoch ``cfg.epochs`` (the one training would run next),
+    and the forward passes draw from a global RNG seeded for this: the statistics depend on neither the
+    state training left the loader in nor the global RNG's, so a resumed run recalibrates exactly as the
+    uninterrupted one. The loader's sampler, its generator and the global RNG are left as they were.
+    """
+    from chase.train.seeds import epoch_seed, recalibration_seed
+
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches <= 0:
         return
@@ -130,12 +138,30 @@ def recalibrate_bn(model: nn.Module, loader: Any, batches: int, cfg: TrainConfig
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch counts the same
     model.train()
-    for x, _ in itertools.islice(loader, batches):
-        x = x.to(d.device, non_blocking=True)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg, d.device):
-            model(x)
+    sampler = getattr(loader, "sampler", None)
+    position = (sampler.epoch, sampler.start) if hasattr(sampler, "set_epoch") else None
+    generator = getattr(loader, "generator", None)
+    generator_state = generator.get_state() if generator is not None else None
+    devices = [] if d.device.type == "cpu" else [d.device]
+    with torch.random.fork_rng(devices=devices, device_type=d.device.type if devices else "cuda"):
+        torch.manual_seed(recalibration_seed(cfg.seed))  # the model's own randomness (dropout)
+        if position is not None:
+            sampler.set_epoch(cfg.epochs, start=0)
+        if generator is not None:
+            # as the trainer seeds an epoch: the resident loader's crops and flips follow from it
+            generator.manual_seed(epoch_seed(cfg.seed, cfg.epochs))
+        try:
+            for x, _ in itertools.islice(loader, batches):
+                x = x.to(d.device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(cfg, d.device):
+                    model(x)
+        finally:
+            if position is not None:
+                sampler.set_epoch(*position)
+            if generator is not None:
+                generator.set_state(generator_state)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     if d.enabled:  # ranks saw different batches: keep rank 0's statistics everywhere

@@ -27,6 +27,7 @@ from chase.train.seeds import batch_seed
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ImageDecodeError",
     "ResidentLoader",
     "apply_crop_flip",
     "crop_flip_params",
@@ -36,13 +37,26 @@ __all__ = [
 ]
 
 
+class ImageDecodeError(ValueError):
+    """An image file that cannot be read or decoded (corrupt, truncated, not an image); ``path`` names it."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        super().__init__(f"cannot decode image {path}: {type(cause).__name__}: {cause}")
+        self.path = path
+
+
 def _decode(path: str) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        flat = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        return flat.view(im.size[1], im.size[0], 3)
+    # PIL's errors ("Truncated File Read", "cannot identify image file") do not always name the file, and
+    # a dataset holds thousands of them.
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            flat = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            return flat.view(im.size[1], im.size[0], 3)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some malformed headers
+        raise ImageDecodeError(path, e) from e
 
 
 def decode_images(paths: Sequence[str | os.PathLike], workers: int = 0) -> torch.Tensor:

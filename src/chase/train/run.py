@@ -17,6 +17,7 @@ import torch
 
 from chase.analysis import amenable_record
 from chase.flops import count_flops
+from chase.io import stale_temporaries
 from chase.models import get_model
 from chase.train import report
 from chase.train.checkpoint import load_checkpoint, restore, save_checkpoint
@@ -24,8 +25,9 @@ from chase.train.config import ConfigError, TrainConfig
 from chase.train.data import build_data
 from chase.train.distributed import Dist, init_distributed
 from chase.train.loop import TrainState, build_sparsifier, evaluate, train_one_epoch
-from chase.train.metrics import Metrics, read_metrics
+from chase.train.metrics import METRICS_FILE, Metrics, read_metrics
 from chase.train.optim import build_optimizer, build_scheduler
+from chase.train.report import FINAL_FILE, REPORT_FILE, SLIM_FILE
 from chase.train.seeds import epoch_seed, rank_seed
 
 log = logging.getLogger(__name__)
@@ -113,10 +115,15 @@ def _write_config(cfg: TrainConfig, path: pathlib.Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+#: files a run writes besides its checkpoint: a folder holding any of them holds an earlier run's outputs.
+RUN_OUTPUTS = ("config.yaml", METRICS_FILE, REPORT_FILE, SLIM_FILE, FINAL_FILE)
+
+
 def _prepare(
-    cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: Dist
+    cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: Dist, overwrite: bool = False
 ) -> tuple[pathlib.Path, Any]:
-    """Decide the run folder and, for a resume, read and check the checkpoint. Writes nothing."""
+    """Decide the run folder and, for a resume, read and check the checkpoint. Writes nothing, except
+    that rank 0 deletes temporary files a killed write left in the folder."""
     if resume:
         assert run_dir is not None
         if not (run_dir / CHECKPOINT).exists():
@@ -128,19 +135,62 @@ def _prepare(
                 f"cannot resume {run_dir}: the config differs from the run's ({'; '.join(diff)}). "
                 "Start a new run (another --out/name) instead; nothing was changed"
             )
+        _clean_temporaries(run_dir, d)
         return run_dir, ckpt
     run_dir = run_dir or run_dir_for(cfg)
     if (run_dir / CHECKPOINT).exists():
         raise ConfigError(
             f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another name"
         )
+    earlier = [n for n in RUN_OUTPUTS if (run_dir / n).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(
+            f"{run_dir} holds outputs of an earlier run ({', '.join(earlier)}) but no checkpoint to resume: "
+            "pick another name, or pass --overwrite to replace them"
+        )
+    _clean_temporaries(run_dir, d)
     return run_dir, None
 
 
+def _clean_temporaries(run_dir: pathlib.Path, d: Dist) -> None:
+    """Delete the temporary files of atomic writes that a killed process left behind."""
+    if not d.main:
+        return
+    for tmp in stale_temporaries(run_dir):
+        log.info("removing %s, left by an interrupted write", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def _check_same_world(saved: dict[str, Any], now: dict[str, Any], run_dir: pathlib.Path) -> None:
+    """Refuse a resume whose processes or data differ from the run's: the schedule is in optimizer steps
+    per epoch, so either would silently change the run."""
+    problems = [
+        f"{what} {saved[key]} -> {now[key]}"
+        for key, what in (
+            ("world", "processes"),
+            ("train_size", "training images"),
+            ("num_classes", "classes"),
+            ("steps_per_epoch", "steps per epoch"),
+        )
+        if key in saved and saved[key] != now[key]  # checkpoints before 0.2 have no world or train_size
+    ]
+    if problems:
+        raise ConfigError(
+            f"cannot resume {run_dir}: {'; '.join(problems)}. Resume with the run's number of processes "
+            "and its dataset (the schedule counts optimizer steps), or start a new run; nothing was changed"
+        )
+
+
 def train(
-    cfg: TrainConfig, run_dir: Optional[str | os.PathLike] = None, *, resume: bool = False
+    cfg: TrainConfig,
+    run_dir: Optional[str | os.PathLike] = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg`` in ``run_dir`` (default ``out/name``), or continue the run there with ``resume``.
+
+    A new run refuses a folder that holds an earlier run's outputs unless ``overwrite``.
 
     Returns the final results (test accuracy, densities, slim model numbers); rank 0 writes the folder.
     """
@@ -148,13 +198,15 @@ def train(
         torch.set_num_threads(cfg.threads)
     d = init_distributed(cfg.device)
     try:
-        return _train(cfg, pathlib.Path(run_dir) if run_dir else None, resume, d)
+        return _train(cfg, pathlib.Path(run_dir) if run_dir else None, resume, d, overwrite)
     finally:
         d.close()
 
 
-def _train(cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: Dist) -> dict[str, Any]:
-    run_dir, ckpt = _prepare(cfg, run_dir, resume, d)
+def _train(
+    cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: Dist, overwrite: bool
+) -> dict[str, Any]:
+    run_dir, ckpt = _prepare(cfg, run_dir, resume, d, overwrite)
     data = build_data(cfg, rank=d.rank, world=d.world, device=d.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     module = get_model(cfg.model, num_classes=data.num_classes).to(d.device)
@@ -170,7 +222,11 @@ def _train(cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: D
         "steps_per_epoch": data.steps_per_epoch,
         "num_classes": data.num_classes,
         "image_size": data.image_size,
+        "world": d.world,
+        "train_size": data.train_sampler.n,
     }
+    if ckpt is not None:
+        _check_same_world(ckpt["meta"], meta, run_dir)
     st = TrainState(cfg, module, optimizer, scheduler, sparsifier, d, scaler, meta)
     if ckpt is not None:
         restore(st, ckpt)
@@ -187,8 +243,14 @@ def _train(cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: D
             metrics.write(channels)
 
     def checkpoint() -> None:
+        # Every rank's partial epoch sums, added up: rank 0 saves the total and, at a resume, starts
+        # from it while the other ranks start from 0 (so the epoch's train loss/accuracy stay exact).
+        local = st.sums
+        if d.enabled:
+            st.sums = local.new_tensor(d.all_sum(local.tolist()))
         if d.main:
             save_checkpoint(st, run_dir / CHECKPOINT)
+        st.sums = local
 
     def after_step(s: TrainState, loss: torch.Tensor) -> None:
         for rec in (_cost_record(s), _channels_record(s)) if d.main else ():

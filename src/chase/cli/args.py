@@ -1,0 +1,68 @@
+"""Argument types and shared arguments of the commands (argparse only: cheap to import for --help)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+__all__ = ["OneLineParser", "add_model_args", "nonnegative_int", "positive_int", "positive_ints"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line ``chase <command>: error: ...`` (exit 2),
+    like every other error of the command line; ``--help`` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1."""
+    return [positive_int(t.strip()) for t in text.split(",") if t.strip()] or [positive_int(text)]
+
+
+def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
+    p.add_argument("source", nargs="?", help=source_help)
+    p.add_argument("--model", "-m", help="model name (chase.models.get_model), built untrained")
+    p.add_argument("--input", type=positive_int, help="input image size (default: the run's, or 224)")
+    p.add_argument(
+        "--num-classes", type=positive_int, default=1000, help="classifier size for --model (1000)"
+    )
+    p.add_argument(
+        "--channel-sparsity",
+        type=float,
+        metavar="S",
+        help="with --model: also measure a slim model of Chase's final width at S, channels removed at "
+        "once from the untrained model (an UNTRAINED-width model, labelled so)",
+    )
+    p.add_argument("--prune-skip", action="store_true", help="with --channel-sparsity: prune the skip path")
+    p.add_argument(
+        "--density",
+        type=float,
+        help="with --channel-sparsity: weight density of the initial masks the channels are ranked on, as "
+        "Chase ranks them at its first event (default: the paper's d, chase.sparsifier.channel_pruning."
+        "INIT_DENSITY)",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
