@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "sparse": {"graph"},
     "surgery": {"graph"},
     "slim": {"graph", "io", "surgery"},
-    "sparsifier": {"graph", "sparse", "surgery", "slim", "io"},
+    "sparsifier": {"graph", "sparse", "surgery", "slim", "io", "flops"},
     "flops": {"graph", "sparse"},
     "analysis": {"graph", "sparse", "sparsifier"},
     "check": {"graph", "flops", "slim", "sparsifier"},

@@ -59,6 +59,13 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
     )
     p.add_argument("--prune-skip", action="store_true", help="with --channel-sparsity: prune the skip path")
     p.add_argument(
+        "--channel-multiple",
+        type=positive_int,
+        default=1,
+        metavar="M",
+        help="with --channel-sparsity: every pruned group keeps a multiple of M channels (1)",
+    )
+    p.add_argument(
         "--density",
         type=float,
         help="with --channel-sparsity: weight density of the initial masks the channels are ranked on, as "

@@ -55,8 +55,9 @@ def models_to_measure(
         return dense, None, None, ""
     s, skip = args.channel_sparsity, args.prune_skip
     d = INIT_DENSITY if getattr(args, "density", None) is None else args.density
-    slim = untrained_slim(dense, example_input(None, args), s, skip, density=d)
-    return dense, slim, None, untrained_label(s, skip, d)
+    m = getattr(args, "channel_multiple", 1)
+    slim = untrained_slim(dense, example_input(None, args), s, skip, density=d, channel_multiple=m)
+    return dense, slim, None, untrained_label(s, skip, d, m)
 
 
 #: files of a run folder that a command's output must never replace (the run could not resume).

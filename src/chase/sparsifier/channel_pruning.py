@@ -13,13 +13,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from chase.flops import count_flops
 from chase.graph import ChannelGraph, channel_groups, unwrap_model
 from chase.graph.types import ChannelGroup
-from chase.sparse.channels import CHANNEL_SCORES, channel_score, water_fill
+from chase.sparse.channels import CHANNEL_SCORES, aligned_blocks, channel_score, water_fill
 from chase.sparse.distribution import layer_counts, random_masks
 from chase.sparse.targets import find_sparse_params, matches
 from chase.sparsifier.dry_run import breaking_groups
 from chase.surgery import SurgeryState, removal_problem, remove_channels, zero_removed
+from chase.surgery.state import _lookup_tensor
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ __all__ = [
 ]
 
 REMOVAL_MODES = ("physical", "mask")
+#: what the channel schedule counts: prunable channels (S_c), or the model's MACs or parameters.
+TARGETS = ("channels", "macs", "params")
 #: density at which an untrained width is chosen: the paper's d (what Chase sees at its first event).
 INIT_DENSITY = 0.1
 
@@ -46,8 +50,21 @@ def check_channel_options(
     removal: str = "physical",
     channel_score: str = "umm",
     channel_every: int = 1,
+    channel_multiple: int = 1,
+    target: str = "channels",
+    macs_ratio: Optional[float] = None,
+    params_ratio: Optional[float] = None,
 ) -> None:
     """The one validation of the channel-pruning options (``ValueError`` naming the option)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    ratio = {"macs": macs_ratio, "params": params_ratio}.get(target)
+    if target != "channels" and (ratio is None or not 0.0 < ratio < 1.0):
+        raise ValueError(f"target={target!r} needs {target}_ratio in (0, 1), got {ratio}")
+    if target != "channels" and removal != "physical":
+        raise ValueError(f"target={target!r} needs removal='physical' (it measures the narrowed model)")
+    if not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValueError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     if channel_every < 1:
         raise ValueError(f"channel_every must be >= 1, got {channel_every}")
     if not 0.0 <= channel_sparsity < 1.0:
@@ -86,9 +103,11 @@ class ChannelPruner:
         prune_skip: bool = False,
         keep_channels: Sequence[str] = (),
         removal: str = "physical",
+        channel_multiple: int = 1,
     ) -> None:
         self.module = module
         self.removal = removal
+        self.channel_multiple = int(channel_multiple)
         self.graph: ChannelGraph = channel_groups(module, example_inputs, prune_skip=prune_skip)
         groups = [g for g in self.graph.prunable() if any(s.tensor in params for s in g.producers)]
         self.groups = _without_kept(groups, keep_channels)
@@ -139,6 +158,78 @@ class ChannelPruner:
         """Fraction of prunable channels removed so far."""
         return 1.0 - self.alive_total() / self.total_channels if self.total_channels else 0.0
 
+    # ------------------------------------------------------------------ budgets
+    def measure(self, quantity: str, example_inputs: Any) -> int:
+        """The model's ``"macs"`` (GPU-supported, per example, as :func:`chase.count_flops` counts them) or
+        ``"params"`` now."""
+        if quantity == "params":
+            return sum(p.numel() for p in self.module.parameters())
+        return count_flops(self.module, example_inputs).dense
+
+    def channel_costs(self, quantity: str, example_inputs: Any) -> list[int]:
+        """What removing one channel (one unit of a grouped conv) of each group saves now, in ``"macs"``
+        per example or ``"params"``: every tensor slice the channel owns (its producer's filter, its
+        consumers' input columns, norm entries), a weight's slice times the positions it is used at."""
+        positions: dict[str, int] = {}
+        if quantity == "macs":
+            report = count_flops(self.module, example_inputs)
+            positions = {layer.name: layer.positions for layer in report.layers}
+        costs = []
+        for g in self.groups:
+            total = 0.0
+            for slot in g.slots:
+                tensor = _lookup_tensor(self.module, slot.tensor)
+                per_position = tensor.numel() / max(1, tensor.shape[slot.dim]) * slot.index.shape[1]
+                if quantity == "params":
+                    total += per_position if isinstance(tensor, nn.Parameter) else 0.0
+                else:
+                    total += per_position * positions.get(slot.tensor, 0)
+            costs.append(max(1, round(total)))
+        return costs
+
+    @torch.no_grad()
+    def remove_to_budget(
+        self,
+        quantity: str,
+        target: int,
+        example_inputs: Any,
+        params: Mapping[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+        *,
+        score: str = "umm",
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        agree: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        rounds: int = 8,
+    ) -> int:
+        """Remove the lowest-score channels until the model's ``quantity`` (``"macs"`` or ``"params"``) is
+        at most ``target``: each round predicts the savings from the current widths (removing two coupled
+        channels saves less than the sum of their costs, so a round may fall short) and measures again.
+        Returns the channels removed; stops early when the floors allow no more."""
+        removed = 0
+        for _ in range(rounds):
+            excess = self.measure(quantity, example_inputs) - target
+            if excess <= 0:
+                break
+            costs = self.channel_costs(quantity, example_inputs)
+            step = self.remove(
+                0,
+                params,
+                masks,
+                score=score,
+                optimizer=optimizer,
+                agree=agree,
+                costs=costs,
+                quota=excess,
+                at_least=True,
+            )
+            if step == 0:
+                log.warning(
+                    "%s budget %d not reached: every prunable group is at its floor", quantity, target
+                )
+                break
+            removed += step
+        return removed
+
     # ------------------------------------------------------------------ removal
     def scores(
         self, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], score: str = "umm"
@@ -178,22 +269,33 @@ class ChannelPruner:
         score: str = "umm",
         optimizer: Optional[torch.optim.Optimizer] = None,
         agree: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        costs: Optional[Sequence[int]] = None,
+        quota: Optional[int] = None,
+        at_least: bool = False,
     ) -> int:
         """Remove the lowest-score channels until ``keep`` prunable channels are left (water-filling under
-        the floors). ``masks`` is updated in place (sliced, or removed rows zeroed); ``agree`` makes every
-        distributed rank take the same choice. Returns the number of channels removed."""
+        the floors). With ``costs`` (what one channel, or unit, of each group is worth, e.g. the MACs it
+        saves) and ``quota`` in that unit instead, remove until their sum is nearest the quota. ``masks``
+        is updated in place (sliced, or removed rows zeroed); ``agree`` makes every distributed rank take
+        the same choice. Returns the number of channels removed."""
         alive = [self.surgery.current_width(g.name) for g in self.groups]
-        quota = self.alive_total() - keep  # in channels; a unit costs its channels
+        if costs is None:
+            costs, quota = self.units, self.alive_total() - keep  # in channels; a unit costs its channels
+        assert quota is not None
         if quota <= 0:
             return 0
-        caps = [max(0, a - f) for a, f in zip(alive, self.floors)]
         scores, gids, ids = self.scores(params, masks, score)
-        chosen = water_fill(scores.float().cpu(), gids.cpu(), caps, quota, costs=self.units)
+        scores, gids = scores.float().cpu(), gids.cpu()
+        if self.channel_multiple > 1:
+            chosen = self._aligned_choice(scores, gids, alive, quota, costs, at_least)
+        else:
+            caps = [max(0, a - f) for a, f in zip(alive, self.floors)]
+            chosen = water_fill(scores, gids, caps, quota, costs=costs, at_least=at_least)
         if agree is not None:  # every rank removes rank 0's choice (same shape on all ranks)
             picked = torch.zeros(scores.numel(), dtype=torch.bool)
             picked[chosen] = True
             chosen = agree(picked).nonzero().squeeze(1)
-        chosen_gids = gids.cpu()[chosen]
+        chosen_gids = gids[chosen]
         # Position of each chosen channel inside its group's alive list -> its original channel id.
         starts = torch.tensor([0, *alive]).cumsum(0)[:-1]
         local = chosen - starts[chosen_gids]
@@ -207,7 +309,46 @@ class ChannelPruner:
         else:
             self.surgery.mark_removed(removals)
             zero_removed(self.module, self.surgery, optimizer=optimizer, masks=masks)
-        return int(chosen.numel())
+        units = torch.as_tensor(self.units)[chosen_gids] if chosen.numel() else torch.zeros(0)
+        return int(units.sum())
+
+    def _aligned_choice(
+        self,
+        scores: torch.Tensor,
+        gids: torch.Tensor,
+        alive: list[int],
+        quota: int,
+        costs: Sequence[int],
+        at_least: bool = False,
+    ) -> torch.Tensor:
+        """Water-filling over blocks that keep every group a multiple of ``channel_multiple`` channels:
+        each group's alignment remainder first (lowest scores), then whole blocks, lowest block score
+        first, until the quota is met as nearly as the block sizes allow."""
+        members, bgids, _, bscores, forced = aligned_blocks(
+            scores, gids, alive, self.floors, self.units, self.channel_multiple
+        )
+        block_costs = [int(m.numel()) * costs[g] for m, g in zip(members, bgids)]
+        picked = [i for i, f in enumerate(forced) if f]
+        left = quota - sum(block_costs[i] for i in picked)
+        rest = [i for i, f in enumerate(forced) if not f]
+        if left > 0 and rest:
+            n_groups = len(self.groups)
+            cost_of = [0] * n_groups
+            caps = [0] * n_groups
+            for i in rest:
+                cost_of[bgids[i]], caps[bgids[i]] = block_costs[i], caps[bgids[i]] + 1
+            sel = water_fill(
+                torch.tensor([bscores[i] for i in rest]),
+                torch.tensor([bgids[i] for i in rest], dtype=torch.long),
+                caps,
+                left,
+                costs=[c or 1 for c in cost_of],
+                at_least=at_least,
+            )
+            picked += [rest[int(j)] for j in sel]
+        if not picked:
+            return torch.empty(0, dtype=torch.long)
+        return torch.cat([members[i] for i in picked])
 
 
 @dataclass
@@ -247,6 +388,10 @@ def prune_channels(
     keep_channels: Sequence[str] = (),
     channel_score: str = "umm",
     dense_layers: Sequence[str] = (),
+    channel_multiple: int = 1,
+    target: str = "channels",
+    macs_ratio: Optional[float] = None,
+    params_ratio: Optional[float] = None,
 ) -> PrunedChannels:
     """One-shot global channel pruning, in place: by the same groups, scores, floors and surgery as a
     Chase channel event, remove ``channel_sparsity`` of the prunable channels of ``model``.
@@ -254,10 +399,20 @@ def prune_channels(
     Channels are scored on the weights of the sparse layers (Conv/Linear minus ``dense_layers``) times
     ``masks`` (parameter name -> bool tensor; missing names are dense, as is everything when ``masks`` is
     None). The model is narrowed physically; build its optimizer afterwards. Save the result with
-    ``chase.slim.make_slim(model, history=result.history)``.
+    ``chase.slim.make_slim(model, history=result.history)``. With ``channel_multiple=m`` every group
+    keeps a multiple of ``m`` channels (a group narrower than ``m`` keeps its width). With
+    ``target="macs"`` (``"params"``) channels go, lowest score first, until the model's MACs per example
+    (parameters) are at most ``macs_ratio`` (``params_ratio``) of what they were; ``channel_sparsity`` then
+    only sets the floors.
     """
     check_channel_options(
-        channel_sparsity=channel_sparsity, min_channel_ratio=min_channel_ratio, channel_score=channel_score
+        channel_sparsity=channel_sparsity,
+        min_channel_ratio=min_channel_ratio,
+        channel_score=channel_score,
+        channel_multiple=channel_multiple,
+        target=target,
+        macs_ratio=macs_ratio,
+        params_ratio=params_ratio,
     )
     module = unwrap_model(model)
     params = find_sparse_params(module, dense_layers=dense_layers)
@@ -273,9 +428,17 @@ def prune_channels(
         min_channel_ratio=min_channel_ratio,
         prune_skip=prune_skip,
         keep_channels=keep_channels,
+        channel_multiple=channel_multiple,
     )
     before = pruner.alive_channels()
-    pruner.remove(round(pruner.total_channels * (1.0 - channel_sparsity)), params, work, score=channel_score)
+    ratio = {"macs": macs_ratio, "params": params_ratio}.get(target)
+    if ratio is not None:
+        probe = _like(example_inputs, next(iter(params.values())))
+        budget = round(pruner.measure(target, probe) * ratio)
+        pruner.remove_to_budget(target, budget, probe, params, work, score=channel_score)
+    else:
+        keep = round(pruner.total_channels * (1.0 - channel_sparsity))
+        pruner.remove(keep, params, work, score=channel_score)
     after = pruner.alive_channels()
     units = dict(zip(before, pruner.units))
     log.info("prune_channels: %.1f%% of prunable channels removed", 100 * pruner.channel_sparsity_now())
@@ -294,6 +457,7 @@ def untrained_slim(
     channel_sparsity: float,
     prune_skip: bool = False,
     density: float = INIT_DENSITY,
+    channel_multiple: int = 1,
 ) -> nn.Module:
     """A copy of ``model`` narrowed at once to Chase's final width for ``channel_sparsity``. The channels are
     chosen as Chase chooses at its first event: by UMM of the current (e.g. random) weights masked at
@@ -309,16 +473,24 @@ def untrained_slim(
         for n, m in masks.items():
             params[n].mul_(m.to(params[n].device))
     prune_channels(
-        work, example_inputs, channel_sparsity=channel_sparsity, masks=masks, prune_skip=prune_skip
+        work,
+        example_inputs,
+        channel_sparsity=channel_sparsity,
+        masks=masks,
+        prune_skip=prune_skip,
+        channel_multiple=channel_multiple,
     )
     return work.eval()
 
 
-def untrained_label(channel_sparsity: float, prune_skip: bool, density: float = INIT_DENSITY) -> str:
+def untrained_label(
+    channel_sparsity: float, prune_skip: bool, density: float = INIT_DENSITY, channel_multiple: int = 1
+) -> str:
     """What an :func:`untrained_slim` model is, for every table that reports one."""
+    multiple = f" channel_multiple={channel_multiple}" if channel_multiple > 1 else ""
     return (
-        f"UNTRAINED width: Chase channel_sparsity={channel_sparsity} prune_skip={prune_skip}, all removed at "
-        f"once, channels ranked by UMM of the initial weights masked at density {density} (ERK)"
+        f"UNTRAINED width: Chase channel_sparsity={channel_sparsity} prune_skip={prune_skip}{multiple}, all "
+        f"removed at once, channels ranked by UMM of the initial weights masked at density {density} (ERK)"
     )
 
 

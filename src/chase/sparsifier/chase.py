@@ -56,6 +56,15 @@ class Chase(Sparsifier):
             a prunable group.
         removal: ``"physical"`` or ``"mask"``.
         channel_score: ``"umm"`` (paper), ``"kept_mean"`` or ``"density"`` (ablations).
+        target: what the cubic schedule counts: ``"channels"`` (``channel_sparsity`` of the prunable
+            channels), ``"macs"`` (the model's GPU-supported MACs reach ``macs_ratio`` of the dense model's)
+            or ``"params"`` (``params_ratio``); the last event meets the budget within about one channel's
+            cost (floors permitting). Budgets need ``removal="physical"``; floors still follow
+            ``channel_sparsity`` and ``min_channel_ratio``.
+        macs_ratio, params_ratio: the final budget of ``target="macs"`` / ``"params"``, in (0, 1).
+        channel_multiple: after every event each prunable group keeps a multiple of this many channels
+            (GPU kernels prefer multiples of 8): removals go in aligned blocks inside the same global
+            ranking (a group narrower than it keeps its width; floors still hold).
         update_every: exploration interval (the paper's Delta T_p, 1000).
         soft_bound: MEST's delta0 (0.05); soft_bound_end: step where delta reaches 0 (default 0.8 x total,
             or the last update step if that comes earlier).
@@ -83,6 +92,10 @@ class Chase(Sparsifier):
         keep_channels: Sequence[str] = (),
         removal: str = "physical",
         channel_score: str = "umm",
+        channel_multiple: int = 1,
+        target: str = "channels",
+        macs_ratio: float | None = None,
+        params_ratio: float | None = None,
         update_every: int = 1000,
         soft_bound: float = 0.05,
         soft_bound_end: int | None = None,
@@ -96,6 +109,10 @@ class Chase(Sparsifier):
             removal=removal,
             channel_score=channel_score,
             channel_every=channel_every,
+            channel_multiple=channel_multiple,
+            target=target,
+            macs_ratio=macs_ratio,
+            params_ratio=params_ratio,
         )
         kwargs.setdefault("scope", "global")
         kwargs.setdefault("growth", "gradient")
@@ -107,6 +124,10 @@ class Chase(Sparsifier):
         self.removal = removal
         self.channel_score = channel_score
         self.keep_channels = tuple(keep_channels)
+        self.channel_multiple = int(channel_multiple)
+        self.target = target
+        #: the final budget of ``target`` over the dense model's (None for target="channels").
+        self.target_ratio = {"macs": macs_ratio, "params": params_ratio}.get(target)
         self.channel_offset = int(update_every) // 2
         self._channel_end_arg = channel_end
         self._example_inputs = example_inputs
@@ -133,6 +154,8 @@ class Chase(Sparsifier):
         like = next(iter(self._masks.params.values()))
         example_inputs = _like(self._example_inputs, like)
         del self._example_inputs  # only its shapes mattered: do not hold the user's batch
+        # A one-example batch of zeros with the input's shapes: budget targets count MACs per example.
+        self._probe = _zeros_like(example_inputs)
         self.pruner = ChannelPruner(
             self.module,
             example_inputs,
@@ -142,6 +165,11 @@ class Chase(Sparsifier):
             prune_skip=self.prune_skip,
             keep_channels=self.keep_channels,
             removal=self.removal,
+            channel_multiple=self.channel_multiple,
+        )
+        #: the dense model's MACs per example or parameters, which a budget target is a ratio of.
+        self.dense_target_value = (
+            self.pruner.measure(self.target, self._probe) if self.target_ratio is not None else None
         )
         self._region: torch.Tensor | None = None
         if self.channel_sparsity > 0 and not self.groups:
@@ -225,18 +253,40 @@ class Chase(Sparsifier):
             info.shapes_changed = self.removal == "physical" and info.channels_removed > 0
 
     @torch.no_grad()
+    def target_value(self, t: int) -> int | None:
+        """With a budget target: the model's MACs or parameters allowed after the event at step ``t``,
+        ``dense x (1 - (1 - ratio) (1 - (1 - t/T)^3))``; None with ``target="channels"``."""
+        if self.target_ratio is None:
+            return None
+        ramp = schedules.cubic_channel_sparsity(t, final=1.0, end=self.last_event)
+        return round(self.dense_target_value * (1.0 - (1.0 - self.target_ratio) * ramp))
+
     def remove_channels_now(self, t: int) -> int:
         """Run the channel event of step ``t``: remove the quota of lowest-score channels (water-filling)."""
-        keep = round(self.total_channels * (1.0 - self.target_channel_sparsity(t)))
         masks = {n: m.clone() for n, m in self._masks.masks.items()}
-        removed = self.pruner.remove(
-            keep,
-            self._masks.params,
-            masks,
-            score=self.channel_score,
-            optimizer=self.optimizer,
-            agree=self._share if self._distributed() else None,
-        )
+        agree = self._share if self._distributed() else None
+        budget = self.target_value(t)
+        if budget is not None:
+            removed = self.pruner.remove_to_budget(
+                self.target,
+                budget,
+                self._probe,
+                self._masks.params,
+                masks,
+                score=self.channel_score,
+                optimizer=self.optimizer,
+                agree=agree,
+            )
+        else:
+            keep = round(self.total_channels * (1.0 - self.target_channel_sparsity(t)))
+            removed = self.pruner.remove(
+                keep,
+                self._masks.params,
+                masks,
+                score=self.channel_score,
+                optimizer=self.optimizer,
+                agree=agree,
+            )
         if not removed:
             return 0
         self._masks.rebuild(masks)
@@ -304,3 +354,14 @@ class Chase(Sparsifier):
     def _export_masks(self) -> dict[str, torch.Tensor] | None:
         # In mask mode the masks keep the full shapes while the export is sliced.
         return super()._export_masks() if self.removal == "physical" else None
+
+
+def _zeros_like(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by zeros of batch size 1 (same dtype, device, other dims)."""
+    if isinstance(obj, torch.Tensor):
+        return torch.zeros((1, *obj.shape[1:]) if obj.ndim else (), dtype=obj.dtype, device=obj.device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_zeros_like(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _zeros_like(v) for k, v in obj.items()}
+    return obj

@@ -18,10 +18,10 @@ from chase.sparse.distribution import DISTRIBUTIONS
 from chase.sparse.schedules import SWAP_SCHEDULES
 from chase.sparsifier.algorithms import MEST, SET, RigL, Static
 from chase.sparsifier.base import GROWTH, SCOPES, Sparsifier, check_options
-from chase.sparsifier.channel_pruning import REMOVAL_MODES, check_channel_options
+from chase.sparsifier.channel_pruning import REMOVAL_MODES, TARGETS, check_channel_options
 from chase.sparsifier.chase import Chase
 
-__all__ = ["ALGORITHMS", "CHOICES", "METHODS", "check", "create", "defaults"]
+__all__ = ["ALGORITHMS", "CHANNEL_OPTIONS", "CHOICES", "METHODS", "check", "create", "defaults"]
 
 #: name -> class of every sparse training algorithm.
 ALGORITHMS: dict[str, type[Sparsifier]] = {
@@ -41,8 +41,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "swap_schedule": tuple(SWAP_SCHEDULES),
     "removal": tuple(REMOVAL_MODES),
     "channel_score": tuple(CHANNEL_SCORES),
+    "target": tuple(TARGETS),
 }
-_CHANNEL_OPTIONS = ("channel_sparsity", "min_channel_ratio", "removal", "channel_score", "channel_every")
+#: the options of channel pruning, which only Chase takes.
+CHANNEL_OPTIONS = (
+    "channel_sparsity",
+    "min_channel_ratio",
+    "removal",
+    "channel_score",
+    "channel_every",
+    "channel_multiple",
+    "target",
+    "macs_ratio",
+    "params_ratio",
+)
 
 
 def _algorithm(method: str) -> type[Sparsifier]:
@@ -77,7 +89,7 @@ def check(method: str, **options: Any) -> None:
     engine = inspect.signature(check_options).parameters
     check_options(**{k: values[k] for k in engine if k in values})
     if _algorithm(method) is Chase:
-        check_channel_options(**{k: values[k] for k in _CHANNEL_OPTIONS})
+        check_channel_options(**{k: values[k] for k in CHANNEL_OPTIONS})
 
 
 def create(

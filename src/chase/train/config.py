@@ -27,7 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "step", "constant"),
     "amp": ("none", "bf16", "fp16"),
-    **{k: ALGORITHM_CHOICES[k] for k in ("distribution", "removal", "channel_score")},
+    **{k: ALGORITHM_CHOICES[k] for k in ("distribution", "removal", "channel_score", "target")},
 }
 DATASETS = CHOICES["dataset"]
 #: options passed to the sparsifier as they are (None: the algorithm's default, chase.sparsifier.registry).
@@ -42,6 +42,10 @@ LIBRARY_OPTIONS = (
     "min_channel_ratio",
     "removal",
     "channel_score",
+    "channel_multiple",
+    "target",
+    "macs_ratio",
+    "params_ratio",
 )
 
 
@@ -141,6 +145,16 @@ class TrainConfig:
         None, "chase: physical (slice channels out while training) or mask; null: physical"
     )
     channel_score: Optional[str] = _opt(None, "chase: channel score: umm, kept_mean or density; null: umm")
+    channel_multiple: Optional[int] = _opt(
+        None, "chase: every prunable group keeps a multiple of this many channels (8 suits GPUs); null: 1"
+    )
+    target: Optional[str] = _opt(
+        None, "chase: what the schedule counts: channels (channel_sparsity), macs or params; null: channels"
+    )
+    macs_ratio: Optional[float] = _opt(None, "chase, target=macs: final MACs over the dense model's")
+    params_ratio: Optional[float] = _opt(
+        None, "chase, target=params: final parameters over the dense model's"
+    )
     # --- run
     seed: int = _opt(0, "seed of the model, data order and sparsifier")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")

@@ -71,7 +71,7 @@ def build_sparsifier(
             1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
         )
     else:  # options of Chase only
-        for key in ("channel_sparsity", "channel_every", "min_channel_ratio", "removal", "channel_score"):
+        for key in registry.CHANNEL_OPTIONS:
             kw.pop(key)
     try:
         return registry.create(cfg.method, module, optimizer, **kw)

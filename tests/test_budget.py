@@ -1,0 +1,98 @@
+"""Budget targets: the channel schedule counts the model's MACs or parameters instead of channels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.nets import TinyResNet, make_optimizer, train_step
+
+import chase
+
+EXAMPLE = torch.randn(2, 3, 16, 16)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("target, ratio", [("macs", 0.6), ("params", 0.75)])
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_chase_meets_the_budget_within_one_channel(target, ratio, multiple):
+    torch.manual_seed(0)
+    model = TinyResNet(width=32)
+    opt = make_optimizer("sgd", model)
+    sp = chase.Chase(
+        model,
+        opt,
+        density=0.3,
+        total_steps=40,
+        example_inputs=EXAMPLE,
+        update_every=8,
+        channel_every=4,
+        channel_multiple=multiple,
+        target=target,
+        **{f"{target}_ratio": ratio},
+    )
+
+    def now() -> int:
+        return chase.count_flops(model, EXAMPLE[:1]).dense if target == "macs" else _params(model)
+
+    dense, last = now(), None
+    for i in range(40):
+        train_step(model, opt, sp, i)
+        if sp.is_channel_step(i + 1):
+            allowed = sp.target_value(i + 1)
+            assert now() <= allowed  # each event meets its step's budget
+            last = (allowed, now())
+    allowed, got = last
+    assert allowed == round(dense * ratio)
+    one_block = max(sp.pruner.channel_costs(target, EXAMPLE[:1])) * multiple
+    assert allowed - one_block <= got <= allowed, (allowed, got, one_block)
+
+
+def test_prune_channels_to_a_macs_budget():
+    model = TinyResNet(width=32)
+    dense = chase.count_flops(model, EXAMPLE).dense
+    result = chase.prune_channels(model, EXAMPLE, channel_sparsity=0.6, target="macs", macs_ratio=0.5)
+    macs = chase.count_flops(model, EXAMPLE).dense
+    assert macs <= 0.5 * dense and result.removed
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"target": "macs"}, "needs macs_ratio"),
+        ({"target": "params", "params_ratio": 1.5}, "needs params_ratio in"),
+        ({"target": "latency_ms"}, "target must be one of"),
+        ({"target": "macs", "macs_ratio": 0.5, "removal": "mask"}, "removal='physical'"),
+    ],
+)
+def test_bad_budgets_are_refused(options, words):
+    model = TinyResNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=words):
+        chase.Chase(
+            model,
+            make_optimizer("sgd", model),
+            density=0.3,
+            total_steps=40,
+            example_inputs=EXAMPLE,
+            **options,
+        )
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_trainer_takes_a_macs_budget(tmp_path):
+    pytest.importorskip("yaml")
+    from tests.nets import TINY_CHASE_RUN
+
+    from chase.cli import main
+
+    sets = [*TINY_CHASE_RUN, "target=macs", "macs_ratio=0.7", "name=r"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *sets]) == 0
+    import json
+
+    final = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["macs_ratio"] <= 0.7 + 1e-9
