@@ -458,11 +458,13 @@ def untrained_slim(
     prune_skip: bool = False,
     density: float = INIT_DENSITY,
     channel_multiple: int = 1,
+    **options: Any,
 ) -> nn.Module:
     """A copy of ``model`` narrowed at once to Chase's final width for ``channel_sparsity``. The channels are
     chosen as Chase chooses at its first event: by UMM of the current (e.g. random) weights masked at
     ``density`` (ERK masks, drawn as a Chase with seed 0 draws them), not of the dense weights; the copy
-    keeps those masked weights. For timing and FLOPs only: it is not a trained model."""
+    keeps those masked weights. ``options`` go to :func:`prune_channels` (e.g. ``target="macs",
+    macs_ratio=0.6``). For timing and FLOPs only: it is not a trained model."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     work = copy.deepcopy(unwrap_model(model))
@@ -479,6 +481,7 @@ def untrained_slim(
         masks=masks,
         prune_skip=prune_skip,
         channel_multiple=channel_multiple,
+        **options,
     )
     return work.eval()
 

@@ -1,0 +1,136 @@
+"""Does rounding widths to a multiple of m make a slim model faster at the same MACs budget?
+
+For each model, Chase's untrained final widths (``chase.untrained_slim``: channels ranked on ERK-masked
+initial weights at d = 0.1, removed at once) under the same MACs budget (``target="macs"``) with
+``channel_multiple`` 1, 8 and 16, timed next to the dense model alternately in one ``chase.bench.benchmark``
+call per configuration (eager and torch.compile with inference freezing). UNTRAINED widths: the
+question is how the hardware treats the shapes, not accuracy.
+
+    python benchmarks/channel_multiple.py                      # this CPU: ResNet-50 224 and CIFAR ResNet-18
+    python benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256
+    python benchmarks/channel_multiple.py --quick              # smoke test (CIFAR ResNet-18, eager, batch 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from chase import count_flops, untrained_slim
+from chase.bench import benchmark
+from chase.models import get_model
+from common import RESULTS, machine, write
+
+MODELS = {"resnet50": (224, 1000), "cifar_resnet18": (32, 10)}
+
+
+def widths(model: torch.nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    size, classes = MODELS[name]
+    size = args.input or size
+    x = torch.zeros(1, 3, size, size)
+    torch.manual_seed(0)
+    dense = get_model(name, num_classes=classes).eval()
+    models = {"dense": dense}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in args.multiples:
+            models[f"m{m}"] = untrained_slim(
+                dense, x, 0.6, prune_skip=True, channel_multiple=m, target="macs", macs_ratio=args.macs_ratio
+            )
+    macs = {k: count_flops(v, x).dense for k, v in models.items()}
+    aligned = {k: sum(w % 8 == 0 for w in widths(v)) / len(widths(v)) for k, v in models.items()}
+    res = benchmark(
+        models,
+        (3, size, size),
+        batch_sizes=args.batch_sizes,
+        dtypes=args.dtypes,
+        device=args.device,
+        compiled=[False, True] if args.compile else [False],
+        warmup=args.warmup,
+        repeats=args.repeats,
+        macs=macs,
+        meta={"model": name, "input": size, "macs_ratio_target": args.macs_ratio},
+    )
+    res["macs"] = macs
+    res["share_of_conv_widths_multiple_of_8"] = aligned
+    logging.info("%s done", name)
+    return res
+
+
+def markdown(payload: dict) -> str:
+    lines = [
+        "# Same MACs budget, widths rounded to a multiple of m",
+        "",
+        f"{payload['machine']}",
+        "",
+        f"UNTRAINED widths: Chase's final widths for a MACs budget of {payload['macs_ratio']} of the dense "
+        "model (prune_skip, ERK-masked initial weights at d = 0.1), with channel_multiple m; speedup = "
+        "images/s over the dense model's in the same configuration (alternating timings, median).",
+        "",
+    ]
+    for name, res in payload["models"].items():
+        lines += [f"## {name}", "", "| model | MACs ratio | conv widths % 8 == 0 |", "|---|---|---|"]
+        for k, v in res["macs"].items():
+            share = res["share_of_conv_widths_multiple_of_8"][k]
+            lines.append(f"| {k} | {v / res['macs']['dense']:.3f} | {100 * share:.0f}% |")
+        lines += [
+            "",
+            "| model | batch | dtype | compiled | images/s | speedup |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["results"]:
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['compiled']} | "
+                f"{r['throughput']:.1f} | {r.get('speedup', 1.0):.2f}x |"
+            )
+        for s in res.get("skipped", []):
+            lines.append(f"\nskipped: {s}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet50,cifar_resnet18")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default="fp32")
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--multiples", default="1,8,16")
+    ap.add_argument("--macs-ratio", type=float, default=0.6)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--input", type=int, default=0, help="input size override (0: the model's)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--stem", default="channel_multiple_cpu")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.batch_sizes, args.compile, args.repeats, args.warmup = (
+            "cifar_resnet18",
+            "2",
+            False,
+            2,
+            1,
+        )
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.multiples = [int(m) for m in args.multiples.split(",")]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    payload = {"machine": machine(args.device), "macs_ratio": args.macs_ratio, "models": {}}
+    for name in args.models.split(","):
+        payload["models"][name] = run(name, args)
+        write(args.stem, payload, markdown(payload), folder=Path(args.out))  # partial results as it goes
+    print(markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
