@@ -77,7 +77,11 @@ def load_tensors(path: str | os.PathLike, what: str) -> Any:
         raise ValueError(f"{path} does not exist (expected {what})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, AttributeError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # whatever the unpickler trips over in a file that is not a torch file
+        if isinstance(e, OSError) and not isinstance(e, pickle.UnpicklingError):
+            raise  # unreadable (permissions, I/O): the OS's own message says it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in first:  # torch's message goes on to suggest weights_only=False
             first = "it holds objects other than tensors and plain containers"

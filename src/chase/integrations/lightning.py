@@ -56,6 +56,8 @@ class SparsityCallback(Callback):
             raise ValueError(
                 f"SparsityCallback supports one optimizer, the module has {len(trainer.optimizers)}"
             )
+        if self.sparsifier is not None:  # a second fit: the previous sparsifier lets go of the model
+            self.sparsifier.remove()
         self.sparsifier = self.make_sparsifier(pl_module, trainer.optimizers[0])
         self._last_step = trainer.global_step
         if self._pending is not None:

@@ -96,7 +96,7 @@ def _get_timm_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return _timm_module(name).create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+def get_model(name: str, num_classes: int, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build a freshly initialised classification model.
 
     Args:
@@ -105,13 +105,41 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             name (``resnet50``, ``vgg16_bn``, ...; built with ``weights=None``), or ``timm:<name>`` for a timm
             model (``pretrained=False``; timm must be installed).
         num_classes: size of the classifier output.
+        pretrained: load the published weights (torchvision's ``DEFAULT`` weights, which need
+            ``num_classes=1000``; timm's ``pretrained=True``); they are downloaded, so this needs network.
         **kwargs: passed to the model constructor (e.g. ``dropout`` for torchvision / CIFAR MobileNetV2).
 
     Raises:
         ValueError: unknown name (the message lists close matches).
         ImportError: a ``timm:`` name while timm is not installed.
     """
+    if pretrained:
+        return _pretrained(name, num_classes, **kwargs)
     return _builder(name)(num_classes=num_classes, **kwargs)
+
+
+def _pretrained(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    name = name.strip()
+    _builder(name)  # an unknown name or a missing package fails as it does without pretrained
+    try:
+        if name.startswith(TIMM_PREFIX):
+            timm = _timm_module(name[len(TIMM_PREFIX) :])
+            return timm.create_model(
+                name[len(TIMM_PREFIX) :], pretrained=True, num_classes=num_classes, **kwargs
+            )
+        if name.lower() in CIFAR_MODELS:
+            raise ValueError(
+                f"{name} has no published weights: train it, then start from its run (init_from)"
+            )
+        import torchvision.models as tvm
+
+        if num_classes != 1000:
+            raise ValueError(
+                f"torchvision's pretrained {name} has 1000 classes, not {num_classes}: use num_classes=1000"
+            )
+        return tvm.get_model(name.lower(), weights="DEFAULT", **kwargs)
+    except (OSError, RuntimeError) as e:  # no network, a broken download
+        raise ValueError(f"could not get the pretrained weights of {name} ({type(e).__name__}: {e})") from e
 
 
 def check_model_name(name: str) -> None:

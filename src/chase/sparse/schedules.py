@@ -35,6 +35,16 @@ def soft_bound_extra(t: int, *, delta0: float, end: int) -> float:
     return cosine_decay(t, end, delta0, 0.0)
 
 
+def gradual_density(t: int, *, initial: float, final: float, start: int, end: int) -> float:
+    """Density allowed after step ``t`` when pruning gradually (Zhu & Gupta; GraNet): ``initial`` until
+    ``start``, then ``final + (initial - final)(1 - (t - start)/(end - start))^3``, ``final`` from ``end``."""
+    if t <= start:
+        return initial
+    if t >= end or end <= start:
+        return final
+    return final + (initial - final) * (1.0 - (t - start) / (end - start)) ** 3
+
+
 def cubic_channel_sparsity(t: int, *, final: float, end: int) -> float:
     """Target channel sparsity ``final * (1 - (1 - t/end)^3)`` (gradual magnitude pruning's cubic ramp)."""
     if end <= 0 or t >= end:

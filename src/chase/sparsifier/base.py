@@ -138,6 +138,11 @@ class Sparsifier:
         soft_bound: MEST's extra density delta0 held between updates (0 disables); global scope only.
         soft_bound_end: step at which delta(t) has decayed to 0; default the last update step, so that the
             last update prunes back to the budget. A later one is an error: the run would end above it.
+        initial_density: start at this density instead (1.0: a trained dense model) and prune by
+            magnitude at every update down to ``density`` on a cubic schedule (gradual pruning, as GraNet),
+            while the swap regrows part of the pruned weights by gradient; default ``density``.
+        prune_start, prune_end: steps where that schedule starts and reaches ``density``; default 0 and
+            half of ``end_step``, never after the last update.
         seed: seed of the sparsifier's own generator (initial masks, random growth); the global RNG is
             never touched.
         sync_distributed: under ``torch.distributed``, broadcast masks from rank 0 after every change.
@@ -169,6 +174,9 @@ class Sparsifier:
         swap_horizon: int | None = None,
         soft_bound: float = 0.0,
         soft_bound_end: int | None = None,
+        initial_density: float | None = None,
+        prune_start: int = 0,
+        prune_end: int | None = None,
         seed: int = 0,
         sync_distributed: bool = True,
     ) -> None:
@@ -216,6 +224,28 @@ class Sparsifier:
                 f"never be pruned back and the run would end above its budget; use soft_bound_end <= {last}"
             )
         self.sync_distributed = sync_distributed
+        self.initial_density = self.density if initial_density is None else float(initial_density)
+        if not self.density <= self.initial_density <= 1.0:
+            raise ValueError(
+                f"initial_density must be in [density, 1] = [{self.density}, 1], got {initial_density}"
+            )
+        self.prune_start = int(prune_start)
+        self.prune_end = max(1, self.end_step // 2) if prune_end is None else int(prune_end)
+        if self.initial_density > self.density:
+            if not 0 <= self.prune_start < self.prune_end:
+                raise ValueError(
+                    f"prune_start={self.prune_start} must be >= 0 and before prune_end={self.prune_end}"
+                )
+            if not last:
+                raise ValueError(
+                    f"{type(self).__name__} makes no exploration update, so it cannot prune gradually: "
+                    "initial_density must equal density"
+                )
+            if self.prune_end > last:
+                raise ValueError(
+                    f"prune_end={self.prune_end} is after the last exploration update (step {last}): the run "
+                    f"would never reach density {self.density}; end the pruning at or before step {last}"
+                )
 
         params = find_sparse_params(self.module, dense_layers=dense_layers, sparse_types=sparse_types)
         check_optimizer_holds(optimizer, params)
@@ -230,8 +260,9 @@ class Sparsifier:
         self._step = 0
         self._generator = torch.Generator().manual_seed(seed)
         shapes = {n: tuple(p.shape) for n, p in params.items()}
-        # The run starts at density d; MEST's soft bound adds its extra delta(t) at the first growth.
-        counts = layer_counts(shapes, self.density, distribution)
+        # The run starts at density d (or initial_density when pruning gradually); MEST's soft bound adds
+        # its extra delta(t) at the first growth.
+        counts = layer_counts(shapes, self.initial_density, distribution)
         self._masks = MaskSet(params, random_masks(shapes, counts, self._generator))
         # Subclasses discover structure and validate here, before the model and optimizer are touched:
         # a constructor that raises leaves both as they were.
@@ -277,10 +308,23 @@ class Sparsifier:
         counts = self._masks.counts()
         return {n: c / self.dense_numel[n] for n, c in zip(self._masks.names, counts)}
 
+    def density_at(self, t: int) -> float:
+        """The density budget after an update at step ``t``: ``density``, or while pruning gradually the
+        cubic schedule from ``initial_density``."""
+        if self.initial_density <= self.density:
+            return self.density
+        return schedules.gradual_density(
+            t, initial=self.initial_density, final=self.density, start=self.prune_start, end=self.prune_end
+        )
+
+    def budget_at(self, t: int) -> int:
+        """Kept weights allowed after an update at step ``t`` (without MEST's soft-bound extra)."""
+        return round(self.density_at(t) * self.total_dense)
+
     def target_kept(self, t: int) -> int:
         """Kept weights the schedule asks for after an update at step ``t``: the budget, plus MEST's
         soft-bound extra ``delta(t)`` while it is on."""
-        return round((self.density + self._extra(t)) * self.total_dense)
+        return round((self.density_at(t) + self._extra(t)) * self.total_dense)
 
     def __repr__(self) -> str:
         return (
@@ -379,6 +423,16 @@ class Sparsifier:
         )
         if self.scope == "layer":
             counts = m.counts()
+            budget = self.budget_at(t)
+            if budget < sum(counts):  # gradual pruning: each layer to its share of the step's budget
+                shapes = {n: self.dense_shapes[n] for n in m.names}
+                target = layer_counts(shapes, budget / self.total_dense, self.distribution)
+                for i, n in enumerate(m.names):
+                    extra = counts[i] - min(counts[i], target[n])
+                    if extra > 0:
+                        lo, hi = m.offsets[i], m.offsets[i + 1]
+                        exploration.prune_smallest(m.flat[lo:hi], prune_scores[lo:hi].clone(), extra)
+                counts = m.counts()
             swaps = [math.floor(frac * c) for c in counts]
             pruned = exploration.per_layer_prune_grow(m.flat, prune_scores, grow_scores, m.offsets, swaps)
         else:
@@ -386,8 +440,9 @@ class Sparsifier:
             # While the soft bound is on, an update prunes back to the budget and grows to budget +
             # delta(t); afterwards it swaps frac * budget weights at a constant budget. Both forms also
             # regrow weights freed by removed channels, so the budget is restored at every update.
-            swap = 0 if self._extra(t) > 0 else math.floor(frac * self.budget)
-            n_prune = max(0, current - self.budget + swap)
+            budget = self.budget_at(t)
+            swap = 0 if self._extra(t) > 0 else math.floor(frac * budget)
+            n_prune = max(0, current - budget + swap)
             pruned = exploration.prune_smallest(m.flat, prune_scores, n_prune)
             allowed = self.growth_region()
             if allowed is None:

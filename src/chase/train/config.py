@@ -46,6 +46,7 @@ LIBRARY_OPTIONS = (
     "target",
     "macs_ratio",
     "params_ratio",
+    "initial_density",
 )
 
 
@@ -86,6 +87,13 @@ class TrainConfig:
     synthetic_test: int = _opt(256, "synthetic: test images")
     # --- model
     model: str = _opt("cifar_resnet20", "a chase.models name: cifar_resnet20, resnet50, timm:<name>, ...")
+    init_from: str = _opt(
+        "",
+        "start from these weights: a dense run folder, its checkpoint.pt or final.pt, or a state_dict file",
+    )
+    pretrained: bool = _opt(
+        False, "start from the model's published weights (torchvision/timm; needs network)"
+    )
     channels_last: bool = _opt(False, "train in channels_last memory format")
     compile: bool = _opt(False, "torch.compile the model (re-compiled after each channel removal)")
     # --- optimisation
@@ -110,6 +118,11 @@ class TrainConfig:
     # --- sparse training
     method: str = _opt("chase", "dense, static, set, rigl, mest or chase")
     density: float = _opt(0.1, "kept fraction of the sparse layers' weights")
+    initial_density: Optional[float] = _opt(
+        None, "start at this density (1.0 for a trained model) and prune gradually to density; null: density"
+    )
+    prune_start_epoch: float = _opt(0.0, "gradual pruning from initial_density starts at this epoch")
+    prune_end_epoch: float = _opt(0.0, "gradual pruning reaches density at this epoch; 0: half the updates")
     distribution: Optional[str] = _opt(None, "initial per-layer densities: erk, er or uniform; null: erk")
     dense_layers: list[str] = field(
         default_factory=list, metadata={"help": "fnmatch patterns of layers kept dense, e.g. [conv1]"}
@@ -197,6 +210,8 @@ class TrainConfig:
             "soft_bound_end_epoch",
             "channel_every_epochs",
             "channel_end_epoch",
+            "prune_start_epoch",
+            "prune_end_epoch",
             "min_lr",
             "weight_decay",
             "label_smoothing",
@@ -224,6 +239,8 @@ class TrainConfig:
             raise ConfigError(
                 f"device={self.device!r} is not a device (auto, cpu, cuda, cuda:1, ...): {e}"
             ) from None
+        if self.init_from and self.pretrained:
+            raise ConfigError("give init_from or pretrained, not both")
         from chase.models import check_model_name
 
         try:

@@ -52,6 +52,10 @@ def build_sparsifier(
         kw["end_step"] = steps(cfg.update_end_epoch)
     if cfg.soft_bound_end_epoch > 0:
         kw["soft_bound_end"] = steps(cfg.soft_bound_end_epoch)
+    if cfg.prune_start_epoch > 0:
+        kw["prune_start"] = steps(cfg.prune_start_epoch)
+    if cfg.prune_end_epoch > 0:
+        kw["prune_end"] = steps(cfg.prune_end_epoch)
     if cfg.method == "chase":
         if cfg.channel_every_epochs > 0:
             if cfg.channel_every is not None:

@@ -29,6 +29,7 @@ from chase.train.metrics import METRICS_FILE, Metrics, read_metrics
 from chase.train.optim import build_optimizer, build_scheduler
 from chase.train.report import FINAL_FILE, REPORT_FILE, SLIM_FILE
 from chase.train.seeds import epoch_seed, rank_seed
+from chase.train.warm_start import load_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,13 @@ def run_dir_for(cfg: TrainConfig) -> pathlib.Path:
 def config_diff(saved: dict[str, Any], new: TrainConfig) -> list[str]:
     """``key: saved -> new`` for every option that differs and matters for the result."""
     cur = new.to_dict()
+    # An option added after the run was written is absent from its config: its default is what the run
+    # did (every new option's default keeps the old behaviour).
+    defaults = TrainConfig().to_dict()
     return [
         f"{k}: {saved.get(k)!r} -> {cur[k]!r}"
         for k in cur
-        if k not in RESUME_SAFE_KEYS and saved.get(k) != cur[k]
+        if k not in RESUME_SAFE_KEYS and saved.get(k, defaults[k]) != cur[k]
     ]
 
 
@@ -209,7 +213,10 @@ def _train(
     run_dir, ckpt = _prepare(cfg, run_dir, resume, d, overwrite)
     data = build_data(cfg, rank=d.rank, world=d.world, device=d.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    module = get_model(cfg.model, num_classes=data.num_classes).to(d.device)
+    module = get_model(cfg.model, num_classes=data.num_classes, pretrained=cfg.pretrained and ckpt is None)
+    if cfg.init_from and ckpt is None:  # a resume takes every weight from its checkpoint
+        load_initial_weights(module, cfg.init_from)
+    module = module.to(d.device)
     if cfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(module, cfg)
