@@ -96,3 +96,101 @@ def test_the_trainer_takes_a_macs_budget(tmp_path):
 
     final = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["macs_ratio"] <= 0.7 + 1e-9
+
+
+# ---------------------------------------------------------------- latency: a measured table
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    from chase.profile import profile_latency
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lat") / "table.json"
+    profile_latency(TinyResNet(width=32), torch.randn(4, 3, 16, 16), repeats=2, warmup=1).save(path)
+    return path
+
+
+def test_the_profile_holds_every_group_and_predicts_the_dense_time(table):
+    from chase.sparsifier.latency import LatencyTable
+
+    t = LatencyTable.load(table)
+    model = TinyResNet(width=32)
+    sp = chase.Chase(
+        model,
+        make_optimizer("sgd", model),
+        density=0.3,
+        total_steps=40,
+        example_inputs=EXAMPLE,
+        update_every=8,
+    )
+    assert sorted(t.groups) == sorted(g.name for g in sp.groups)
+    assert t.predict_ms(sp.alive_channels()) == pytest.approx(t.dense_ms)
+    for widths, ms in t.groups.values():
+        assert widths == sorted(widths) and len(widths) == len(ms) >= 2
+    assert t.meta["batch_size"] == 4 and t.meta["dtype"] == "fp32"
+
+
+def test_chase_meets_a_latency_budget_by_the_table():
+    """A table where block_a's width sets the time linearly: the final widths meet the budget within one
+    channel's predicted time."""
+    from chase.sparsifier.latency import LatencyTable
+
+    spec = {"widths": [8, 16, 24, 32], "ms": [0.4, 0.6, 0.8, 1.0]}
+    table = {"format_version": 1, "dense_ms": 1.0, "groups": {"block_a": spec}}
+    torch.manual_seed(0)
+    model = TinyResNet(width=32)
+    opt = make_optimizer("sgd", model)
+    sp = chase.Chase(
+        model,
+        opt,
+        density=0.3,
+        total_steps=40,
+        example_inputs=EXAMPLE,
+        update_every=8,
+        channel_every=4,
+        target="latency",
+        latency_ratio=0.7,
+        latency_table=table,
+    )
+    for i in range(40):
+        train_step(model, opt, sp, i)
+    predicted = LatencyTable.load(table).predict_ms(sp.alive_channels())
+    assert 0.7 - 0.025 - 1e-9 <= predicted <= 0.7 + 1e-9, predicted  # one channel is 0.025 ms here
+    assert sp.alive_channels() == {"block_a": 20}
+
+
+def test_a_latency_target_needs_its_table():
+    model = TinyResNet()
+    with pytest.raises(ValueError, match="latency_table"):
+        chase.Chase(
+            model,
+            make_optimizer("sgd", model),
+            density=0.3,
+            total_steps=40,
+            example_inputs=EXAMPLE,
+            target="latency",
+            latency_ratio=0.5,
+        )
+    with pytest.raises(ValueError, match="no measurements of group"):
+        chase.prune_channels(
+            TinyResNet(),
+            EXAMPLE,
+            channel_sparsity=0.5,
+            target="latency",
+            latency_ratio=0.5,
+            latency_table={
+                "format_version": 1,
+                "dense_ms": 1.0,
+                "groups": {"x": {"widths": [1, 2], "ms": [1, 2]}},
+            },
+        )
+
+
+def test_chase_profile_command(tmp_path):
+    from chase.cli import main
+
+    out = tmp_path / "t.json"
+    argv = ["profile", "-m", "cifar_resnet20", "--num-classes", "10", "--input", "8", "--batch", "2"]
+    assert main([*argv, "--repeats", "1", "--fractions", "0.5", "-o", str(out)]) == 0
+    from chase.sparsifier.latency import LatencyTable
+
+    assert len(LatencyTable.load(out).groups) == 9

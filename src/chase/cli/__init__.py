@@ -10,12 +10,12 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from chase.cli import analyze, bench, check, export, flops, train
+from chase.cli import analyze, bench, check, export, flops, profile, train
 from chase.cli.args import OneLineParser
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = {m.NAME: m for m in (train, export, flops, bench, analyze, check)}
+COMMANDS = {m.NAME: m for m in (train, export, flops, bench, analyze, check, profile)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from chase.sparse.channels import CHANNEL_SCORES, aligned_blocks, channel_score,
 from chase.sparse.distribution import layer_counts, random_masks
 from chase.sparse.targets import find_sparse_params, matches
 from chase.sparsifier.dry_run import breaking_groups
+from chase.sparsifier.latency import LatencyTable
 from chase.surgery import SurgeryState, removal_problem, remove_channels, zero_removed
 from chase.surgery.state import _lookup_tensor
 
@@ -38,7 +39,7 @@ __all__ = [
 
 REMOVAL_MODES = ("physical", "mask")
 #: what the channel schedule counts: prunable channels (S_c), or the model's MACs or parameters.
-TARGETS = ("channels", "macs", "params")
+TARGETS = ("channels", "macs", "params", "latency")
 #: density at which an untrained width is chosen: the paper's d (what Chase sees at its first event).
 INIT_DENSITY = 0.1
 
@@ -54,11 +55,15 @@ def check_channel_options(
     target: str = "channels",
     macs_ratio: Optional[float] = None,
     params_ratio: Optional[float] = None,
+    latency_ratio: Optional[float] = None,
+    latency_table: Any = None,
 ) -> None:
     """The one validation of the channel-pruning options (``ValueError`` naming the option)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    ratio = {"macs": macs_ratio, "params": params_ratio}.get(target)
+    ratio = {"macs": macs_ratio, "params": params_ratio, "latency": latency_ratio}.get(target)
+    if target == "latency" and latency_table is None:
+        raise ValueError("target='latency' needs latency_table (a file `chase profile` wrote, or its dict)")
     if target != "channels" and (ratio is None or not 0.0 < ratio < 1.0):
         raise ValueError(f"target={target!r} needs {target}_ratio in (0, 1), got {ratio}")
     if target != "channels" and removal != "physical":
@@ -108,6 +113,8 @@ class ChannelPruner:
         self.module = module
         self.removal = removal
         self.channel_multiple = int(channel_multiple)
+        #: the measured latency table ``target="latency"`` predicts with (set by its user).
+        self.latency: Optional[LatencyTable] = None
         self.graph: ChannelGraph = channel_groups(module, example_inputs, prune_skip=prune_skip)
         groups = [g for g in self.graph.prunable() if any(s.tensor in params for s in g.producers)]
         self.groups = _without_kept(groups, keep_channels)
@@ -164,12 +171,22 @@ class ChannelPruner:
         ``"params"`` now."""
         if quantity == "params":
             return sum(p.numel() for p in self.module.parameters())
+        if quantity == "latency":  # nanoseconds predicted by the table: integers, like the other counts
+            return round(1e6 * self._table().predict_ms(self.alive_channels()))
         return count_flops(self.module, example_inputs).dense
+
+    def _table(self) -> LatencyTable:
+        if self.latency is None:
+            raise ValueError("target='latency' needs a latency table")
+        return self.latency
 
     def channel_costs(self, quantity: str, example_inputs: Any) -> list[int]:
         """What removing one channel (one unit of a grouped conv) of each group saves now, in ``"macs"``
         per example or ``"params"``: every tensor slice the channel owns (its producer's filter, its
         consumers' input columns, norm entries), a weight's slice times the positions it is used at."""
+        if quantity == "latency":
+            table, alive = self._table(), self.alive_channels()
+            return [max(1, round(1e6 * table.channel_ms(g.name, alive[g.name]))) for g in self.groups]
         positions: dict[str, int] = {}
         if quantity == "macs":
             report = count_flops(self.module, example_inputs)
@@ -392,6 +409,8 @@ def prune_channels(
     target: str = "channels",
     macs_ratio: Optional[float] = None,
     params_ratio: Optional[float] = None,
+    latency_ratio: Optional[float] = None,
+    latency_table: Any = None,
 ) -> PrunedChannels:
     """One-shot global channel pruning, in place: by the same groups, scores, floors and surgery as a
     Chase channel event, remove ``channel_sparsity`` of the prunable channels of ``model``.
@@ -402,8 +421,9 @@ def prune_channels(
     ``chase.slim.make_slim(model, history=result.history)``. With ``channel_multiple=m`` every group
     keeps a multiple of ``m`` channels (a group narrower than ``m`` keeps its width). With
     ``target="macs"`` (``"params"``) channels go, lowest score first, until the model's MACs per example
-    (parameters) are at most ``macs_ratio`` (``params_ratio``) of what they were; ``channel_sparsity`` then
-    only sets the floors.
+    (parameters) are at most ``macs_ratio`` (``params_ratio``) of what they were, or with
+    ``target="latency"`` until the time ``latency_table`` predicts is ``latency_ratio`` of the dense
+    model's; ``channel_sparsity`` then only sets the floors.
     """
     check_channel_options(
         channel_sparsity=channel_sparsity,
@@ -413,6 +433,8 @@ def prune_channels(
         target=target,
         macs_ratio=macs_ratio,
         params_ratio=params_ratio,
+        latency_ratio=latency_ratio,
+        latency_table=latency_table,
     )
     module = unwrap_model(model)
     params = find_sparse_params(module, dense_layers=dense_layers)
@@ -431,7 +453,10 @@ def prune_channels(
         channel_multiple=channel_multiple,
     )
     before = pruner.alive_channels()
-    ratio = {"macs": macs_ratio, "params": params_ratio}.get(target)
+    ratio = {"macs": macs_ratio, "params": params_ratio, "latency": latency_ratio}.get(target)
+    if target == "latency":
+        pruner.latency = LatencyTable.load(latency_table)
+        pruner.latency.check_groups([g.name for g in pruner.groups])
     if ratio is not None:
         probe = _like(example_inputs, next(iter(params.values())))
         budget = round(pruner.measure(target, probe) * ratio)

@@ -16,6 +16,7 @@ from chase.graph.types import ChannelGroup
 from chase.sparse import schedules
 from chase.sparsifier.base import Sparsifier, StepInfo
 from chase.sparsifier.channel_pruning import REMOVAL_MODES, ChannelPruner, _like, check_channel_options
+from chase.sparsifier.latency import LatencyTable
 from chase.surgery import SurgeryState, alive_mask, replay, zero_removed
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,11 @@ class Chase(Sparsifier):
             or ``"params"`` (``params_ratio``); the last event meets the budget within about one channel's
             cost (floors permitting). Budgets need ``removal="physical"``; floors still follow
             ``channel_sparsity`` and ``min_channel_ratio``.
-        macs_ratio, params_ratio: the final budget of ``target="macs"`` / ``"params"``, in (0, 1).
+            ``"latency"`` (``latency_ratio`` of the dense model's forward time, predicted by
+            ``latency_table``, which ``chase profile`` measures on the target device).
+        macs_ratio, params_ratio, latency_ratio: the final budget of ``target="macs"`` / ``"params"`` /
+            ``"latency"``, in (0, 1).
+        latency_table: a :class:`~chase.sparsifier.latency.LatencyTable`, its JSON file or dict.
         channel_multiple: after every event each prunable group keeps a multiple of this many channels
             (GPU kernels prefer multiples of 8): removals go in aligned blocks inside the same global
             ranking (a group narrower than it keeps its width; floors still hold).
@@ -96,6 +101,8 @@ class Chase(Sparsifier):
         target: str = "channels",
         macs_ratio: float | None = None,
         params_ratio: float | None = None,
+        latency_ratio: float | None = None,
+        latency_table: Any = None,
         update_every: int = 1000,
         soft_bound: float = 0.05,
         soft_bound_end: int | None = None,
@@ -113,6 +120,8 @@ class Chase(Sparsifier):
             target=target,
             macs_ratio=macs_ratio,
             params_ratio=params_ratio,
+            latency_ratio=latency_ratio,
+            latency_table=latency_table,
         )
         kwargs.setdefault("scope", "global")
         kwargs.setdefault("growth", "gradient")
@@ -127,7 +136,8 @@ class Chase(Sparsifier):
         self.channel_multiple = int(channel_multiple)
         self.target = target
         #: the final budget of ``target`` over the dense model's (None for target="channels").
-        self.target_ratio = {"macs": macs_ratio, "params": params_ratio}.get(target)
+        self.target_ratio = {"macs": macs_ratio, "params": params_ratio, "latency": latency_ratio}.get(target)
+        self._latency_source = latency_table
         self.channel_offset = int(update_every) // 2
         self._channel_end_arg = channel_end
         self._example_inputs = example_inputs
@@ -167,6 +177,9 @@ class Chase(Sparsifier):
             removal=self.removal,
             channel_multiple=self.channel_multiple,
         )
+        if self.target == "latency":
+            self.pruner.latency = LatencyTable.load(self._latency_source)
+            self.pruner.latency.check_groups([g.name for g in self.groups])
         #: the dense model's MACs per example or parameters, which a budget target is a ratio of.
         self.dense_target_value = (
             self.pruner.measure(self.target, self._probe) if self.target_ratio is not None else None

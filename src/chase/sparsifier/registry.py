@@ -54,6 +54,8 @@ CHANNEL_OPTIONS = (
     "target",
     "macs_ratio",
     "params_ratio",
+    "latency_ratio",
+    "latency_table",
 )
 
 

@@ -46,6 +46,8 @@ LIBRARY_OPTIONS = (
     "target",
     "macs_ratio",
     "params_ratio",
+    "latency_ratio",
+    "latency_table",
     "initial_density",
 )
 
@@ -168,6 +170,10 @@ class TrainConfig:
     params_ratio: Optional[float] = _opt(
         None, "chase, target=params: final parameters over the dense model's"
     )
+    latency_ratio: Optional[float] = _opt(
+        None, "chase, target=latency: final predicted forward time over the dense model's"
+    )
+    latency_table: Optional[str] = _opt(None, "chase, target=latency: the JSON file `chase profile` wrote")
     # --- run
     seed: int = _opt(0, "seed of the model, data order and sparsifier")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")

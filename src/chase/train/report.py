@@ -7,6 +7,7 @@ to deploy), :func:`save_model` (the slim file, :mod:`chase.slim`), :func:`measur
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import pathlib
@@ -89,6 +90,8 @@ def final_metrics(st: TrainState, data: Data, test: dict[str, float]) -> tuple[d
             macs_sparse=count_flops(exported, example, masks=sp.masks).sparse,
         )
         results["macs_ratio"] = results["macs_slim"] / results["macs_dense"]
+        if getattr(sp, "target", None) == "latency":
+            results.update(latency_check(sp, exported, data.image_size, d))
     if sp is not None:
         from chase.analysis import amenable_record
 
@@ -117,6 +120,26 @@ def save_model(st: TrainState, exported: nn.Module, run_dir: pathlib.Path, data:
     name = SLIM_FILE if exported is not st.module else FINAL_FILE
     save_slim(ckpt, run_dir / name)
     return name
+
+
+def latency_check(sp: Any, exported: nn.Module, size: int, d: Dist) -> dict[str, Any]:
+    """``target="latency"``: the time the table predicts for the final widths, next to the time measured
+    here at the table's batch size and dtype (when this is the table's kind of device)."""
+    from chase.profile import DTYPES
+    from chase.timing import time_forward
+
+    table = sp.pruner.latency
+    out: dict[str, Any] = {
+        "latency_dense_ms_table": table.dense_ms,
+        "latency_predicted_ms": table.predict_ms(sp.alive_channels()),
+    }
+    if torch.device(table.meta.get("device", "cpu")).type != d.device.type:
+        return out
+    dtype = DTYPES[table.meta.get("dtype", "fp32")]
+    x = torch.randn(table.meta.get("batch_size", 1), 3, size, size, device=d.device, dtype=dtype)
+    model = copy.deepcopy(exported).to(dtype=dtype).eval()
+    out["latency_measured_ms"] = 1e3 * statistics.median(time_forward(model, x, warmup=2, repeats=5))
+    return out
 
 
 @torch.no_grad()

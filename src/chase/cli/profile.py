@@ -1,0 +1,68 @@
+"""``chase profile``: measure a latency table for ``target="latency"`` on the device it will run on."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "profile"
+LOG_PROGRESS = True
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from chase.cli.args import positive_int
+
+    p = sub.add_parser(
+        NAME,
+        help="measure how a model's forward time depends on each channel group's width (for target=latency)",
+        description="Time the model dense and with each prunable channel group alone narrowed to a few "
+        "widths, on the device, dtype and batch size given, and write the table as JSON. Chase's "
+        "target=latency (latency_ratio, latency_table) then prunes by predicted time.",
+    )
+    p.add_argument("--model", "-m", required=True, help="a chase.models name")
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--input", type=positive_int, default=224, help="square input size (224)")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size timed (32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--prune-skip", action="store_true", help="the groups of Chase with prune_skip")
+    p.add_argument("--keep-channels", default="", help="comma-separated keep_channels patterns")
+    p.add_argument(
+        "--fractions", default="0.25,0.5,0.75", help="widths measured, as fractions (0.25,0.5,0.75)"
+    )
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed forwards per point (median)")
+    p.add_argument("--out", "-o", required=True, help="JSON file to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from chase.cli.common import CommandError
+    from chase.models import get_model
+    from chase.profile import profile_latency
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError("--device cuda but CUDA is not available")
+    try:
+        fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    except ValueError:
+        raise CommandError(f"--fractions expects comma-separated numbers, got {args.fractions!r}") from None
+    model = get_model(args.model, num_classes=args.num_classes)
+    x = torch.randn(args.batch, 3, args.input, args.input, device=args.device)
+    table = profile_latency(
+        model,
+        x,
+        prune_skip=args.prune_skip,
+        keep_channels=[k for k in args.keep_channels.split(",") if k],
+        fractions=fractions,
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        repeats=args.repeats,
+        meta={"model": args.model},
+    )
+    table.save(args.out)
+    print(
+        f"wrote {args.out}: {args.model} dense {table.dense_ms:.2f} ms per batch of {args.batch} "
+        f"({args.dtype}, {args.device}); {len(table.groups)} channel groups"
+    )
+    return 0

@@ -1,0 +1,105 @@
+"""A measured latency table: how the forward time of a model depends on each channel group's width.
+
+``chase profile`` (:func:`chase.profile.profile_latency`) writes it on the device the user names; Chase's
+``target="latency"`` reads it. The model's latency at given widths is predicted additively: the dense
+time plus, for every group, the change measured when that group alone was narrowed (interpolated
+linearly between the measured widths).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+__all__ = ["LATENCY_FORMAT_VERSION", "LatencyTable"]
+
+LATENCY_FORMAT_VERSION = 1
+
+
+@dataclass
+class LatencyTable:
+    """Forward latency (ms) of one model on one device, per channel group and width.
+
+    Attributes:
+        dense_ms: the dense model's forward time.
+        groups: ``{group name: (widths, ms)}``: the model's time with only that group narrowed to each
+            width (ascending; the last is the full width, whose time is ``dense_ms``'s measurement).
+        meta: device, dtype, batch size, input shape, model name: what it was measured on.
+    """
+
+    dense_ms: float
+    groups: dict[str, tuple[list[int], list[float]]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def group_ms(self, group: str, width: float) -> float:
+        """The model's time with ``group`` at ``width`` channels (linear between measured widths)."""
+        widths, ms = self.groups[group]
+        if width <= widths[0]:
+            return ms[0]
+        for (w0, m0), (w1, m1) in zip(zip(widths, ms), zip(widths[1:], ms[1:])):
+            if width <= w1:
+                return m0 + (m1 - m0) * (width - w0) / (w1 - w0)
+        return ms[-1]
+
+    def predict_ms(self, widths: Mapping[str, float]) -> float:
+        """Predicted forward time with every group at ``widths[group]`` (missing groups: full width)."""
+        total = self.dense_ms
+        for g, w in widths.items():
+            full = self.groups[g][0][-1]
+            total += self.group_ms(g, w) - self.group_ms(g, full)
+        return total
+
+    def channel_ms(self, group: str, width: float) -> float:
+        """What removing one channel of ``group`` at ``width`` saves (ms, at least 0)."""
+        return max(0.0, self.group_ms(group, width) - self.group_ms(group, width - 1))
+
+    def check_groups(self, names: list[str]) -> None:
+        """Raise ``ValueError`` when a prunable group has no measurements."""
+        missing = [n for n in names if n not in self.groups]
+        if missing:
+            raise ValueError(
+                f"the latency table has no measurements of group(s) {missing[:5]}: profile the same model "
+                f"with the same prune_skip/keep_channels (chase profile); it holds {list(self.groups)[:5]}"
+            )
+
+    # ------------------------------------------------------------------ file
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": LATENCY_FORMAT_VERSION,
+            "dense_ms": self.dense_ms,
+            "groups": {g: {"widths": w, "ms": m} for g, (w, m) in self.groups.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
+        if data.get("format_version") != LATENCY_FORMAT_VERSION:
+            raise ValueError(
+                f"unsupported latency table format {data.get('format_version')!r} "
+                f"(expected {LATENCY_FORMAT_VERSION})"
+            )
+        groups = {g: (list(v["widths"]), [float(x) for x in v["ms"]]) for g, v in data["groups"].items()}
+        for g, (w, m) in groups.items():
+            if len(w) != len(m) or len(w) < 2 or w != sorted(w):
+                raise ValueError(f"latency table: group {g!r} needs ascending widths with one time each")
+        return cls(float(data["dense_ms"]), groups, dict(data.get("meta", {})))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, source: Union[str, os.PathLike, Mapping[str, Any], LatencyTable]) -> LatencyTable:
+        """A table from a JSON file, a dict or a table."""
+        if isinstance(source, LatencyTable):
+            return source
+        if isinstance(source, Mapping):
+            return cls.from_dict(source)
+        path = pathlib.Path(source)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a latency table ({type(e).__name__}: {e})") from None
