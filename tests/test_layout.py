@@ -29,9 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "bench": {"timing", "onnx"},
     "integrations": {"sparsifier"},
     "profile": {"graph", "sparse", "sparsifier", "surgery", "timing"},
+    "pretrained": {"graph", "io", "slim", "surgery", "models"},
 }
 _TRAINER = {"graph", "sparse", "surgery", "slim", "sparsifier", "io", "timing", "plots", "flops", "analysis"}
-ALLOWED["train"] = _TRAINER | {"models", "onnx", "profile"}
+ALLOWED["train"] = _TRAINER | {"models", "onnx", "profile", "pretrained"}
 ALLOWED["cli"] = ALLOWED["train"] | {"bench", "check", "train"}
 #: Model classes belong to chase.models (and to the user): the library works on any model, so its code
 #: (identifiers and strings other than docstrings) never names one.

@@ -3,6 +3,7 @@
 from chase.analysis import ChannelStats, channel_stats
 from chase.flops import FlopReport, count_flops, training_flops
 from chase.graph import channel_groups
+from chase.pretrained import from_pretrained, save_pretrained
 from chase.slim import load_slim
 from chase.sparsifier import (
     MEST,
@@ -34,8 +35,10 @@ __all__ = [
     "channel_groups",
     "channel_stats",
     "count_flops",
+    "from_pretrained",
     "load_slim",
     "prune_channels",
+    "save_pretrained",
     "training_flops",
     "untrained_slim",
 ]

@@ -64,7 +64,9 @@ def models_to_measure(
 RUN_INPUTS = ("checkpoint.pt", "config.yaml", "metrics.jsonl")
 
 
-def refuse_overwriting(output: str | pathlib.Path | None, *inputs: str | pathlib.Path | None) -> None:
+def refuse_overwriting(
+    output: str | pathlib.Path | None, *inputs: str | pathlib.Path | None, folder: bool = False
+) -> None:
     """Refuse an output path that is one of the command's inputs or a run folder's own files (its
     checkpoint, config or metrics): writing it would lose the run."""
     if output is None:
@@ -75,12 +77,14 @@ def refuse_overwriting(output: str | pathlib.Path | None, *inputs: str | pathlib
         if given is None:
             continue
         path = pathlib.Path(given).expanduser().resolve()
-        folder = path if path.is_dir() else path.parent
-        protected |= {path} | {folder / name for name in RUN_INPUTS}
+        parent = path if path.is_dir() else path.parent
+        protected |= {path, parent} | {parent / name for name in RUN_INPUTS}
     if out in protected:
         raise CommandError(f"refusing to write {output}: it is an input of this command or a file of the run")
-    if out.is_dir():
+    if out.is_dir() and not folder:
         raise CommandError(f"{output} is a folder; give a file name")
+    if out.is_file() and folder:
+        raise CommandError(f"{output} is a file; give a folder")
 
 
 def write_json(obj: Any, path: str | pathlib.Path) -> None:

@@ -18,7 +18,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "chase.load_slim.",
     )
     p.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
-    p.add_argument("--output", "-o", help="output file (default: slim.pt next to the checkpoint)")
+    p.add_argument(
+        "--format",
+        "-f",
+        choices=("pt", "hf-dir", "onnx", "pt2"),
+        default="pt",
+        help="pt: slim checkpoint for chase.load_slim (default); hf-dir: a folder with model.safetensors, "
+        "config.json and a model card for chase.from_pretrained; onnx: checked with onnxruntime; pt2: a "
+        "torch.export program",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        help="output file or folder (default next to the checkpoint: slim.pt, hf/, slim.onnx, slim.pt2)",
+    )
     p.add_argument(
         "--onnx",
         nargs="?",
@@ -39,17 +52,23 @@ def run(args: argparse.Namespace) -> int:
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CommandError(f"{path} does not exist")
-    out = pathlib.Path(args.output) if args.output else path.with_name("slim.pt")
+    default = {"pt": "slim.pt", "hf-dir": "hf", "onnx": "slim.onnx", "pt2": "slim.pt2"}[args.format]
+    out = pathlib.Path(args.output) if args.output else path.with_name(default)
     onnx = None if args.onnx is None else pathlib.Path(args.onnx or out.with_suffix(".onnx"))
     load_checkpoint(path)  # say what a wrong input is before looking at the output
-    refuse_overwriting(out, path)
+    refuse_overwriting(out, path, folder=args.format == "hf-dir")
     refuse_overwriting(onnx, path, out)
-    meta = export_checkpoint(path, out, onnx=onnx)
-    print(
-        f"wrote {out} ({meta['model']}, {meta['method']}); load it with "
-        f"chase.load_slim(chase.models.get_model({meta['model']!r}, num_classes={meta['num_classes']}), "
-        f"{str(out)!r})"
-    )
+    meta = export_checkpoint(path, out, format=args.format, onnx=onnx)
+    load = {
+        "pt": f"chase.load_slim(chase.models.get_model({meta['model']!r}, "
+        f"num_classes={meta['num_classes']}), {str(out)!r})",
+        "hf-dir": f"chase.from_pretrained({str(out)!r})",
+        "onnx": "onnxruntime.InferenceSession(...)",
+        "pt2": f"torch.export.load({str(out)!r}).module()",
+    }[args.format]
+    print(f"wrote {out} ({meta['model']}, {meta['method']}); load it with {load}")
+    if args.format == "onnx":
+        onnx = out
     if onnx is not None:
         c = meta["onnx"]
         print(

@@ -535,9 +535,9 @@ class Sparsifier:
     def slim_checkpoint(self, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The exported model as a slim checkpoint (:mod:`chase.slim`): weights, removal history and
         masks, plain tensors only; :func:`chase.load_slim` rebuilds it in a freshly built model."""
-        return make_slim(self.export(), history=self._export_history(), masks=self._export_masks(), meta=meta)
+        return make_slim(self.export(), history=self.export_history(), masks=self._export_masks(), meta=meta)
 
-    def _export_history(self) -> dict[str, Any]:
+    def export_history(self) -> dict[str, Any]:
         """The channel-removal record of the exported model (none for unstructured sparsity)."""
         return {}
 

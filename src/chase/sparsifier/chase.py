@@ -361,7 +361,8 @@ class Chase(Sparsifier):
             replay(slim, self._surgery.state_dict())
         return slim
 
-    def _export_history(self) -> dict[str, Any]:
+    def export_history(self) -> dict[str, Any]:
+        """The channel-removal record that reshapes a fresh model to :meth:`export`'s shapes."""
         return self._surgery.state_dict()
 
     def _export_masks(self) -> dict[str, torch.Tensor] | None:

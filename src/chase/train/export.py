@@ -78,15 +78,27 @@ def load_run(path: str | os.PathLike) -> LoadedRun:
     return LoadedRun(p, cfg.model, cfg.method, meta["num_classes"], meta["image_size"], model, sp)
 
 
-def export_checkpoint(
-    path: str | os.PathLike, out: str | os.PathLike, *, onnx: str | os.PathLike | None = None
-) -> dict[str, Any]:
-    """Rebuild model and sparsifier from the checkpoint's config, load it, write the exported model as a
-    slim checkpoint (:mod:`chase.slim`; for every method, ``chase.load_slim`` reads it).
+#: what ``chase export --format`` writes: a slim checkpoint, a shareable folder, ONNX, a torch.export program.
+EXPORT_FORMATS = ("pt", "hf-dir", "onnx", "pt2")
 
-    Returns the file's ``meta``; with ``onnx``, the same model is also written to that ONNX file and checked
-    with onnxruntime (:func:`chase.onnx.check_onnx`), whose result is returned under ``"onnx"``.
+
+def export_checkpoint(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str = "pt",
+    onnx: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Rebuild model and sparsifier from the checkpoint's config, load it, write the exported model.
+
+    ``format``: ``"pt"`` a slim checkpoint (:mod:`chase.slim`; ``chase.load_slim`` reads it, for every
+    method); ``"hf-dir"`` a folder with safetensors weights, ``config.json`` and a model card
+    (:func:`chase.save_pretrained`; ``chase.from_pretrained`` reads it); ``"onnx"`` an ONNX file checked
+    with onnxruntime; ``"pt2"`` a ``torch.export`` program (``torch.export.load``). Returns the meta;
+    ONNX exports (``format="onnx"`` or the extra ``onnx`` file) add the onnxruntime check under ``"onnx"``.
     """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
     cfg, meta, model, sp = rebuild(path)
     info = {
         "model": cfg.model,
@@ -94,13 +106,29 @@ def export_checkpoint(
         "image_size": meta["image_size"],
         "method": cfg.method,
     }
-    save_slim(sp.slim_checkpoint(info) if sp is not None else make_slim(model, masks={}, meta=info), out)
+    exported = (sp.export() if sp is not None else model).eval()  # what every format holds
+    size = meta["image_size"]
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if format == "pt":
+        save_slim(sp.slim_checkpoint(info) if sp is not None else make_slim(model, masks={}, meta=info), out)
+    elif format == "hf-dir":
+        from chase.pretrained import save_pretrained
+
+        save_pretrained(
+            sp if sp is not None else model,
+            out,
+            model_name=cfg.model,
+            model_kwargs={"num_classes": meta["num_classes"]},
+            recipe=cfg.to_dict(),
+        )
+    elif format == "pt2":
+        program = torch.export.export(exported, (example,))
+        torch.export.save(program, str(out))
+    else:
+        onnx = out
     if onnx is None:
         return info
     from chase.onnx import check_onnx, export_onnx
 
-    exported = (sp.export() if sp is not None else model).eval()  # what chase.load_slim rebuilds from `out`
-    size = meta["image_size"]
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     export_onnx(exported, example, onnx)
     return {**info, "onnx": check_onnx(onnx, exported, example)}

@@ -1,0 +1,190 @@
+"""A shareable model folder: ``model.safetensors``, ``config.json`` and a ``README.md`` model card.
+
+``save_pretrained`` writes a trained (possibly narrowed) model so that ``from_pretrained`` rebuilds it on
+another machine without pickles: the base model is built by name (or by the caller), the channel history
+narrows it, and the weights load from safetensors. safetensors is imported lazily (``pip install
+safetensors``; timm and transformers depend on it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from chase.graph import unwrap_model
+from chase.io import atomic_write_text
+from chase.slim import cpu_state_dict
+from chase.surgery import replay
+from chase.surgery.state import STATE_VERSION
+
+__all__ = ["CONFIG_FILE", "PRETRAINED_FORMAT", "WEIGHTS_FILE", "from_pretrained", "save_pretrained"]
+
+PRETRAINED_FORMAT = "chase-pretrained/1"
+WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
+
+
+def _safetensors() -> Any:
+    try:
+        return importlib.import_module("safetensors.torch")
+    except ImportError as e:
+        raise ImportError(
+            'save_pretrained/from_pretrained need safetensors: pip install "chase-dst[hub]"'
+        ) from e
+
+
+def _history_to_json(history: Mapping[str, Any]) -> dict[str, Any]:
+    """The removal history with every alive vector as (size, kept positions): plain JSON."""
+    if not history:
+        return {}
+
+    def enc(alive: torch.Tensor) -> dict[str, Any]:
+        return {"size": int(alive.numel()), "kept": alive.nonzero().flatten().tolist()}
+
+    return {
+        "version": history["version"],
+        "channels": {g: enc(a) for g, a in history["channels"].items()},
+        "tensors": {t: {str(d): enc(a) for d, a in dims.items()} for t, dims in history["tensors"].items()},
+    }
+
+
+def _history_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    if not data:
+        return {}
+    if data.get("version") != STATE_VERSION:
+        raise ValueError(f"unsupported channel history version {data.get('version')!r}")
+
+    def dec(v: Mapping[str, Any]) -> torch.Tensor:
+        alive = torch.zeros(int(v["size"]), dtype=torch.bool)
+        alive[torch.as_tensor(v["kept"], dtype=torch.long)] = True
+        return alive
+
+    return {
+        "version": data["version"],
+        "channels": {g: dec(v) for g, v in data["channels"].items()},
+        "tensors": {t: {int(d): dec(v) for d, v in dims.items()} for t, dims in data["tensors"].items()},
+    }
+
+
+def save_pretrained(
+    source: Any,
+    folder: Union[str, os.PathLike],
+    *,
+    model_name: Optional[str] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    recipe: Optional[Mapping[str, Any]] = None,
+    speed: Optional[Mapping[str, Any]] = None,
+) -> pathlib.Path:
+    """Write ``folder/model.safetensors``, ``config.json`` and ``README.md``.
+
+    Args:
+        source: a sparsifier (its export is saved, with Chase's channel history, density and channel
+            sparsity) or an ``nn.Module`` (saved as it is, no history).
+        model_name: the ``chase.models`` name that builds the base model (``from_pretrained`` then needs
+            no builder); ``model_kwargs`` its constructor arguments (e.g. ``{"num_classes": 10}``).
+        recipe: the training options to record (e.g. a run's config); ``speed``: measured speed, if any.
+    Returns the folder.
+    """
+    st = _safetensors()
+    folder = pathlib.Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder")
+    info: dict[str, Any] = {
+        "format": PRETRAINED_FORMAT,
+        "model": model_name,
+        "model_kwargs": dict(model_kwargs or {}),
+    }
+    if isinstance(source, nn.Module):
+        model, history = unwrap_model(source), {}
+    else:  # a sparsifier
+        model, history = source.export(), source.export_history()
+        info.update(
+            method=type(source).__name__,
+            density=source.global_density(),
+            channel_sparsity=source.channel_sparsity_now(),
+        )
+    info["history"] = _history_to_json(history)
+    info["widths"] = {n: int(p.shape[0]) for n, p in model.named_parameters() if p.ndim > 1}
+    info["params"] = sum(p.numel() for p in model.parameters())
+    info["recipe"] = dict(recipe or {})
+    info["speed"] = dict(speed or {})
+    # safetensors stores each storage once: tied or shared tensors are written as separate copies.
+    state = {k: v.contiguous().clone() for k, v in cpu_state_dict(model).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
+    try:
+        st.save_file(state, str(tmp), metadata={"format": PRETRAINED_FORMAT})
+        os.replace(tmp, folder / WEIGHTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(folder / CARD_FILE, model_card(info))
+    return folder
+
+
+def model_card(info: Mapping[str, Any]) -> str:
+    """The README.md of a saved folder: what the model is, how it was made and how to load it."""
+    name = info.get("model") or "a custom model"
+    lines = [
+        f"# {name}, trained with chase",
+        "",
+        f"- method: {info.get('method', 'n/a')}; weight density {info.get('density', 1.0):.4f}; "
+        f"channels removed: {100 * info.get('channel_sparsity', 0.0):.1f}% of the prunable ones",
+        f"- parameters: {info['params']:,}",
+        f"- base model: `{name}` with {json.dumps(info.get('model_kwargs', {}))}",
+    ]
+    if info.get("speed"):
+        lines.append(f"- measured speed: {json.dumps(info['speed'])}")
+    if info.get("recipe"):
+        lines.append(f"- recipe: {json.dumps(info['recipe'])[:2000]}")
+    lines += [
+        "",
+        "Load it (no pickles: safetensors weights, JSON config):",
+        "",
+        "```python",
+        "import chase",
+        "model = chase.from_pretrained(PATH)"
+        + ("" if info.get("model") else "  # pass build=... : the model was not saved by name"),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def from_pretrained(
+    folder: Union[str, os.PathLike], *, build: Optional[Callable[[], nn.Module]] = None
+) -> nn.Module:
+    """Rebuild a model ``save_pretrained`` wrote: build the base model (``build()``, or
+    ``chase.models.get_model`` by the saved name), narrow it by the saved channel history, load the
+    weights. Returns it in eval mode."""
+    st = _safetensors()
+    folder = pathlib.Path(folder)
+    try:
+        info = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{folder} is not a saved chase model ({CONFIG_FILE}: {e})") from None
+    if info.get("format") != PRETRAINED_FORMAT:
+        raise ValueError(
+            f"{folder}: unsupported format {info.get('format')!r} (expected {PRETRAINED_FORMAT})"
+        )
+    if build is None:
+        if not info.get("model"):
+            raise ValueError(f"{folder} was not saved with a model name: pass build=")
+        from chase.models import get_model
+
+        model = get_model(info["model"], **info.get("model_kwargs", {}))
+    else:
+        model = build()
+    module = unwrap_model(model)
+    history = _history_from_json(info.get("history") or {})
+    if history:
+        replay(module, history)
+    state = st.load_file(str(folder / WEIGHTS_FILE))
+    module.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,102 @@
+"""Shareable exports: save_pretrained / from_pretrained (safetensors + JSON), and every ``chase export
+--format`` read back and compared with the trained model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tests.nets import TINY_CHASE_RUN, TinyResNet, make_optimizer, train_step
+
+import chase
+
+pytest.importorskip("safetensors")
+EXAMPLE = torch.randn(2, 3, 16, 16)
+
+
+def _trained_chase():
+    torch.manual_seed(0)
+    model = TinyResNet(width=16)
+    opt = make_optimizer("sgd", model)
+    sp = chase.Chase(
+        model, opt, density=0.3, total_steps=24, example_inputs=EXAMPLE, update_every=4, channel_every=4
+    )
+    for i in range(24):
+        train_step(model, opt, sp, i)
+    return model, sp
+
+
+def test_save_and_load_a_narrowed_model(tmp_path):
+    _, sp = _trained_chase()
+    assert sp.channel_sparsity_now() > 0
+    chase.save_pretrained(sp, tmp_path / "m", speed={"note": "not measured"})
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert names == ["README.md", "config.json", "model.safetensors"]
+    info = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert info["history"] and info["method"] == "Chase" and info["density"] == pytest.approx(0.3, abs=0.01)
+    fresh = chase.from_pretrained(tmp_path / "m", build=lambda: TinyResNet(width=16))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), sp.export().eval()(x), atol=1e-6)
+    assert "chase.from_pretrained" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_a_model_saved_by_name_needs_no_builder(tmp_path):
+    from chase.models import get_model
+
+    model = get_model("cifar_resnet20", num_classes=10).eval()
+    chase.save_pretrained(
+        model, tmp_path / "m", model_name="cifar_resnet20", model_kwargs={"num_classes": 10}
+    )
+    fresh = chase.from_pretrained(tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_from_pretrained_says_what_is_wrong(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="not a saved chase model"):
+        chase.from_pretrained(tmp_path / "x")
+    chase.save_pretrained(TinyResNet(), tmp_path / "y")
+    with pytest.raises(ValueError, match="pass build="):
+        chase.from_pretrained(tmp_path / "y")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    pytest.importorskip("yaml")
+    from chase.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train", "-q", "--out", str(out), "--set", *TINY_CHASE_RUN]) == 0
+    return out / "chase"
+
+
+@pytest.mark.parametrize("fmt", ["pt", "hf-dir", "onnx", "pt2"])
+def test_every_export_format_computes_the_trained_model(run, fmt, tmp_path):
+    from chase.cli import main
+    from chase.models import get_model
+    from chase.slim import load_slim
+
+    reference = load_slim(get_model("cifar_resnet20", 10), run / "slim.pt").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = reference(x)
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / {"pt": "m.pt", "hf-dir": "hf", "onnx": "m.onnx", "pt2": "m.pt2"}[fmt]
+    assert main(["export", str(run), "--format", fmt, "-o", str(out)]) == 0
+    if fmt == "pt":
+        got = load_slim(get_model("cifar_resnet20", 10), out).eval()(x)
+    elif fmt == "hf-dir":
+        got = chase.from_pretrained(out)(x)
+    elif fmt == "pt2":
+        got = torch.export.load(str(out)).module()(x)
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert torch.allclose(got.detach(), expected, atol=1e-4)
