@@ -201,3 +201,116 @@ def test_a_run_checkpointed_by_version_0_1_resumes_bit_for_bit(tmp_path):
     assert got["model"].keys() == expected["model"].keys()
     for k, v in expected["model"].items():
         assert torch.allclose(got["model"][k].double(), v.double(), rtol=1e-4, atol=1e-5), k
+
+
+# ---------------------------------------------------------------- what a new user tried (review)
+def test_prune_channels_scores_masked_weights_as_zero():
+    from chase.models import get_model
+
+    model = get_model("resnet18", num_classes=10)
+    masks = {"layer1.0.conv1.weight": torch.zeros_like(model.layer1[0].conv1.weight, dtype=torch.bool)}
+    chase.prune_channels(model, torch.randn(1, 3, 32, 32), channel_sparsity=0.5, masks=masks)
+    # Every weight of layer1.0.conv1 is masked: its channels score 0 and go first, down to the floor.
+    assert model.layer1[0].conv1.out_channels == max(1, int(64 * 0.5 * 0.2))
+    with pytest.raises(ValueError, match="their weight's shape"):
+        chase.prune_channels(
+            get_model("resnet18", num_classes=10),
+            torch.randn(1, 3, 32, 32),
+            channel_sparsity=0.5,
+            masks={"layer1.0.conv1.weight": torch.ones(3, dtype=torch.bool)},
+        )
+
+
+def test_options_that_would_be_ignored_are_refused():
+    model = TinyResNet()
+    opt = make_optimizer("sgd", model)
+    for options, words in [
+        ({"macs_ratio": 0.5}, "does not use it"),
+        ({"target": "macs", "macs_ratio": 0.5, "params_ratio": 0.5}, "params_ratio given"),
+        ({"channel_multiple": True}, "channel_multiple must be an integer"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            chase.Chase(model, opt, density=0.3, total_steps=40, example_inputs=EXAMPLE, **options)
+
+
+def test_registry_check_is_the_constructors_validation(tmp_path):
+    assert registry.defaults("dense") == {}
+    for method, options, words in [
+        ("rigl", {"density": 0.1, "bogus": 1}, "has no option"),
+        ("rigl", {"density": 0.1, "channel_multiple": 8}, "options of Chase only"),
+        ("chase", {"density": 0.1, "initial_density": 0.05}, "initial_density must be in"),
+        ("rigl", {}, "density is required"),
+        ("dense", {"update_every": 5}, "no sparsifier"),
+        (
+            "chase",
+            {
+                "density": 0.1,
+                "target": "latency",
+                "latency_ratio": 0.5,
+                "latency_table": str(tmp_path / "no.json"),
+            },
+            "not a latency table",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            registry.check(method, **options)
+
+
+def test_a_resumed_latency_run_keeps_its_table(tmp_path):
+    table = {
+        "format_version": 1,
+        "dense_ms": 1.0,
+        "groups": {"block_a": {"widths": [4, 8], "ms": [0.5, 1.0]}},
+    }
+    path = tmp_path / "t.json"
+    path.write_text(__import__("json").dumps(table))
+    kw = {"density": 0.3, "total_steps": 40, "example_inputs": EXAMPLE, "update_every": 8, "channel_every": 4}
+    kw |= {"target": "latency", "latency_ratio": 0.8, "latency_table": str(path)}
+    model = TinyResNet()
+    sp = chase.Chase(model, make_optimizer("sgd", model), **kw)
+    state = sp.state_dict()
+    table["groups"]["block_a"]["ms"] = [0.9, 1.0]  # the file changes after the run started
+    path.write_text(__import__("json").dumps(table))
+    other = TinyResNet()
+    resumed = chase.Chase(other, make_optimizer("sgd", other), **kw)
+    with pytest.warns(UserWarning, match="latency table changed"):
+        resumed.load_state_dict(state)
+    assert resumed.pruner.latency.groups["block_a"][1] == [0.5, 1.0]
+
+
+def test_save_pretrained_checks_before_it_writes(tmp_path):
+    from chase.models import get_model
+
+    model = get_model("cifar_resnet20", num_classes=10)
+    with pytest.raises(ValueError, match="plain JSON"):
+        chase.save_pretrained(
+            model, tmp_path / "a", model_kwargs={"num_classes": 10, "norm": torch.nn.BatchNorm2d}
+        )
+    with pytest.raises(ValueError, match="does not rebuild this model"):
+        chase.save_pretrained(model, tmp_path / "b", model_name="resnet18", model_kwargs={"num_classes": 10})
+    with pytest.raises(TypeError, match=r"sparsifier or an nn\.Module"):
+        chase.save_pretrained("hello", tmp_path / "c")
+    assert not any(tmp_path.iterdir())
+    # A module narrowed by prune_channels shares with its history.
+    result = chase.prune_channels(model, torch.randn(1, 3, 32, 32), channel_sparsity=0.5)
+    chase.save_pretrained(model, tmp_path / "d", history=result.history, model_name="cifar_resnet20",
+                          model_kwargs={"num_classes": 10})  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(chase.from_pretrained(tmp_path / "d")(x), model.eval()(x))
+    assert (tmp_path / "d" / "model.safetensors").stat().st_mode & 0o044 == 0o044
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["flops", "-m", "resnet18", "--channel-multiple", "4"], "--channel-multiple applies to"),
+        (["check", "-m", "resnet18", "--channel-sparsity", "2"], "channel_sparsity must be in"),
+    ],
+)
+def test_more_cli_usage_errors(argv, words, capsys):
+    from chase.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err

@@ -313,6 +313,11 @@ def _bad_commands(run: pathlib.Path) -> list[tuple[list[str], str]]:
         (["flops", "--model", "resnet18", "--channel-sparsity", "1.5"], "channel_sparsity must be in"),
         (["check", "--model", "resnet_nope"], "unknown model name"),
         (["train", "--resume", str(run / "nowhere")], "cannot resume"),
+        (
+            ["profile", "-m", "cifar_resnet20", "--num-classes", "10", "-o", str(run / "checkpoint.pt")],
+            "refusing",
+        ),
+        (["analyze", str(run), "--amenable-ratio", "-1"], "--amenable-ratio must be in"),
     ]
 
 

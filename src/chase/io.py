@@ -22,6 +22,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
     """Write through ``write(file)`` into a temporary file in the same folder, then ``os.replace``: a crash
     or a full disk mid-write leaves the previous file intact and no temporary file behind."""
     path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     try:
         with open(tmp, mode) as f:

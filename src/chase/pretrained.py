@@ -76,6 +76,7 @@ def save_pretrained(
     source: Any,
     folder: Union[str, os.PathLike],
     *,
+    history: Optional[Mapping[str, Any]] = None,
     model_name: Optional[str] = None,
     model_kwargs: Optional[Mapping[str, Any]] = None,
     recipe: Optional[Mapping[str, Any]] = None,
@@ -85,11 +86,13 @@ def save_pretrained(
 
     Args:
         source: a sparsifier (its export is saved, with Chase's channel history, density and channel
-            sparsity) or an ``nn.Module`` (saved as it is, no history).
+            sparsity) or an ``nn.Module`` (saved as it is; give ``history``, e.g.
+            :func:`chase.prune_channels`'s, when it was narrowed).
         model_name: the ``chase.models`` name that builds the base model (``from_pretrained`` then needs
             no builder); ``model_kwargs`` its constructor arguments (e.g. ``{"num_classes": 10}``).
         recipe: the training options to record (e.g. a run's config); ``speed``: measured speed, if any.
-    Returns the folder.
+    With ``model_name`` the folder is checked before anything is written: the named model, narrowed by
+    the history, must take the weights (what ``from_pretrained`` will do). Returns the folder.
     """
     st = _safetensors()
     folder = pathlib.Path(folder)
@@ -101,14 +104,18 @@ def save_pretrained(
         "model_kwargs": dict(model_kwargs or {}),
     }
     if isinstance(source, nn.Module):
-        model, history = unwrap_model(source), {}
-    else:  # a sparsifier
+        model, history = unwrap_model(source), dict(history or {})
+    elif hasattr(source, "export") and hasattr(source, "export_history"):  # a sparsifier
+        if history is not None:
+            raise ValueError("history is for a module; a sparsifier records its own")
         model, history = source.export(), source.export_history()
         info.update(
             method=type(source).__name__,
             density=source.global_density(),
             channel_sparsity=source.channel_sparsity_now(),
         )
+    else:
+        raise TypeError(f"save_pretrained saves a sparsifier or an nn.Module, not a {type(source).__name__}")
     info["history"] = _history_to_json(history)
     info["widths"] = {n: int(p.shape[0]) for n, p in model.named_parameters() if p.ndim > 1}
     info["params"] = sum(p.numel() for p in model.parameters())
@@ -116,16 +123,40 @@ def save_pretrained(
     info["speed"] = dict(speed or {})
     # safetensors stores each storage once: tied or shared tensors are written as separate copies.
     state = {k: v.contiguous().clone() for k, v in cpu_state_dict(model).items()}
+    try:  # everything that can fail is checked before the first file is written
+        config_text = json.dumps(info, indent=2) + "\n"
+    except TypeError as e:
+        raise ValueError(f"model_kwargs, recipe and speed must be plain JSON values: {e}") from None
+    if model_name is not None:
+        _check_rebuild(model_name, info["model_kwargs"], history, state)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
     try:
         st.save_file(state, str(tmp), metadata={"format": PRETRAINED_FORMAT})
         os.replace(tmp, folder / WEIGHTS_FILE)
+        os.chmod(folder / WEIGHTS_FILE, 0o644)  # readable like the other files (the writer uses 0600)
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(folder / CONFIG_FILE, config_text)
     atomic_write_text(folder / CARD_FILE, model_card(info))
     return folder
+
+
+def _check_rebuild(name: str, kwargs: Mapping[str, Any], history: Mapping[str, Any], state: Any) -> None:
+    """Raise ``ValueError`` unless ``get_model(name, **kwargs)`` narrowed by ``history`` takes ``state``."""
+    from chase.models import get_model
+
+    try:
+        base = get_model(name, **kwargs)
+        if history:
+            replay(base, history)
+        base.load_state_dict(state)
+    except (ValueError, RuntimeError, TypeError) as e:
+        first = " ".join(str(e).strip().splitlines()[:2])[:300]
+        raise ValueError(
+            f"model_name={name!r} with model_kwargs={dict(kwargs)} does not rebuild this model ({first}); "
+            "give the name and arguments it was built with (and the history of a narrowed module)"
+        ) from None
 
 
 def model_card(info: Mapping[str, Any]) -> str:

@@ -71,10 +71,10 @@ def profile_latency(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     dense = prepared(copy.deepcopy(base))
-    dense_ms = _ms(dense, x, warmup, repeats)
-    groups: dict[str, tuple[list[int], list[float]]] = {}
+    _ms(dense, x, warmup, 1)  # warm-up (allocator, kernel choice) before any timed point
+    points: dict[str, list[tuple[int, float]]] = {}
+    dense_times: list[float] = []
     for g in pruner.groups:
-        widths, times = [], []
         for n in sorted({max(1, round(g.width * f)) for f in fractions}):
             if n >= g.width:
                 continue
@@ -89,9 +89,17 @@ def profile_latency(
                 repeats=repeats,
                 device=x.device,
             )
-            widths.append(n)
-            times.append(dense_ms * statistics.median(t["narrow"]) / statistics.median(t["dense"]))
-        groups[g.name] = ([*widths, g.width], [*times, dense_ms])
+            dense_times += t["dense"]
+            points.setdefault(g.name, []).append(
+                (n, statistics.median(t["narrow"]) / statistics.median(t["dense"]))
+            )
+    # Every point is a ratio to the dense model timed next to it; the dense time is the median of all
+    # those dense timings, so one slow moment of the machine does not scale the whole table.
+    dense_ms = 1e3 * statistics.median(dense_times) if dense_times else _ms(dense, x, warmup, repeats)
+    groups: dict[str, tuple[list[int], list[float]]] = {}
+    for g in pruner.groups:
+        pts = points.get(g.name, [])
+        groups[g.name] = ([n for n, _ in pts] + [g.width], [dense_ms * r for _, r in pts] + [dense_ms])
         log.info("profiled %s: %s", g.name, dict(zip(*groups[g.name])))
     info = {
         "device": str(device),

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from chase.train.export import load_run
     from chase.train.metrics import read_metrics
 
+    if not 0.0 < args.amenable_ratio <= 1.0:
+        raise CommandError(f"--amenable-ratio must be in (0, 1], got {args.amenable_ratio}")
     loaded = load_run(args.source)
     if loaded.sparsifier is None:
         raise CommandError(f"{loaded.path} is a dense run: it has no masks to analyse")

@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
 
     from chase.check import check_model
     from chase.models import get_model
+    from chase.sparsifier.channel_pruning import check_channel_options
 
+    check_channel_options(channel_sparsity=args.channel_sparsity, min_channel_ratio=0.2)  # a usage error
     get_model(args.model, num_classes=args.num_classes)  # an unknown name is a usage error, not a report
     report = check_model(
         lambda: get_model(args.model, num_classes=args.num_classes),

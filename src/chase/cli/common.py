@@ -50,6 +50,8 @@ def models_to_measure(
         return dense, slim, run, what
     if not args.model:
         raise CommandError("give a model name (--model) or a run folder / checkpoint")
+    if getattr(args, "channel_sparsity", None) is None and getattr(args, "channel_multiple", 1) != 1:
+        raise CommandError("--channel-multiple applies to --channel-sparsity")
     dense = get_model(args.model, num_classes=args.num_classes).eval()
     if getattr(args, "channel_sparsity", None) is None:
         return dense, None, None, ""
@@ -79,6 +81,8 @@ def refuse_overwriting(
         path = pathlib.Path(given).expanduser().resolve()
         parent = path if path.is_dir() else path.parent
         protected |= {path, parent} | {parent / name for name in RUN_INPUTS}
+    if out.name in RUN_INPUTS and (out.parent / "checkpoint.pt").exists():
+        protected.add(out)  # a file of some run folder, whatever the command's inputs
     if out in protected:
         raise CommandError(f"refusing to write {output}: it is an input of this command or a file of the run")
     if out.is_dir() and not folder:

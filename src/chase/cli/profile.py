@@ -31,22 +31,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--fractions", default="0.25,0.5,0.75", help="widths measured, as fractions (0.25,0.5,0.75)"
     )
     p.add_argument("--repeats", type=positive_int, default=5, help="timed forwards per point (median)")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads for a CPU profile")
     p.add_argument("--out", "-o", required=True, help="JSON file to write")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from chase.cli.common import CommandError
+    from chase.cli.common import CommandError, refuse_overwriting
     from chase.models import get_model
     from chase.profile import profile_latency
 
+    refuse_overwriting(args.out)  # before minutes of timing
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError("--device cuda but CUDA is not available")
     try:
         fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     except ValueError:
         raise CommandError(f"--fractions expects comma-separated numbers, got {args.fractions!r}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = get_model(args.model, num_classes=args.num_classes)
     x = torch.randn(args.batch, 3, args.input, args.input, device=args.device)
     table = profile_latency(

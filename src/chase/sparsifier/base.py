@@ -64,9 +64,12 @@ def check_options(
     swap_schedule: str = "cosine",
     swap_floor: float = 0.0,
     soft_bound: float = 0.0,
+    initial_density: float | None = None,
 ) -> None:
     """The one validation of :class:`Sparsifier`'s model-independent options (``ValueError`` naming the
     option); the constructor and the trainer's config both call it."""
+    if initial_density is not None and not density <= initial_density <= 1.0:
+        raise ValueError(f"initial_density must be in [density, 1] = [{density}, 1], got {initial_density}")
     _check_fraction("density", density)
     if update_every < 1:
         raise ValueError(f"update_every must be >= 1, got {update_every}")
@@ -192,6 +195,7 @@ class Sparsifier:
             swap_schedule=swap_schedule,
             swap_floor=swap_floor,
             soft_bound=soft_bound,
+            initial_density=initial_density,
         )
 
         self.model = model

@@ -66,9 +66,22 @@ def check_channel_options(
         raise ValueError("target='latency' needs latency_table (a file `chase profile` wrote, or its dict)")
     if target != "channels" and (ratio is None or not 0.0 < ratio < 1.0):
         raise ValueError(f"target={target!r} needs {target}_ratio in (0, 1), got {ratio}")
+    given = {
+        k: v
+        for k, v in (
+            ("macs_ratio", macs_ratio),
+            ("params_ratio", params_ratio),
+            ("latency_ratio", latency_ratio),
+        )
+        if v is not None and k != f"{target}_ratio"
+    }
+    if latency_table is not None and target != "latency":
+        given["latency_table"] = latency_table
+    if given:
+        raise ValueError(f"{', '.join(given)} given, but target={target!r} does not use it")
     if target != "channels" and removal != "physical":
         raise ValueError(f"target={target!r} needs removal='physical' (it measures the narrowed model)")
-    if not isinstance(channel_multiple, int) or channel_multiple < 1:
+    if not isinstance(channel_multiple, int) or isinstance(channel_multiple, bool) or channel_multiple < 1:
         raise ValueError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     if channel_every < 1:
         raise ValueError(f"channel_every must be >= 1, got {channel_every}")
@@ -240,8 +253,12 @@ class ChannelPruner:
                 at_least=True,
             )
             if step == 0:
-                log.warning(
-                    "%s budget %d not reached: every prunable group is at its floor", quantity, target
+                unit = {"macs": "MACs", "params": "parameters", "latency": "ns predicted"}[quantity]
+                warnings.warn(
+                    f"{quantity} budget not reached: {self.measure(quantity, example_inputs):,} {unit} left "
+                    f"for {target:,} allowed, and every prunable group is at its floor (lower "
+                    "min_channel_ratio or raise the budget)",
+                    stacklevel=3,
                 )
                 break
             removed += step
@@ -264,6 +281,8 @@ class ChannelPruner:
                 m = masks.get(s.tensor)
                 if m is None:
                     m = torch.ones_like(w, dtype=torch.bool)
+                else:  # masked weights do not count, also when they are not zeroed in the weight
+                    w = w * m
                 sc = channel_score(w, m, self.row_numel[s.tensor], score)
                 # This group's rows only: a producer may also carry other groups' channels (its output is
                 # concatenated, or added to a concatenation), and in mask mode removed rows remain.
@@ -442,6 +461,13 @@ def prune_channels(
     unknown = sorted(set(masks or {}) - set(params))
     if unknown:
         raise ValueError(f"masks name parameters that are not sparse layers of the model: {unknown[:5]}")
+    wrong = [
+        f"{n}: {tuple(m.shape)} vs {tuple(params[n].shape)}"
+        for n, m in work.items()
+        if m.shape != params[n].shape
+    ]
+    if wrong:
+        raise ValueError(f"masks must have their weight's shape: {wrong[:3]}")
     pruner = ChannelPruner(
         module,
         _like(example_inputs, next(iter(params.values()))),

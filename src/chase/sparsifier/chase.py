@@ -334,6 +334,8 @@ class Chase(Sparsifier):
         state = super().state_dict()
         state["surgery"] = self._surgery.state_dict()
         state["removal"] = self.removal
+        if self.pruner.latency is not None:  # a resume prunes by the table the run started with
+            state["latency_table"] = self.pruner.latency.to_dict()
         return state
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -342,6 +344,14 @@ class Chase(Sparsifier):
                 f"state_dict was saved with removal={state.get('removal')!r}, not {self.removal!r}"
             )
         self._surgery.load_state_dict(state["surgery"])
+        if "latency_table" in state:
+            saved = LatencyTable.from_dict(state["latency_table"])
+            if self.pruner.latency is not None and saved.to_dict() != self.pruner.latency.to_dict():
+                warnings.warn(
+                    "the latency table changed since the run started: the run goes on with the saved one",
+                    stacklevel=3,
+                )
+            self.pruner.latency = saved
         if self.removal == "physical":
             replay(self.module, state["surgery"])
         else:

@@ -84,7 +84,7 @@ class LatencyTable:
             )
         groups = {g: (list(v["widths"]), [float(x) for x in v["ms"]]) for g, v in data["groups"].items()}
         for g, (w, m) in groups.items():
-            if len(w) != len(m) or len(w) < 2 or w != sorted(w):
+            if len(w) != len(m) or not w or w != sorted(w):
                 raise ValueError(f"latency table: group {g!r} needs ascending widths with one time each")
         return cls(float(data["dense_ms"]), groups, dict(data.get("meta", {})))
 

@@ -7,6 +7,7 @@ lives in one place. An option given as ``None`` means "the algorithm's default".
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -20,6 +21,7 @@ from chase.sparsifier.algorithms import MEST, SET, RigL, Static
 from chase.sparsifier.base import GROWTH, SCOPES, Sparsifier, check_options
 from chase.sparsifier.channel_pruning import REMOVAL_MODES, TARGETS, check_channel_options
 from chase.sparsifier.chase import Chase
+from chase.sparsifier.latency import LatencyTable
 
 __all__ = ["ALGORITHMS", "CHANNEL_OPTIONS", "CHOICES", "METHODS", "check", "create", "defaults"]
 
@@ -67,7 +69,9 @@ def _algorithm(method: str) -> type[Sparsifier]:
 
 def defaults(method: str) -> dict[str, Any]:
     """Every keyword option of ``method`` with its default (the class's own keywords, its preset values and
-    the engine's), e.g. ``defaults("chase")["update_every"] == 1000``."""
+    the engine's), e.g. ``defaults("chase")["update_every"] == 1000``; ``{}`` for ``"dense"``."""
+    if method == "dense":
+        return {}
     cls = _algorithm(method)
     out: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
@@ -82,16 +86,35 @@ def defaults(method: str) -> dict[str, Any]:
     return out
 
 
+#: keywords every algorithm takes without a default (``example_inputs`` for Chase only).
+REQUIRED = ("density", "total_steps", "example_inputs")
+
+
 def check(method: str, **options: Any) -> None:
-    """Validate ``options`` of ``method`` without a model (``None`` values take the defaults); raises
-    ``ValueError`` naming the option. The constructors run the same checks."""
+    """Validate ``options`` of ``method`` without a model (``None`` values take the defaults): unknown
+    options, options the method does not take, and values out of range raise ``ValueError`` naming the
+    option, by the same rules the constructors apply (the schedule checks need ``total_steps`` and the
+    model, and run at construction). ``"dense"`` takes no option."""
+    given = {k: v for k, v in options.items() if v is not None}
     if method == "dense":
+        if given:
+            raise ValueError(f"method 'dense' has no sparsifier, so no option {sorted(given)}")
         return
-    values = {**defaults(method), **{k: v for k, v in options.items() if v is not None}}
+    known = set(defaults(method)) | set(REQUIRED)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        only_chase = [k for k in unknown if k in defaults("chase")]
+        why = f" (options of Chase only: {only_chase})" if only_chase else ""
+        raise ValueError(f"method {method!r} has no option(s) {unknown}{why}")
+    if "density" not in given:
+        raise ValueError("density is required")
+    values = {**defaults(method), **given}
     engine = inspect.signature(check_options).parameters
     check_options(**{k: values[k] for k in engine if k in values})
     if _algorithm(method) is Chase:
         check_channel_options(**{k: values[k] for k in CHANNEL_OPTIONS})
+        if values["target"] == "latency" and isinstance(values["latency_table"], (str, os.PathLike)):
+            LatencyTable.load(values["latency_table"])  # a missing or broken file fails here, not later
 
 
 def create(

@@ -39,7 +39,7 @@ def remove_channels(
         return set()
     changed = slice_tensors(model, plan.keep, optimizer=optimizer, masks=masks)
     state.commit(plan)
-    logger.info(
+    logger.debug(
         "removed channels: %s",
         ", ".join(f"{g} -> {state.current_width(g)}/{state.original_width(g)}" for g in plan.channels),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import warnings
@@ -30,9 +31,15 @@ def rebuild(path: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any], nn.Mo
     meta = dict(ckpt["meta"])
     model = get_model(cfg.model, num_classes=meta["num_classes"])
     optimizer = build_optimizer(model, cfg)
-    with warnings.catch_warnings():  # schedule warnings were shown when the run was trained
-        warnings.simplefilter("ignore")
-        sp = build_sparsifier(model, optimizer, cfg, meta["steps_per_epoch"], meta["image_size"])
+    quiet = logging.getLogger("chase")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the construction's log (initial density...) describes step 0, not this
+    try:
+        with warnings.catch_warnings():  # schedule warnings were shown when the run was trained
+            warnings.simplefilter("ignore")
+            sp = build_sparsifier(model, optimizer, cfg, meta["steps_per_epoch"], meta["image_size"])
+    finally:
+        quiet.setLevel(level)
     if sp is not None:
         sp.load_state_dict(ckpt["sparsifier"])
     model.load_state_dict(ckpt["model"])
@@ -78,6 +85,8 @@ def load_run(path: str | os.PathLike) -> LoadedRun:
     return LoadedRun(p, cfg.model, cfg.method, meta["num_classes"], meta["image_size"], model, sp)
 
 
+#: options that name this machine's paths or resources: left out of a model card's recipe.
+LOCAL_OPTIONS = ("data_dir", "out", "name", "init_from", "latency_table", "device", "threads", "num_workers")
 #: what ``chase export --format`` writes: a slim checkpoint, a shareable folder, ONNX, a torch.export program.
 EXPORT_FORMATS = ("pt", "hf-dir", "onnx", "pt2")
 
@@ -119,10 +128,13 @@ def export_checkpoint(
             out,
             model_name=cfg.model,
             model_kwargs={"num_classes": meta["num_classes"]},
-            recipe=cfg.to_dict(),
+            recipe={k: v for k, v in cfg.to_dict().items() if k not in LOCAL_OPTIONS},
         )
     elif format == "pt2":
-        program = torch.export.export(exported, (example,))
+        # The batch dimension stays dynamic, as in the ONNX export.
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.export.export(exported, (example,), dynamic_shapes=({0: batch},))
+        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(out))
     else:
         onnx = out

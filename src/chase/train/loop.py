@@ -74,9 +74,12 @@ def build_sparsifier(
         kw["example_inputs"] = torch.randn(
             1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
         )
-    else:  # options of Chase only
-        for key in registry.CHANNEL_OPTIONS:
-            kw.pop(key)
+    ignored = sorted(
+        k for k, v in cfg.library_options().items() if v is not None and k not in cfg.method_options()
+    )
+    if ignored:
+        log.info("method %s does not take %s: left out", cfg.method, ", ".join(ignored))
+    kw = {k: v for k, v in kw.items() if k in cfg.method_options() or k not in cfg.library_options()}
     try:
         return registry.create(cfg.method, module, optimizer, **kw)
     except ValueError as e:  # the library validates its options; here they came from the config
