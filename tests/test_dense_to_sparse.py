@@ -158,3 +158,39 @@ def test_the_lightning_callback_prunes_gradually(tmp_path):
     )
     _trainer(tmp_path, cb, epochs=2).fit(Module(), _loader())
     assert cb.sparsifier.global_density() == pytest.approx(0.2, abs=1e-3)
+
+
+def test_the_trainer_resumes_a_gradual_run_exactly(tmp_path, monkeypatch):
+    pytest.importorskip("yaml")
+    from tests.nets import TINY_CHASE_RUN
+
+    from chase.cli import main
+    from chase.slim import read_slim
+    from chase.train import run as run_mod
+
+    base = [s for s in TINY_CHASE_RUN if not s.startswith("name=")]
+    sets = [*base, "initial_density=1.0", "prune_end_epoch=1", "ckpt_every_steps=1"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *sets, "name=whole"]) == 0
+    save = run_mod.save_checkpoint
+
+    def save_then_die(st, path):
+        save(st, path)
+        if st.step == 1:  # in the middle of the gradual schedule
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "-q", "--out", str(tmp_path), "--set", *sets, "name=killed"])
+    monkeypatch.setattr(run_mod, "save_checkpoint", save)
+    assert main(["train", "-q", "--resume", str(tmp_path / "killed")]) == 0
+    a, b = read_slim(tmp_path / "whole" / "slim.pt"), read_slim(tmp_path / "killed" / "slim.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_pretrained_weights_are_refused_clearly_where_there_are_none():
+    from chase.models import get_model
+
+    with pytest.raises(ValueError, match="no published weights"):
+        get_model("cifar_resnet20", num_classes=10, pretrained=True)
+    with pytest.raises(ValueError, match="1000 classes"):
+        get_model("resnet18", num_classes=10, pretrained=True)
