@@ -194,3 +194,25 @@ def test_chase_profile_command(tmp_path):
     from chase.sparsifier.latency import LatencyTable
 
     assert len(LatencyTable.load(out).groups) == 9
+
+
+def test_a_budget_that_leaves_fewer_weights_than_the_density_warns():
+    torch.manual_seed(0)
+    model = TinyResNet(width=32)
+    opt = make_optimizer("sgd", model)
+    sp = chase.Chase(
+        model,
+        opt,
+        density=0.9,
+        soft_bound=0.0,
+        total_steps=40,
+        example_inputs=EXAMPLE,
+        update_every=8,
+        channel_every=4,
+        target="params",
+        params_ratio=0.6,
+    )
+    with pytest.warns(UserWarning, match="fewer than the"):
+        for i in range(40):
+            train_step(model, opt, sp, i)
+    assert sp.kept == sum(m.numel() for m in sp.masks.values())  # every surviving weight is kept

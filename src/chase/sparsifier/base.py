@@ -274,6 +274,7 @@ class Sparsifier:
         self._broadcast_masks()
         self._masks.apply(optimizer)
         self._hook_fired = False
+        self._short_warned = False
         self._hook = optimizer.register_step_post_hook(self._post_step_hook)
         self._removed = False
         for p in params.values():
@@ -453,7 +454,17 @@ class Sparsifier:
                 room = m.flat.numel() - (current - n_prune)
             else:
                 room = int(torch.count_nonzero(allowed & ~m.flat))
-            n_grow = min(self.target_kept(t) - (current - n_prune), room)
+            wanted = self.target_kept(t) - (current - n_prune)
+            n_grow = min(wanted, room)
+            if n_grow < wanted and not self._short_warned:
+                # Removed channels can leave fewer weights than the budget (a MACs target, say): all of
+                # them are kept and the density ends below the budget.
+                self._short_warned = True
+                warnings.warn(
+                    f"step {t}: the model has only {current - n_prune + room:,} weights left in its sparse "
+                    f"layers, fewer than the {self.target_kept(t):,} the budget allows: every one is kept",
+                    stacklevel=3,
+                )
             exploration.grow_largest(m.flat, grow_scores, n_grow, allowed)
         # A weight pruned and regrown in this same update is a new weight: it starts at 0 with zero
         # optimizer state, like every other grown weight (masked positions already hold zeros).
