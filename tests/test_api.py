@@ -306,6 +306,7 @@ def test_save_pretrained_checks_before_it_writes(tmp_path):
     [
         (["flops", "-m", "resnet18", "--channel-multiple", "4"], "--channel-multiple applies to"),
         (["check", "-m", "resnet18", "--channel-sparsity", "2"], "channel_sparsity must be in"),
+        (["flops", "-m", "resnet18", "--macs-ratio", "1.5"], "needs macs_ratio in (0, 1)"),
     ],
 )
 def test_more_cli_usage_errors(argv, words, capsys):
@@ -314,3 +315,15 @@ def test_more_cli_usage_errors(argv, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+def test_flops_measures_a_macs_budget(capsys):
+    from chase.cli import main
+
+    argv = ["flops", "-m", "resnet18", "--num-classes", "10", "--input", "32", "--macs-ratio", "0.6"]
+    assert main([*argv, "--channel-multiple", "8"]) == 0
+    out = capsys.readouterr().out
+    ratio = float(
+        next(line for line in out.splitlines() if line.startswith("GPU-supported (slim)")).split()[-1][:-1]
+    )
+    assert 0.5 < ratio <= 0.6

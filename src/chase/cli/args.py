@@ -59,6 +59,13 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
     )
     p.add_argument("--prune-skip", action="store_true", help="with --channel-sparsity: prune the skip path")
     p.add_argument(
+        "--macs-ratio",
+        type=float,
+        metavar="R",
+        help="with --model: like --channel-sparsity, but remove channels until the model's MACs are R of the "
+        "dense model's (Chase's target=macs; --channel-sparsity, if given, sets the floors)",
+    )
+    p.add_argument(
         "--channel-multiple",
         type=positive_int,
         default=1,

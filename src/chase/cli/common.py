@@ -38,8 +38,9 @@ def models_to_measure(
     from chase.models import get_model
 
     source = getattr(args, "source", None) or getattr(args, "slim_from", None)
-    if source and getattr(args, "channel_sparsity", None) is not None:
-        raise CommandError("give a checkpoint or --channel-sparsity, not both")
+    macs_ratio = getattr(args, "macs_ratio", None)
+    if source and (getattr(args, "channel_sparsity", None) is not None or macs_ratio is not None):
+        raise CommandError("give a checkpoint or --channel-sparsity/--macs-ratio, not both")
     if source:
         run = load_run(source)
         if args.model and args.model != run.model_name:
@@ -50,16 +51,23 @@ def models_to_measure(
         return dense, slim, run, what
     if not args.model:
         raise CommandError("give a model name (--model) or a run folder / checkpoint")
-    if getattr(args, "channel_sparsity", None) is None and getattr(args, "channel_multiple", 1) != 1:
-        raise CommandError("--channel-multiple applies to --channel-sparsity")
+    widths_given = getattr(args, "channel_sparsity", None) is not None or macs_ratio is not None
+    if not widths_given and getattr(args, "channel_multiple", 1) != 1:
+        raise CommandError("--channel-multiple applies to --channel-sparsity or --macs-ratio")
     dense = get_model(args.model, num_classes=args.num_classes).eval()
-    if getattr(args, "channel_sparsity", None) is None:
+    if getattr(args, "channel_sparsity", None) is None and macs_ratio is None:
         return dense, None, None, ""
-    s, skip = args.channel_sparsity, args.prune_skip
+    skip = args.prune_skip
+    # With a MACs budget, S_c only sets the floors: by default those of removing 1 - R of the channels.
+    s = args.channel_sparsity if args.channel_sparsity is not None else round(1.0 - macs_ratio, 6)
+    budget = {} if macs_ratio is None else {"target": "macs", "macs_ratio": macs_ratio}
     d = INIT_DENSITY if getattr(args, "density", None) is None else args.density
     m = getattr(args, "channel_multiple", 1)
-    slim = untrained_slim(dense, example_input(None, args), s, skip, density=d, channel_multiple=m)
-    return dense, slim, None, untrained_label(s, skip, d, m)
+    slim = untrained_slim(dense, example_input(None, args), s, skip, density=d, channel_multiple=m, **budget)
+    label = untrained_label(s, skip, d, m)
+    if macs_ratio is not None:
+        label += f"; channels removed until the MACs are {macs_ratio} of the dense model's"
+    return dense, slim, None, label
 
 
 #: files of a run folder that a command's output must never replace (the run could not resume).
