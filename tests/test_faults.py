@@ -102,7 +102,7 @@ def test_the_metrics_rewrite_at_resume_is_atomic(interrupted, monkeypatch):
 
     monkeypatch.setattr(chase_io.os, "replace", crash)
     with pytest.raises(OSError):
-        run_mod.Metrics(interrupted, True, False, resume_step=1)
+        run_mod.Metrics(interrupted, True, resume_step=1)
     assert (interrupted / "metrics.jsonl").read_text() == before
     assert not chase_io.stale_temporaries(interrupted)
 

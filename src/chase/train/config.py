@@ -185,7 +185,15 @@ class TrainConfig:
     log_every: int = _opt(50, "write a training metrics line every this many optimizer steps")
     bn_recalibrate: int = _opt(0, "slim model: re-estimate BatchNorm statistics on this many train batches")
     speedup_batch: int = _opt(64, "batch size for timing dense vs slim forward (0: skip the timing)")
-    tensorboard: bool = _opt(True, "write TensorBoard logs when tensorboard is installed")
+    tensorboard: bool = _opt(True, "false: leave tensorboard out of loggers")
+    loggers: list[str] = field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        metadata={"help": "where metrics go: jsonl (always), tensorboard, wandb, mlflow"},
+    )
+    wandb_project: str = _opt("chase", "loggers with wandb: the W&B project (WANDB_MODE=offline: no network)")
+    mlflow_uri: str = _opt(
+        "", "loggers with mlflow: the tracking URI; empty: a file store mlruns/ in the run folder"
+    )
     quiet: bool = _opt(False, "no progress bar")
 
     def validate(self) -> TrainConfig:
@@ -245,6 +253,11 @@ class TrainConfig:
             raise ConfigError(
                 f"device={self.device!r} is not a device (auto, cpu, cuda, cuda:1, ...): {e}"
             ) from None
+        from chase.train.loggers import LOGGERS
+
+        unknown = [n for n in self.loggers if n not in LOGGERS]
+        if unknown:
+            raise ConfigError(f"unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)}")
         if self.init_from and self.pretrained:
             raise ConfigError("give init_from or pretrained, not both")
         from chase.models import check_model_name

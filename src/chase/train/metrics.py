@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from chase.flops import StepCost, training_flops
@@ -25,14 +25,19 @@ def _kept(record: dict[str, Any], step: int) -> bool:
 
 
 class Metrics:
-    """JSON lines (one object per event) and TensorBoard scalars; a no-op on ranks other than 0."""
+    """JSON lines (one object per event), passed on to the run's loggers (:mod:`chase.train.loggers`);
+    a no-op on ranks other than 0."""
 
     def __init__(
-        self, run_dir: pathlib.Path, enabled: bool, tensorboard: bool, resume_step: int = -1
+        self,
+        run_dir: pathlib.Path,
+        enabled: bool,
+        loggers: Callable[[int], list[Any]] = lambda resume_step: [],
+        resume_step: int = -1,
     ) -> None:
         self.path = run_dir / METRICS_FILE
         self.enabled = enabled
-        self.tb = None
+        self.loggers: list[Any] = []
         if not enabled:
             return
         if resume_step >= 0 and self.path.exists():
@@ -42,27 +47,19 @@ class Metrics:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step < 0 and self.path.exists():  # a new run in a folder whose first run died early
             self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
-            else:
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=max(0, resume_step + 1))
+        self.loggers = loggers(resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+        for logger in self.loggers:
+            logger.log(record)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 def training_cost(records: Sequence[dict[str, Any]], steps: int, batch_size: int) -> dict[str, float]:

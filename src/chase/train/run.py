@@ -24,6 +24,7 @@ from chase.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from chase.train.config import ConfigError, TrainConfig
 from chase.train.data import build_data
 from chase.train.distributed import Dist, init_distributed
+from chase.train.loggers import open_loggers
 from chase.train.loop import TrainState, build_sparsifier, evaluate, train_one_epoch
 from chase.train.metrics import METRICS_FILE, Metrics, read_metrics
 from chase.train.optim import build_optimizer, build_scheduler
@@ -43,6 +44,9 @@ RESUME_SAFE_KEYS = frozenset(
         "num_workers",
         "quiet",
         "tensorboard",
+        "loggers",
+        "wandb_project",
+        "mlflow_uri",
         "out",
         "name",
         "device",
@@ -242,7 +246,20 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(cfg, run_dir / "config.yaml")
     initial = _sparsity_record(st) if ckpt is None else None
-    metrics = Metrics(run_dir, d.main, cfg.tensorboard, st.step if ckpt is not None else -1)
+    names = [n for n in cfg.loggers if cfg.tensorboard or n != "tensorboard"]
+    metrics = Metrics(
+        run_dir,
+        d.main,
+        lambda resume_step: open_loggers(
+            names,
+            run_dir,
+            cfg.to_dict(),
+            resume_step,
+            wandb_project=cfg.wandb_project,
+            mlflow_uri=cfg.mlflow_uri or None,
+        ),
+        st.step if ckpt is not None else -1,
+    )
     if initial is not None:
         metrics.write({"kind": "start", "step": 0, "epoch": 0, **initial})
         channels = _channels_record(st) if d.main else None
