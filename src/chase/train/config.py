@@ -30,6 +30,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     **{k: ALGORITHM_CHOICES[k] for k in ("distribution", "removal", "channel_score", "target")},
 }
 DATASETS = CHOICES["dataset"]
+#: where metric records can go (chase.train.loggers); jsonl, the run's metrics.jsonl, is always written.
+LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 #: options passed to the sparsifier as they are (None: the algorithm's default, chase.sparsifier.registry).
 LIBRARY_OPTIONS = (
     "density",
@@ -253,8 +255,6 @@ class TrainConfig:
             raise ConfigError(
                 f"device={self.device!r} is not a device (auto, cpu, cuda, cuda:1, ...): {e}"
             ) from None
-        from chase.train.loggers import LOGGERS
-
         unknown = [n for n in self.loggers if n not in LOGGERS]
         if unknown:
             raise ConfigError(f"unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)}")

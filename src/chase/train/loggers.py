@@ -13,14 +13,12 @@ import pathlib
 import secrets
 from typing import Any, Optional
 
-from chase.train.config import ConfigError
+from chase.train.config import LOGGERS, ConfigError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LOGGERS", "Logger", "open_loggers"]
 
-#: the loggers ``loggers:`` may name (``jsonl``, the run's own metrics.jsonl, is always written).
-LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 
 
 def _numbers(record: dict[str, Any]) -> dict[str, float]:
