@@ -105,3 +105,15 @@ def test_every_export_format_computes_the_trained_model(run, fmt, tmp_path):
         session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     assert torch.allclose(got.detach(), expected, atol=1e-4)
+
+
+def test_export_refuses_a_pt2_name_and_a_foreign_folder(run, tmp_path, capsys):
+    from chase.cli import main
+
+    assert main(["export", str(run), "--format", "pt2", "-o", str(tmp_path / "m.pt")]) == 2
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert main(["export", str(run), "--format", "hf-dir", "-o", str(tmp_path / "busy")]) == 2
+    err = capsys.readouterr().err
+    assert ".pt2 file" in err and "holds other files" in err
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]

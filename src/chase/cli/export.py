@@ -56,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.output) if args.output else path.with_name(default)
     onnx = None if args.onnx is None else pathlib.Path(args.onnx or out.with_suffix(".onnx"))
     load_checkpoint(path)  # say what a wrong input is before looking at the output
+    if args.format == "pt2" and out.suffix != ".pt2":
+        raise CommandError(f"a torch.export program is a .pt2 file: {out} (torch.export.load expects it)")
+    if args.format == "hf-dir" and out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise CommandError(f"{out} holds other files: give a new or empty folder (or an earlier export)")
     refuse_overwriting(out, path, folder=args.format == "hf-dir")
     refuse_overwriting(onnx, path, out)
     meta = export_checkpoint(path, out, format=args.format, onnx=onnx)
