@@ -9,7 +9,7 @@
 # Afterwards:    copy the returned gpu_*.json/md into benchmarks/results/.
 #
 # Environment:   TOTAL_S (570) the time this script may take in all; the CIFAR part gets what is left.
-#                PARTS ("tests resnet50 cifar"; also "alignment") which parts run, in that order.
+#                PARTS ("tests resnet50 cifar"; also "alignment", "multiple") which parts run, in order.
 #                CIFAR_ARGS ("--fit-epochs") extra options of gpu_cifar.py (e.g. "--seeds 1,2").
 set -uo pipefail
 TOTAL_S=${TOTAL_S:-570}
@@ -39,6 +39,11 @@ if has alignment; then
   echo "== ResNet-50 224: width alignment"
   timeout 150 python3 benchmarks/alignment.py --device cuda --dtypes fp32,bf16 --batch-sizes 64,256 \
       --repeats 25 --warmup 8 --out "$OUT" --stem gpu_alignment
+fi
+if has multiple; then
+  echo "== ResNet-50 224: the same MACs budget with channel_multiple 1/8/16 (issue 14)"
+  timeout 240 python3 benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256 \
+      --models resnet50 --repeats 20 --warmup 5 --out "$OUT" --stem gpu_channel_multiple
 fi
 if has cifar; then
   echo "== CIFAR-10: dense / RigL / Chase"
