@@ -222,3 +222,14 @@ def test_check_command(tmp_path, capsys):
     assert report["status"] == "pass" and report["params_slim"] < report["params_dense"]
     assert main(["check", "--model", "cifar_resnet_20"]) == 2
     assert "unknown model name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, published", [("vit_b_16", 17.56), ("swin_t", 4.49), ("resnet50", 4.09)])
+def test_transformers_are_counted_as_torchvision_publishes(name, published):
+    """Attention matmuls and nn.MultiheadAttention's functional projections count too (torchvision's
+    model cards give GMACs at 224 under the name GFLOPS)."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.get_model(name).eval()
+    report = count_flops(model, torch.zeros(1, 3, 224, 224))
+    assert report.dense / 1e9 == pytest.approx(published, abs=0.01)
+    assert torch.backends.mha.get_fastpath_enabled()  # the fast path is switched back on

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from chase.graph import unwrap_model
 
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 __all__ = ["FlopReport", "LayerFlops", "StepCost", "TrainingFlops", "count_flops", "training_flops"]
 
 COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _sdpa_cpu(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of the CPU flash-attention kernel, which FlopCounterMode has no formula for."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: formulas for ops FlopCounterMode does not count by itself (shapes in, FLOPs out).
+_EXTRA_FORMULAS: dict[Any, Any] = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu
 
 
 @dataclass
@@ -59,14 +71,17 @@ class FlopReport:
 
     layers: list[LayerFlops] = field(default_factory=list)
     reference_dense: Optional[int] = None
+    #: MACs outside Conv/Linear modules (attention matmuls, functional projections such as
+    #: ``nn.MultiheadAttention``'s packed input), counted by torch's FlopCounterMode; dense in both totals.
+    other: int = 0
 
     @property
     def dense(self) -> int:
-        return sum(layer.dense for layer in self.layers)
+        return sum(layer.dense for layer in self.layers) + self.other
 
     @property
     def sparse(self) -> int:
-        return sum(layer.sparse for layer in self.layers)
+        return sum(layer.sparse for layer in self.layers) + self.other
 
     @property
     def density(self) -> float:
@@ -90,6 +105,7 @@ class FlopReport:
             "reference_dense": self.reference_dense,
             "dense_ratio": self.dense_ratio,
             "sparse_ratio": self.sparse_ratio,
+            "other": self.other,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -100,6 +116,11 @@ class FlopReport:
             rows.append(
                 f"{s.name:<44} {s.positions:>9} {f'{s.kept}/{s.weights}':>20} "
                 f"{s.dense / 1e6:>10.3f} {s.sparse / 1e6:>10.3f}"
+            )
+        if self.other:
+            rows.append(
+                f"{'other (attention, functional matmuls)':<44} {'':>9} {'':>20} "
+                f"{self.other / 1e6:>10.3f} {self.other / 1e6:>10.3f}"
             )
         rows.append(f"{'total':<44} {'':>9} {'':>20} {self.dense / 1e6:>10.3f} {self.sparse / 1e6:>10.3f}")
         return "\n".join(rows)
@@ -117,10 +138,13 @@ def count_flops(
 
     Forward hooks on every Conv1d/2d/3d and Linear record the output size (so padding, stride, dilation
     and groups are what the layer really did); they are removed afterwards and the model's train/eval
-    mode is restored. ``masks`` ({weight parameter name: bool mask}, e.g. ``sparsifier.masks``) give the
-    sparse count; without them sparse == dense. ``reference`` (the original dense model, same input) is
-    counted too and its dense MACs stored for the ratios. ``example_inputs`` is a tensor or a tuple of
-    positional arguments whose first tensor's first dimension is the batch.
+    mode is restored. Every other matmul, convolution and attention op of the forward (attention scores,
+    ``nn.MultiheadAttention``'s functional projections) is counted by torch's ``FlopCounterMode`` and
+    reported as ``other`` (dense: it has no mask). ``masks`` ({weight parameter name: bool mask}, e.g.
+    ``sparsifier.masks``) give the sparse count; without them sparse == dense. ``reference`` (the
+    original dense model, same input) is counted too and its dense MACs stored for the ratios.
+    ``example_inputs`` is a tensor or a tuple of positional arguments whose first tensor's first
+    dimension is the batch.
     """
     module = unwrap_model(model)
     names = {m: n for n, m in module.named_modules()}
@@ -144,12 +168,20 @@ def count_flops(
 
     was_training = module.training
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, COUNTED)]
+    # MultiheadAttention's inference fast path is one fused op the counter cannot see into.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        module.eval()(*args)
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+            module.eval()(*args)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
         module.train(was_training)
+    hooked = sum(layer.dense for layer in report.layers)
+    # The counter counts multiply and add as two operations, over the whole batch.
+    report.other = max(0, round(counter.get_total_flops() / 2 / batch) - hooked)
     if masks is not None:
         unused = set(masks) - set(seen)
         if unused:  # a typo'd or unwrapped-prefix key would silently count as dense

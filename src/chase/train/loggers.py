@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 __all__ = ["LOGGERS", "Logger", "open_loggers"]
 
 
-
 def _numbers(record: dict[str, Any]) -> dict[str, float]:
     return {
         f"{record['kind']}/{k}": float(v)
