@@ -36,7 +36,13 @@ from chase.bench import benchmark
 from chase.models import get_model
 from common import RESULTS, machine, write
 
-MODELS = {"resnet50": 224, "cifar_resnet18": 32, "cifar_resnet50": 32, "cifar_vgg19_bn": 32}
+MODELS = {
+    "resnet50": 224,
+    "cifar_resnet18": 32,
+    "cifar_resnet50": 32,
+    "cifar_vgg19_bn": 32,
+    "timm:vit_small_patch16_224": 224,
+}
 QUICK_MODELS = {"cifar_resnet20": 32, "resnet18": 64}
 SPARSITIES = (0.3, 0.4, 0.5)
 TARGET = {"model": "resnet50", "channel_sparsity": 0.4, "prune_skip": True, "batch": 32, "speedup": 1.7}
