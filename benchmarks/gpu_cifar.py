@@ -55,6 +55,7 @@ from chase.bench import benchmark
 from chase.models import get_model
 from chase.train.data import EpochSampler
 from chase.train.resident import ResidentLoader, dataset_tensors
+from chase.train.seeds import epoch_seed
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -163,7 +164,7 @@ def train_one(
             break
         te = time.time()
         train.sampler.set_epoch(epoch)
-        train.generator.manual_seed(args.seed * 100003 + epoch)
+        train.generator.manual_seed(epoch_seed(args.seed, epoch))
         loss_sum = torch.zeros((), device=dev)
         for x, y in train:
             with _autocast(dev, args.amp):

@@ -28,11 +28,11 @@ ALLOWED: dict[str, set[str]] = {
     "onnx": {"timing"},
     "bench": {"timing", "onnx"},
     "integrations": {"sparsifier"},
-    "profile": {"graph", "sparse", "sparsifier", "surgery", "timing"},
+    "profile": {"graph", "sparse", "sparsifier", "surgery", "timing", "bench"},
     "pretrained": {"graph", "io", "slim", "surgery", "models"},
 }
 _TRAINER = {"graph", "sparse", "surgery", "slim", "sparsifier", "io", "timing", "plots", "flops", "analysis"}
-ALLOWED["train"] = _TRAINER | {"models", "onnx", "profile", "pretrained"}
+ALLOWED["train"] = _TRAINER | {"models", "onnx", "profile", "pretrained", "bench"}
 ALLOWED["cli"] = ALLOWED["train"] | {"bench", "check", "train"}
 #: Model classes belong to chase.models (and to the user): the library works on any model, so its code
 #: (identifiers and strings other than docstrings) never names one.

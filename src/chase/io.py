@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "load_tensors", "stale_temporaries"]
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_text", "load_tensors", "stale_temporaries"]
 
 
 #: prefix and infix of the temporary files of atomic writes: ``.<name>.tmp<pid>``.
@@ -60,6 +60,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (see :func:`_atomic`)."""
     _atomic(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a binary file atomically (see :func:`_atomic`)."""
+    _atomic(path, lambda f: f.write(data), "wb")
 
 
 def stale_temporaries(folder: str | os.PathLike) -> list[pathlib.Path]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from chase.graph import unwrap_model
-from chase.io import atomic_write_text
+from chase.io import atomic_write_bytes, atomic_write_text
 from chase.slim import cpu_state_dict
 from chase.surgery import replay
 from chase.surgery.state import STATE_VERSION
@@ -129,14 +129,7 @@ def save_pretrained(
         raise ValueError(f"model_kwargs, recipe and speed must be plain JSON values: {e}") from None
     if model_name is not None:
         _check_rebuild(model_name, info["model_kwargs"], history, state)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    try:
-        st.save_file(state, str(tmp), metadata={"format": PRETRAINED_FORMAT})
-        os.replace(tmp, folder / WEIGHTS_FILE)
-        os.chmod(folder / WEIGHTS_FILE, 0o644)  # readable like the other files (the writer uses 0600)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(folder / WEIGHTS_FILE, st.save(state, metadata={"format": PRETRAINED_FORMAT}))
     atomic_write_text(folder / CONFIG_FILE, config_text)
     atomic_write_text(folder / CARD_FILE, model_card(info))
     return folder

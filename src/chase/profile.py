@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from chase.bench import DTYPES
 from chase.graph import unwrap_model
 from chase.sparse.targets import find_sparse_params
 from chase.sparsifier.channel_pruning import ChannelPruner
@@ -22,8 +23,6 @@ from chase.timing import alternate, time_forward
 log = logging.getLogger(__name__)
 
 __all__ = ["profile_latency"]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _ms(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:

@@ -188,6 +188,11 @@ class ChannelPruner:
             return round(1e6 * self._table().predict_ms(self.alive_channels()))
         return count_flops(self.module, example_inputs).dense
 
+    def use_latency_table(self, source: Any) -> None:
+        """Predict latency with ``source`` (a table, its dict or JSON file); it must hold every group."""
+        self.latency = LatencyTable.load(source)
+        self.latency.check_groups([g.name for g in self.groups])
+
     def _table(self) -> LatencyTable:
         if self.latency is None:
             raise ValueError("target='latency' needs a latency table")
@@ -468,9 +473,10 @@ def prune_channels(
     ]
     if wrong:
         raise ValueError(f"masks must have their weight's shape: {wrong[:3]}")
+    example = _like(example_inputs, next(iter(params.values())))
     pruner = ChannelPruner(
         module,
-        _like(example_inputs, next(iter(params.values()))),
+        example,
         params,
         channel_sparsity=channel_sparsity,
         min_channel_ratio=min_channel_ratio,
@@ -481,12 +487,10 @@ def prune_channels(
     before = pruner.alive_channels()
     ratio = {"macs": macs_ratio, "params": params_ratio, "latency": latency_ratio}.get(target)
     if target == "latency":
-        pruner.latency = LatencyTable.load(latency_table)
-        pruner.latency.check_groups([g.name for g in pruner.groups])
+        pruner.use_latency_table(latency_table)
     if ratio is not None:
-        probe = _like(example_inputs, next(iter(params.values())))
-        budget = round(pruner.measure(target, probe) * ratio)
-        pruner.remove_to_budget(target, budget, probe, params, work, score=channel_score)
+        budget = round(pruner.measure(target, example) * ratio)
+        pruner.remove_to_budget(target, budget, example, params, work, score=channel_score)
     else:
         keep = round(pruner.total_channels * (1.0 - channel_sparsity))
         pruner.remove(keep, params, work, score=channel_score)
@@ -571,13 +575,25 @@ def _without_kept(groups: list[ChannelGroup], patterns: Sequence[str]) -> list[C
     return out
 
 
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` (a tensor, or lists, tuples and dicts of them) with ``fn`` applied to every tensor."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def _like(obj: Any, ref: torch.Tensor) -> Any:
     """``obj`` with its tensors on ``ref``'s device, floating ones in ``ref``'s dtype (so an example input
     made on the CPU in fp32 works for a model on CUDA or in fp64)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(ref.device, ref.dtype if obj.is_floating_point() else obj.dtype)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_like(o, ref) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _like(v, ref) for k, v in obj.items()}
-    return obj
+    return _map_tensors(obj, lambda t: t.to(ref.device, ref.dtype if t.is_floating_point() else t.dtype))
+
+
+def _zeros_like(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by zeros of batch size 1 (same dtype, device, other dims)."""
+    return _map_tensors(
+        obj, lambda t: torch.zeros((1, *t.shape[1:]) if t.ndim else (), dtype=t.dtype, device=t.device)
+    )

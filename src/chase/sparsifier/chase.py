@@ -15,7 +15,13 @@ from chase.graph import ChannelGraph
 from chase.graph.types import ChannelGroup
 from chase.sparse import schedules
 from chase.sparsifier.base import Sparsifier, StepInfo
-from chase.sparsifier.channel_pruning import REMOVAL_MODES, ChannelPruner, _like, check_channel_options
+from chase.sparsifier.channel_pruning import (
+    REMOVAL_MODES,
+    ChannelPruner,
+    _like,
+    _zeros_like,
+    check_channel_options,
+)
 from chase.sparsifier.latency import LatencyTable
 from chase.surgery import SurgeryState, alive_mask, replay, zero_removed
 
@@ -178,8 +184,7 @@ class Chase(Sparsifier):
             channel_multiple=self.channel_multiple,
         )
         if self.target == "latency":
-            self.pruner.latency = LatencyTable.load(self._latency_source)
-            self.pruner.latency.check_groups([g.name for g in self.groups])
+            self.pruner.use_latency_table(self._latency_source)
         #: the dense model's MACs per example or parameters, which a budget target is a ratio of.
         self.dense_target_value = (
             self.pruner.measure(self.target, self._probe) if self.target_ratio is not None else None
@@ -378,14 +383,3 @@ class Chase(Sparsifier):
     def _export_masks(self) -> dict[str, torch.Tensor] | None:
         # In mask mode the masks keep the full shapes while the export is sliced.
         return super()._export_masks() if self.removal == "physical" else None
-
-
-def _zeros_like(obj: Any) -> Any:
-    """``obj`` with every tensor replaced by zeros of batch size 1 (same dtype, device, other dims)."""
-    if isinstance(obj, torch.Tensor):
-        return torch.zeros((1, *obj.shape[1:]) if obj.ndim else (), dtype=obj.dtype, device=obj.device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_zeros_like(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _zeros_like(v) for k, v in obj.items()}
-    return obj

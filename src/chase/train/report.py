@@ -125,7 +125,7 @@ def save_model(st: TrainState, exported: nn.Module, run_dir: pathlib.Path, data:
 def latency_check(sp: Any, exported: nn.Module, size: int, d: Dist) -> dict[str, Any]:
     """``target="latency"``: the time the table predicts for the final widths, next to the time measured
     here at the table's batch size and dtype (when this is the table's kind of device)."""
-    from chase.profile import DTYPES
+    from chase.bench import DTYPES
     from chase.timing import time_forward
 
     table = sp.pruner.latency
