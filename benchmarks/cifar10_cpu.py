@@ -1,10 +1,13 @@
-"""CIFAR-10 on a 2-core CPU: dense, SET, RigL, MEST and Chase at density 0.1, under two protocols.
+"""CIFAR-10 on a 2-core CPU: dense, SET, RigL, MEST and Chase, under three protocols.
 
 ``--protocol short`` (``benchmarks/cifar10_cpu.yaml``): CIFAR ResNet-20, all 50,000 training images, 2
 epochs (780 steps of 128); six methods in about an hour: how they compare early in training.
 ``--protocol long`` (``benchmarks/cifar10_cpu_long.yaml``): the same network and data for 15 epochs (5,850
 steps), where every schedule completes (issue 10): dense, RigL and Chase S_c 0.5, with a second seed for
 RigL and Chase (``--methods dense rigl chase0.5 rigl@1 chase0.5@1``).
+``--protocol vit`` (``benchmarks/vit_cifar10_cpu.yaml``, issue 15): a ViT-Tiny-sized model with patch
+size 4 for 3 epochs at density 0.2, AdamW: dense, RigL, Chase S_c 0.3 on MLP neurons, and Chase S_c 0.3
+on MLP neurons and attention heads (``--methods dense rigl chase0.3 chase0.3heads``).
 
 Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
 reported accuracy is the FINAL model's on all 10,000 test images (no selection). For every run the script
@@ -56,6 +59,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROTOCOLS = {
     "short": (ROOT / "benchmarks" / "cifar10_cpu.yaml", "cifar10_cpu", "runs/cifar10_cpu"),
     "long": (ROOT / "benchmarks" / "cifar10_cpu_long.yaml", "cifar10_cpu_long", "runs/cifar10_long"),
+    "vit": (ROOT / "benchmarks" / "vit_cifar10_cpu.yaml", "vit_cifar10_cpu", "runs/vit_cifar10"),
 }
 METHODS = {
     "dense": "dense",
@@ -64,6 +68,7 @@ METHODS = {
     "mest": "mest",
     "chase0.3": "chase_sc0.3",
     "chase0.5": "chase_sc0.5",
+    "chase0.3heads": "chase_sc0.3_heads",
 }
 SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
 SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]
@@ -165,7 +170,7 @@ def measure_throughput(rows: list[dict[str, Any]], args: argparse.Namespace) -> 
     if "dense" not in models:
         return {}
     order = {"dense": models.pop("dense")} | models  # speedups are over the first model
-    batches = [1, 8] if args.smoke else [1, 128]
+    batches = [1, 8] if args.smoke else [1, args.batch]
     return benchmark(
         order, (3, 32, 32), batch_sizes=batches, repeats=5 if args.smoke else 20, macs=macs, device="cpu"
     )
@@ -203,7 +208,8 @@ def _mean_rows(rows: list[dict[str, Any]]) -> list[str]:
 def markdown(payload: dict[str, Any]) -> str:
     m = payload["machine"]
     lines = [
-        f"# CIFAR-10 on a 2-core CPU ({payload['protocol_name']} protocol): methods at density 0.1",
+        f"# CIFAR-10 on a 2-core CPU ({payload['protocol_name']} protocol): "
+        f"methods at density {payload.get('density', 0.1)}",
         "",
         f"{m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), torch {m['torch']}, fp32, "
         f"{m['date']}. Protocol: `{payload['protocol']}` -- {payload['protocol_summary']} "
@@ -348,6 +354,7 @@ def main() -> None:
     p.add_argument("--runs", default=None, help="folder of the run folders (default per protocol)")
     p.add_argument("--out", default=str(common.RESULTS), help="folder of the result files")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=128, help="the larger batch size of the speed comparison")
     p.add_argument("--smoke", action="store_true", help="1 epoch, tiny schedules: checks the script only")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     args = p.parse_args()
@@ -362,12 +369,13 @@ def main() -> None:
         "protocol_name": args.protocol,
         "protocol_summary": (
             f"{base.model}, {'a subset of the' if base.train_limit else 'all 50,000'} training images, "
-            f"{base.epochs} epochs of batch {base.batch_size}, SGD + {base.schedule} LR, "
+            f"{base.epochs} epochs of batch {base.batch_size}, {base.optimizer.upper()} + {base.schedule} LR, "
             f"density {base.density} ({base.distribution.upper()}), "
             f"mask updates every {base.update_every} steps "
             "(RigL/SET/MEST until 75% of the steps, Chase to the end), Chase channel events every "
             f"{base.channel_every} steps until 80%; final model on the 10,000 test images."
         ),
+        "density": base.density,
         "overrides": args.set + (SMOKE if args.smoke else []),
         "machine": common.machine("cpu"),
         "load_average_start": os.getloadavg(),
