@@ -19,6 +19,8 @@ from chase.sparsifier import (
 )
 
 __version__ = "0.2.0"
+"""The version of chase-dst (PEP 440). pyproject.toml reads it from here; a release bumps it here and in
+CITATION.cff (docs/release.md)."""
 
 __all__ = [
     "MEST",
