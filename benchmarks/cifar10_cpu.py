@@ -6,7 +6,7 @@ epochs (780 steps of 128); six methods in about an hour: how they compare early 
 steps), where every schedule completes (issue 10): dense, RigL and Chase S_c 0.5, with a second seed for
 RigL and Chase (``--methods dense rigl chase0.5 rigl@1 chase0.5@1``).
 ``--protocol vit`` (``benchmarks/vit_cifar10_cpu.yaml``, issue 15): a ViT-Tiny-sized model with patch
-size 4 for 3 epochs at density 0.2, AdamW: dense, RigL, Chase S_c 0.3 on MLP neurons, and Chase S_c 0.3
+size 4 for 2 epochs at density 0.2, AdamW: dense, RigL, Chase S_c 0.3 on MLP neurons, and Chase S_c 0.3
 on MLP neurons and attention heads (``--methods dense rigl chase0.3 chase0.3heads``).
 
 Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
@@ -369,7 +369,8 @@ def main() -> None:
         "protocol_name": args.protocol,
         "protocol_summary": (
             f"{base.model}, {'a subset of the' if base.train_limit else 'all 50,000'} training images, "
-            f"{base.epochs} epochs of batch {base.batch_size}, {base.optimizer.upper()} + {base.schedule} LR, "
+            f"{base.epochs} epochs of batch {base.batch_size}, "
+            f"{base.optimizer.upper()} + {base.schedule} LR, "
             f"density {base.density} ({base.distribution.upper()}), "
             f"mask updates every {base.update_every} steps "
             "(RigL/SET/MEST until 75% of the steps, Chase to the end), Chase channel events every "

@@ -27,6 +27,7 @@ EXPECTED_PARAMS = {
     "cifar_vgg16_bn": 14_724_042,
     "cifar_vgg19_bn": 20_035_018,
     "cifar_mobilenet_v2": 2_236_682,
+    "cifar_vit_tiny": 2_693_578,
 }
 
 

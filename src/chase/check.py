@@ -44,6 +44,8 @@ class CheckReport:
     prunable_groups: int = 0
     prunable_channels: int = 0
     channel_sparsity: float = 0.0
+    head_groups: int = 0  # prunable attention-head groups (prune_heads)
+    heads_removed: int = 0  # head units (key/value heads with their query heads) removed
     params_dense: int = 0
     params_slim: int = 0
     macs_dense: int = 0
@@ -100,11 +102,19 @@ def _classify(e: BaseException) -> str:
     return "refused" if inside else "crash"
 
 
+def _random_like(x: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A random batch like ``x``: normal values, or for integer inputs (token ids) ids below its max + 1."""
+    if x.is_floating_point():
+        return torch.randn(shape, generator=gen, dtype=x.dtype)
+    return torch.randint(0, int(x.max()) + 1, shape, generator=gen, dtype=x.dtype)
+
+
 def check_model(
     build: Callable[[], nn.Module],
     example_inputs: torch.Tensor,
     *,
     prune_skip: bool = False,
+    prune_heads: bool = False,
     channel_sparsity: float = 0.5,
     density: float = 0.2,
     steps: int = 8,
@@ -119,7 +129,7 @@ def check_model(
         build: returns a freshly initialised model; called twice (the trained one, the reload target)
             with the same global seed, so both start identical.
         example_inputs: one input batch (its shape is reused for the random training batches).
-        prune_skip, channel_sparsity, density: Chase options.
+        prune_skip, prune_heads, channel_sparsity, density: Chase options.
         steps: optimizer steps; updates every 2 steps and a channel event every step from step 2 on, so
             the whole channel schedule runs (at least 6 steps).
         batch_size: images per random training batch.
@@ -134,7 +144,7 @@ def check_model(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            options = (prune_skip, channel_sparsity, density, steps, batch_size, lr, seed)
+            options = (prune_skip, prune_heads, channel_sparsity, density, steps, batch_size, lr, seed)
             _run(rep, build, example_inputs, *options)
         if rep.rel_diff > tolerance:
             rep.status, rep.error_type = "crash", "MismatchError"
@@ -154,6 +164,7 @@ def _run(
     build: Callable[[], nn.Module],
     x: torch.Tensor,
     prune_skip: bool,
+    prune_heads: bool,
     channel_sparsity: float,
     density: float,
     steps: int,
@@ -179,6 +190,7 @@ def _run(
         example_inputs=probe,
         channel_sparsity=channel_sparsity,
         prune_skip=prune_skip,
+        prune_heads=prune_heads,
         update_every=2,
         channel_every=1,
     )
@@ -190,7 +202,7 @@ def _run(
     gen = torch.Generator().manual_seed(seed + 1)
     shape = (batch_size, *x.shape[1:])
     for _ in range(steps):
-        batch = torch.randn(shape, generator=gen, dtype=x.dtype)
+        batch = _random_like(x, shape, gen)
         # Any model: a loss that reaches every output (no labels, no assumption of a classifier).
         loss = sum(o.float().pow(2).mean() for o in _tensors(model(batch)))
         loss.backward()
@@ -198,6 +210,9 @@ def _run(
         sp.step()
         opt.zero_grad(set_to_none=True)
     rep.channel_sparsity = sp.channel_sparsity_now()
+    heads = [g for g in sp.groups if g.kind == "heads"]
+    rep.head_groups = len(heads)
+    rep.heads_removed = sum(g.width - sp.pruner.surgery.current_width(g.name) for g in heads)
     rep.seconds_train = time.perf_counter() - t
 
     rep.stage = "export"
@@ -211,7 +226,7 @@ def _run(
     rep.stage = "compare"
     with torch.no_grad():
         rep.macs_slim = count_flops(fresh, probe).dense
-        batch = torch.randn(shape, generator=gen, dtype=x.dtype)
+        batch = _random_like(x, shape, gen)
         ref = _tensors(model(batch))
         for out in (_tensors(slim(batch)), _tensors(fresh(batch))):
             if len(out) != len(ref) or any(a.shape != b.shape for a, b in zip(out, ref)):

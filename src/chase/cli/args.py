@@ -57,6 +57,9 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
     )
     p.add_argument("--prune-skip", action="store_true", help="with --channel-sparsity: prune the skip path")
     p.add_argument(
+        "--prune-heads", action="store_true", help="with --channel-sparsity: also remove attention heads"
+    )
+    p.add_argument(
         "--macs-ratio",
         type=float,
         metavar="R",

@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--channel-sparsity", type=float, default=0.5)
     p.add_argument("--prune-skip", action="store_true", help="also prune residual-stream channels")
+    p.add_argument("--prune-heads", action="store_true", help="also remove whole attention heads")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
 
 
@@ -43,9 +44,11 @@ def run(args: argparse.Namespace) -> int:
         lambda: get_model(args.model, num_classes=args.num_classes),
         torch.randn(2, 3, args.input, args.input),
         prune_skip=args.prune_skip,
+        prune_heads=args.prune_heads,
         channel_sparsity=args.channel_sparsity,
     )
-    print(f"{args.model} (input {args.input}, prune_skip={args.prune_skip}): {report.summary()}")
+    options = f"prune_skip={args.prune_skip}" + (", prune_heads=True" if args.prune_heads else "")
+    print(f"{args.model} (input {args.input}, {options}): {report.summary()}")
     for w in report.warnings:
         print(f"  warning: {w}")
     if args.json:

@@ -15,9 +15,12 @@ class ChannelGraph:
     pruning may act on; ``str(graph)`` is a one-line-per-group summary.
     """
 
-    def __init__(self, groups: list[ChannelGroup], *, prune_skip: bool = False) -> None:
+    def __init__(
+        self, groups: list[ChannelGroup], *, prune_skip: bool = False, prune_heads: bool = False
+    ) -> None:
         self.groups = list(groups)
         self.prune_skip = prune_skip
+        self.prune_heads = prune_heads
         self._by_name = {g.name: g for g in self.groups}
 
     def __iter__(self) -> Iterator[ChannelGroup]:
@@ -40,6 +43,10 @@ class ChannelGraph:
         """Groups whose channels may be removed under the options the graph was built with."""
         return [g for g in self.groups if g.prunable]
 
+    def heads(self) -> list[ChannelGroup]:
+        """Groups of attention heads (``kind="heads"``)."""
+        return [g for g in self.groups if g.kind == "heads"]
+
     def residual(self) -> list[ChannelGroup]:
         """Groups of the residual stream (channels summed by an elementwise add)."""
         return [g for g in self.groups if g.residual]
@@ -53,19 +60,21 @@ class ChannelGraph:
         n_res = len(self.residual())
         lines = [
             f"ChannelGraph: {len(self)} groups, {len(self.prunable())} prunable, {n_res} residual "
-            f"(prune_skip={self.prune_skip})"
+            f"(prune_skip={self.prune_skip}, prune_heads={self.prune_heads})"
         ]
         width = max((len(g.name) for g in self.groups), default=0)
         for g in self.groups:
             mark = "P" if g.prunable else "-"
             flags = ("R" if g.residual else " ") + (" " if g.exact else "~")
-            mods = [m for m in g.modules if m != g.name]
+            mods = [m or "(model)" for m in g.modules if m != g.name]  # "": the model's own parameters
             shown = ", ".join(mods[:max_layers]) + (
                 f", ... (+{len(mods) - max_layers})" if len(mods) > max_layers else ""
             )
             units = f" x{g.unit}" if g.unit > 1 else ""  # grouped-conv units of several channels
+            noun = "heads" if g.kind == "heads" else "ch"
             line = (
-                f"  [{mark}{flags}] {g.name:<{width}} {g.width:>5}{units} ch -> {shown or '(no other layer)'}"
+                f"  [{mark}{flags}] {g.name:<{width}} {g.width:>5}{units} {noun} -> "
+                f"{shown or '(no other layer)'}"
             )
             if not g.prunable:
                 line += f"  | kept: {g.reason}"

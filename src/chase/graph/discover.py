@@ -19,6 +19,7 @@ from torch import nn
 
 from chase.graph import tp_groups
 from chase.graph.channel_graph import ChannelGraph
+from chase.graph.heads import attention_layouts, head_sides, with_head_groups
 from chase.graph.propagate import Reach, propagate
 from chase.graph.rule_base import ChanState
 from chase.graph.trace import Trace, unwrap_model
@@ -50,7 +51,9 @@ _LAYER_TENSORS = {
 }
 
 
-def channel_groups(model: nn.Module, example_inputs: Any, *, prune_skip: bool = False) -> ChannelGraph:
+def channel_groups(
+    model: nn.Module, example_inputs: Any, *, prune_skip: bool = False, prune_heads: bool = False
+) -> ChannelGraph:
     """Discover the channel groups of ``model`` by tracing it on ``example_inputs``.
 
     Args:
@@ -59,6 +62,8 @@ def channel_groups(model: nn.Module, example_inputs: Any, *, prune_skip: bool = 
         example_inputs: a tensor, a tuple/list of positional arguments, or a dict of keyword arguments.
         prune_skip: also allow removing channels of the residual stream (all coupled layers together) and
             channels normalized together by a LayerNorm ("Chase (prune skip)").
+        prune_heads: allow removing whole attention heads (groups of ``kind="heads"``,
+            :mod:`chase.graph.heads`); without it they are listed but kept.
 
     Returns:
         A :class:`ChannelGraph` holding one :class:`ChannelGroup` per coupled set of channels.
@@ -94,13 +99,13 @@ def channel_groups(model: nn.Module, example_inputs: Any, *, prune_skip: bool = 
                 )
                 _restore(modes, buffers)
                 dg, trace = tp_groups.build(model, example_inputs, keep_mode=False)
-            groups = _groups(model, dg, trace, prune_skip)
+            groups = _groups(model, dg, trace, prune_skip, prune_heads)
     finally:
         _restore(modes, buffers)
         _drop_new_hooks(hooks)
     for note in failed:
         log.info("torch-pruning could not map channels through reshape %s: groups through it stay kept", note)
-    graph = ChannelGraph(groups, prune_skip=prune_skip)
+    graph = ChannelGraph(groups, prune_skip=prune_skip, prune_heads=prune_heads)
     log.info(
         "channel groups: %d found, %d prunable (prune_skip=%s)", len(graph), len(graph.prunable()), prune_skip
     )
@@ -140,7 +145,9 @@ def _drop_new_hooks(before: dict[nn.Module, tuple[set[int], set[int]]]) -> None:
             getattr(m, "_forward_pre_hooks_with_kwargs", {}).pop(k, None)
 
 
-def _groups(model: nn.Module, dg: Any, trace: Trace, prune_skip: bool) -> list[ChannelGroup]:
+def _groups(
+    model: nn.Module, dg: Any, trace: Trace, prune_skip: bool, prune_heads: bool
+) -> list[ChannelGroup]:
     modules = dict(model.named_modules())
     names: dict[Any, str] = {m: n for n, m in reversed(list(model.named_modules()))}
     names.update({id(p): n for n, p in reversed(list(model.named_parameters()))})
@@ -148,8 +155,10 @@ def _groups(model: nn.Module, dg: Any, trace: Trace, prune_skip: bool) -> list[C
     for c in trace.calls:
         if c.op in _LAYER_OPS:
             layer_calls.setdefault(c.module, []).append(c.index)
-    done_out: set[str] = set()
-    done_in: set[str] = set()
+    layouts = attention_layouts(model, {c.module for c in trace.calls})
+    skip = head_sides(layouts)
+    done_out: set[str] = {layer for layer, side in skip if side == "out"}
+    done_in: set[str] = {layer for layer, side in skip if side == "in"}
     raw = []
     roots = tp_groups.roots(dg, model)
     for side in ("out", "in"):
@@ -164,6 +173,7 @@ def _groups(model: nn.Module, dg: Any, trace: Trace, prune_skip: bool) -> list[C
     order = {n: i for i, (n, _) in enumerate(roots)}
     raw.sort(key=lambda g: (order[g.root], g.side == "in"))
     groups = [_translate(g, modules, trace, layer_calls, prune_skip) for g in raw]
+    groups = with_head_groups(model, groups, layouts, prune_heads=prune_heads)
     _check_disjoint(groups)
     return groups
 

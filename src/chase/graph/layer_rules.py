@@ -133,5 +133,15 @@ def linear(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) ->
     return Effect({port: st}, role="consumer" if port == 0 else "producer")
 
 
+def embedding(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
+    """``F.embedding(indices, weight)``: the weight's dim 1 becomes the output's last dim."""
+    last = len(call.out_shapes[0]) - 1
+    if port == 1 and st.dim == 1:
+        return Effect({1: st, -1: replace(st, dim=last)})
+    if port == -1 and st.dim == last:
+        return Effect({1: replace(st, dim=1), -1: st})
+    raise Unsupported(f"{call.where()}: the channels are not the embedding width")
+
+
 def mixes(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
     raise Unsupported(f"{call.where()} mixes channels (matrix product / attention)")

@@ -11,7 +11,16 @@ from typing import Optional
 
 from torch import nn
 
-from chase.graph.layer_rules import channel_first, conv, group_norm, layer_norm, linear, mixes, pointwise
+from chase.graph.layer_rules import (
+    channel_first,
+    conv,
+    embedding,
+    group_norm,
+    layer_norm,
+    linear,
+    mixes,
+    pointwise,
+)
 from chase.graph.rule_base import ChanState, Effect, Rule, Unsupported
 from chase.graph.shape_rules import ALONG_DIM, along_dim, cat, expand, getitem, probed, view
 from chase.graph.trace import Call
@@ -69,6 +78,7 @@ RULES: dict[str, Rule] = {
     "layer_norm": layer_norm,
     "rms_norm": layer_norm,
     "linear": linear,
+    "embedding": embedding,
     "getitem": getitem,
 }
 

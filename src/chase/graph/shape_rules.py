@@ -47,6 +47,10 @@ def _probe(call: Call) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return sizes, tuple(_tensors(out)[0].shape)
 
 
+#: reductions that, kept as a size-1 dim, are a per-position statistic of the channels (a norm's).
+STATISTICS = frozenset({"mean", "var", "std", "norm"})
+
+
 def probed(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
     """Reductions and permutations: which output dim (if any) the channel dim becomes."""
     if call.op in ("max", "min") and len(call.inputs) > 1:
@@ -55,6 +59,10 @@ def probed(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) ->
     sizes, out = _probe(call)
     if port == 0:
         if sizes[st.dim] not in out:
+            if call.op in STATISTICS and len(out) == len(sizes) and out[st.dim] == 1:
+                # A statistic over the channels kept for broadcasting back (a hand-written RMSNorm's
+                # mean of squares): like a LayerNorm, removal changes it but the rest still follows.
+                return Effect({0: st}, mixing=f"{call.where()} takes a statistic across channels")
             raise Unsupported(f"{call.where()} reduces over the channel dim")
         return Effect({0: st, **outs(call, replace(st, dim=out.index(sizes[st.dim])))})
     if out[st.dim] not in sizes:

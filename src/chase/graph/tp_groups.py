@@ -266,6 +266,8 @@ def group(dg: Any, names: dict[Any, str], module: nn.Module, side: str) -> TPGro
             else:
                 role = "consumer"
             items.append(Item(names[obj], role, index))
+        elif isinstance(obj, nn.Embedding):  # its weight's dim 1 is the embedding width
+            items.append(Item(f"{names[obj]}.weight" if names[obj] else "weight", "param", index, 1))
         elif isinstance(obj, NORMS):
             if has_channel_tensors(obj):  # PReLU with one slope, norms without affine/stats: nothing to slice
                 items.append(Item(names[obj], "norm", index))

@@ -277,11 +277,15 @@ def trace_model(model: nn.Module, example_inputs: Any, run: Callable[[Callable[[
                 f"channel discovery could not run the model's forward pass; it failed in module '{where}': "
                 f"{type(e).__name__}: {e}"
             ) from e
-        for t in _tensors(out):
+        flat = list(_tensors(out))
+        for t in flat:
             r = rec.ref(t)
             if r.kind == "call":
                 trace.outputs.add((r.ref, r.out))
-        return out
+        # Torch-Pruning walks back from each output's grad_fn and unpacks one level of tuple/list/dict
+        # only: a model output nested deeper (a transformers ModelOutput holding a cache of tuples) is
+        # handed over as the flat list of its tensors that autograd produced.
+        return [t for t in flat if t.grad_fn is not None]
 
     try:
         with torch.enable_grad():

@@ -62,6 +62,10 @@ class ChannelGroup:
         exact: True when zeroing a channel's producer rows and consumer columns is exactly the same function
             as slicing it out. False when a norm mixes channels (a LayerNorm over the channel dim,
             GroupNorm with one group): removal then changes the normalization statistics of the others.
+        kind: ``"channels"``, or ``"heads"`` for the heads of an attention module (one entry per key/value
+            head with the query heads that share it; :mod:`chase.graph.heads`).
+        unit_channels: channels one entry counts as in channel sparsity (a head: its query width);
+            0 when derived from the producers (see :attr:`unit`).
     """
 
     name: str
@@ -72,6 +76,8 @@ class ChannelGroup:
     reason: str = ""
     ops: tuple[str, ...] = field(default=())
     exact: bool = True
+    kind: Literal["channels", "heads"] = "channels"
+    unit_channels: int = 0
 
     @property
     def producers(self) -> tuple[Slot, ...]:
@@ -80,8 +86,10 @@ class ChannelGroup:
 
     @property
     def unit(self) -> int:
-        """Channels removed together as one of the group's ``width`` entries: 1, or a grouped conv's
-        ``groups`` (the same in-group channel of every conv group goes at once)."""
+        """Channels removed together as one of the group's ``width`` entries: 1, a grouped conv's
+        ``groups`` (the same in-group channel of every conv group goes at once), or a head's width."""
+        if self.unit_channels:
+            return self.unit_channels
         producers = self.producers
         return int(producers[0].index.shape[1]) if producers else 1
 
@@ -94,7 +102,10 @@ class ChannelGroup:
         state = "prunable" if self.prunable else f"kept ({self.reason})"
         kind = "residual " if self.residual else ""
         units = f" (units of {self.unit} channels)" if self.unit > 1 else ""
-        lines = [f"ChannelGroup {self.name!r}: {self.width} channels{units}, {kind}{state}"]
+        if self.kind == "heads":
+            units = f" heads (units of {self.unit} channels)"
+        noun = "" if self.kind == "heads" else " channels"
+        lines = [f"ChannelGroup {self.name!r}: {self.width}{noun}{units}, {kind}{state}"]
         for s in self.slots:
             lines.append(f"    {s.role:<9} {s.tensor} [dim {s.dim}]")
         return "\n".join(lines)

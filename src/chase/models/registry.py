@@ -102,9 +102,9 @@ def get_model(name: str, num_classes: int, *, pretrained: bool = False, **kwargs
 
     Args:
         name: a CIFAR zoo name (``cifar_resnet20/32/56``, ``cifar_resnet18/34/50``, ``cifar_vgg16_bn``,
-            ``cifar_vgg19_bn``, ``cifar_mobilenet_v2``, ``cifar_vit_tiny``; 32x32 inputs), a torchvision classification model
-            name (``resnet50``, ``vgg16_bn``, ...; built with ``weights=None``), or ``timm:<name>`` for a timm
-            model (``pretrained=False``; timm must be installed).
+            ``cifar_vgg19_bn``, ``cifar_mobilenet_v2``, ``cifar_vit_tiny``; 32x32 inputs), a torchvision
+            classification model name (``resnet50``, ``vgg16_bn``, ...; built with ``weights=None``), or
+            ``timm:<name>`` for a timm model (``pretrained=False``; timm must be installed).
         num_classes: size of the classifier output.
         pretrained: load the published weights (torchvision's ``DEFAULT`` weights, which need
             ``num_classes=1000``; timm's ``pretrained=True``); they are downloaded, so this needs network.

@@ -17,6 +17,21 @@ def matches(name: str, patterns: Iterable[str]) -> list[str]:
     return [p for p in patterns if fnmatch.fnmatchcase(name, p)]
 
 
+#: The projection weights of ``nn.MultiheadAttention`` (it calls them through the functional API, so they
+#: are not Linear layers): sparse with the Linear layers, so attention is as sparse as the MLPs.
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _sparse_weights(module: nn.Module, sparse_types: tuple[type[nn.Module], ...]) -> list[str]:
+    """Names of ``module``'s own weights that are sparse (``weight`` of a sparse-type layer, the input
+    projections of a MultiheadAttention when Linear is a sparse type)."""
+    if isinstance(module, sparse_types):
+        return ["weight"] if isinstance(getattr(module, "weight", None), nn.Parameter) else []
+    if isinstance(module, nn.MultiheadAttention) and nn.Linear in sparse_types:
+        return [a for a in ATTENTION_WEIGHTS if isinstance(getattr(module, a, None), nn.Parameter)]
+    return []
+
+
 def find_sparse_params(
     model: nn.Module,
     *,
@@ -30,7 +45,8 @@ def find_sparse_params(
         dense_layers: glob patterns (``fnmatch``) matched against module names (``"conv1"``,
             ``"features.0"``, ``"layer*.0.downsample.0"``) or parameter names (``"fc.weight"``); a
             matching layer stays dense. Each pattern must match at least one sparse-type layer.
-        sparse_types: module types whose ``weight`` is sparsified.
+        sparse_types: module types whose ``weight`` is sparsified (with ``nn.Linear``, also the input
+            projections of ``nn.MultiheadAttention``: ``"encoder.layers.0.self_attention.in_proj_weight"``).
 
     A weight shared by several layers (tied weights) is returned once, under its first name.
 
@@ -42,18 +58,17 @@ def find_sparse_params(
     seen: set[int] = set()
     candidates = 0
     for mod_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, tuple(sparse_types)) or not isinstance(weight, nn.Parameter):
-            continue
-        if id(weight) in seen:  # a tied weight (shared by two layers) has one mask, under its first name
-            continue
-        seen.add(id(weight))
-        candidates += 1
-        name = f"{mod_name}.weight" if mod_name else "weight"
-        hits = matches(mod_name, dense_layers) + matches(name, dense_layers)
-        used.update(hits)
-        if not hits:
-            found[name] = weight
+        for local in _sparse_weights(module, tuple(sparse_types)):
+            weight = getattr(module, local)
+            if id(weight) in seen:  # a tied weight (shared by two layers) has one mask, under its first name
+                continue
+            seen.add(id(weight))
+            candidates += 1
+            name = f"{mod_name}.{local}" if mod_name else local
+            hits = matches(mod_name, dense_layers) + matches(name, dense_layers)
+            used.update(hits)
+            if not hits:
+                found[name] = weight
     unused = [p for p in dense_layers if p not in used]
     if unused:
         raise ValueError(

@@ -107,7 +107,8 @@ class ChannelPruner:
         module: the (unwrapped) model.
         example_inputs: an input batch on the model's device and dtype, used to trace the groups.
         params: the weights that are scored (name -> parameter), usually the sparse layers.
-        channel_sparsity, min_channel_ratio, prune_skip, keep_channels, removal: as for :class:`~chase.Chase`.
+        channel_sparsity, min_channel_ratio, prune_skip, prune_heads, keep_channels, removal: as for
+            :class:`~chase.Chase`.
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class ChannelPruner:
         channel_sparsity: float,
         min_channel_ratio: float = 0.2,
         prune_skip: bool = False,
+        prune_heads: bool = False,
         keep_channels: Sequence[str] = (),
         removal: str = "physical",
         channel_multiple: int = 1,
@@ -128,7 +130,9 @@ class ChannelPruner:
         self.channel_multiple = int(channel_multiple)
         #: the measured latency table ``target="latency"`` predicts with (set by its user).
         self.latency: Optional[LatencyTable] = None
-        self.graph: ChannelGraph = channel_groups(module, example_inputs, prune_skip=prune_skip)
+        self.graph: ChannelGraph = channel_groups(
+            module, example_inputs, prune_skip=prune_skip, prune_heads=prune_heads
+        )
         groups = [g for g in self.graph.prunable() if any(s.tensor in params for s in g.producers)]
         self.groups = _without_kept(groups, keep_channels)
         inexact = [g.name for g in self.groups if not g.exact]
@@ -426,6 +430,7 @@ def prune_channels(
     masks: Optional[Mapping[str, torch.Tensor]] = None,
     min_channel_ratio: float = 0.2,
     prune_skip: bool = False,
+    prune_heads: bool = False,
     keep_channels: Sequence[str] = (),
     channel_score: str = "umm",
     dense_layers: Sequence[str] = (),
@@ -447,7 +452,8 @@ def prune_channels(
     ``target="macs"`` (``"params"``) channels go, lowest score first, until the model's MACs per example
     (parameters) are at most ``macs_ratio`` (``params_ratio``) of what they were, or with
     ``target="latency"`` until the time ``latency_table`` predicts is ``latency_ratio`` of the dense
-    model's; ``channel_sparsity`` then only sets the floors.
+    model's; ``channel_sparsity`` then only sets the floors. ``prune_heads`` also removes whole attention
+    heads (see :class:`~chase.Chase`).
     """
     check_channel_options(
         channel_sparsity=channel_sparsity,
@@ -481,6 +487,7 @@ def prune_channels(
         channel_sparsity=channel_sparsity,
         min_channel_ratio=min_channel_ratio,
         prune_skip=prune_skip,
+        prune_heads=prune_heads,
         keep_channels=keep_channels,
         channel_multiple=channel_multiple,
     )

@@ -56,6 +56,9 @@ class Chase(Sparsifier):
             the last event freed).
         min_channel_ratio: the paper's beta: a layer keeps at least ``int(C (1 - S_c) beta)`` channels.
         prune_skip: also prune residual-stream channels (all coupled layers together).
+        prune_heads: also remove whole attention heads (query, key and value rows and the output
+            projection's columns; with grouped-query attention a key/value head and its query heads), scored
+            by UMM over the head's rows; a head counts as its query width in ``channel_sparsity``.
         keep_channels: fnmatch patterns of layers (module or parameter names, as ``dense_layers``) whose
             output channels are never pruned: their whole channel group leaves the prunable set, and
             ``channel_sparsity`` counts the remaining groups only. The paper keeps the stem of ResNet-50
@@ -100,6 +103,7 @@ class Chase(Sparsifier):
         channel_end: int | None = None,
         min_channel_ratio: float = 0.2,
         prune_skip: bool = False,
+        prune_heads: bool = False,
         keep_channels: Sequence[str] = (),
         removal: str = "physical",
         channel_score: str = "umm",
@@ -136,6 +140,7 @@ class Chase(Sparsifier):
         self.channel_every = int(channel_every)
         self.min_channel_ratio = float(min_channel_ratio)
         self.prune_skip = prune_skip
+        self.prune_heads = bool(prune_heads)
         self.removal = removal
         self.channel_score = channel_score
         self.keep_channels = tuple(keep_channels)
@@ -179,6 +184,7 @@ class Chase(Sparsifier):
             channel_sparsity=self.channel_sparsity,
             min_channel_ratio=self.min_channel_ratio,
             prune_skip=self.prune_skip,
+            prune_heads=self.prune_heads,
             keep_channels=self.keep_channels,
             removal=self.removal,
             channel_multiple=self.channel_multiple,

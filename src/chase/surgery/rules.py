@@ -162,6 +162,8 @@ SIZE_NAMES = frozenset(
         "in_channels",
         "out_channels",
         "hidden_dim",
+        "hidden_size",
+        "head_hidden_size",
         "embed_dim",
         "width",
         "planes",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chase.surgery.attention import attention_attributes, attention_modules
 from chase.surgery.rules import apply_attributes, new_attributes
 
 logger = logging.getLogger(__name__)
@@ -79,18 +80,36 @@ def _resolve(model: nn.Module, keep: Keep) -> list[_Target]:
     return targets
 
 
-def _plan_attributes(targets: list[_Target]) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
-    """New attributes of every affected module, from its tensors' future shapes (raises, mutates nothing)."""
+def _plan_attributes(model: nn.Module, targets: list[_Target]) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+    """New attributes of every affected module, from its tensors' future shapes (raises, mutates nothing).
+
+    Attention modules above a sliced tensor get theirs from their head layout (their head count lives in
+    Python attributes, their projections may be child layers); every other module from the rule table.
+    """
     new_shapes: dict[str, dict[str, torch.Size]] = {}
     modules: dict[str, nn.Module] = {}
+    planned: dict[str, torch.Size] = {}
     for t in targets:
         shape = list(t.tensor.shape)
         for d, k in t.dims.items():
             shape[d] = k.numel()
         new_shapes.setdefault(t.module_name, {})[t.local] = torch.Size(shape)
+        planned[t.name] = torch.Size(shape)
         modules[t.module_name] = t.module
+    attention = attention_modules(model, list(planned))
+
+    def shape_of(name: str) -> torch.Size:
+        return planned[name] if name in planned else model.get_parameter(name).shape
+
     plans = {}
+    for name, (module, layout) in attention.items():
+        try:
+            plans[name] = (module, attention_attributes(module, layout, shape_of))
+        except ValueError as e:
+            raise ValueError(f"cannot remove heads of attention layer {name!r}: {e}") from e
     for module_name, module in modules.items():
+        if module_name in plans:
+            continue
         shapes = {n: p.shape for n, p in module._parameters.items() if p is not None}
         shapes.update({n: b.shape for n, b in module._buffers.items() if b is not None})
         shapes.update(new_shapes[module_name])
@@ -113,7 +132,7 @@ def _drop_grad_accumulator(param: torch.Tensor) -> None:
 
 def check_attributes(model: nn.Module, keep: Keep) -> None:
     """Raise the ValueError :func:`slice_tensors` would raise for ``keep``, changing nothing."""
-    _plan_attributes(_resolve(model, keep))
+    _plan_attributes(model, _resolve(model, keep))
 
 
 def slice_tensors(
@@ -131,7 +150,7 @@ def slice_tensors(
     Each tensor is sliced once per dim. Module attributes are then fixed by the rule table.
     """
     targets = _resolve(model, keep)
-    attributes = _plan_attributes(targets)  # may raise: nothing has been mutated yet
+    attributes = _plan_attributes(model, targets)  # may raise: nothing has been mutated yet
     opt_state = optimizer.state if optimizer is not None else {}
     changed: set[str] = set()
     for t in targets:

@@ -154,6 +154,7 @@ class TrainConfig:
         None, "chase: a layer keeps at least C (1 - S_c) beta channels (beta); null: 0.2"
     )
     prune_skip: bool = _opt(False, "chase: also prune residual-stream channels")
+    prune_heads: bool = _opt(False, "chase: also remove whole attention heads")
     keep_channels: list[str] = field(
         default_factory=list,
         metadata={"help": "chase: fnmatch patterns of layers whose output channels are never pruned"},

@@ -68,6 +68,7 @@ def build_sparsifier(
             kw["channel_every"] = steps(cfg.channel_every_epochs)
         kw["channel_end"] = steps(cfg.channel_end_epoch) if cfg.channel_end_epoch > 0 else None
         kw["prune_skip"] = cfg.prune_skip
+        kw["prune_heads"] = cfg.prune_heads
         kw["keep_channels"] = list(cfg.keep_channels)
         # Channel groups are traced once from an example input; its values do not matter, and a private
         # generator keeps the global RNG (data augmentation, dropout) untouched.
