@@ -4,13 +4,15 @@ training, and does the exported model reload with the same outputs?
 For torchvision's ViT-B/16 and Swin-T, timm's DeiT-Tiny, DeiT-Small, ViT-Tiny and ViT-Small (224) and
 Swin-T, and a small Llama-style decoder built with ``transformers`` from a config (RMSNorm, rotary
 embeddings, SwiGLU, grouped-query attention: 8 query heads sharing 2 key/value heads), with
-``prune_heads`` on and ``prune_skip`` off: ``chase.check.check_model`` trains 6 steps on random data with
-a channel event each step from step 2 (S_c 0.5), exports, reloads into a fresh model and compares the
-outputs in eval mode (the Llama model through a small wrapper that returns its logits, with token ids
-as input). Reported per model: status, prunable groups and head groups (after the shape dry run), the
-head units removed, parameter ratio of the slim model, largest relative output difference, seconds.
+``prune_heads`` on and ``prune_skip`` off, twice (MLP neurons and heads; heads only, the MLP groups kept
+with ``keep_channels`` so that the channel budget must come from the heads): ``chase.check.check_model``
+trains 6 steps on random data with a channel event each step from step 2 (S_c 0.5), exports, reloads
+into a fresh model and compares the outputs in eval mode (the Llama model through a small wrapper that
+returns its logits, with token ids as input). Reported per model: status, prunable groups and head
+groups (after the shape dry run), the head units removed, parameter ratio of the slim model, largest
+relative output difference, seconds.
 
-    python benchmarks/heads_models.py                       # about 10 minutes on 2 cores
+    python benchmarks/heads_models.py                       # about 6 minutes on 2 cores
     python benchmarks/heads_models.py --only timm:deit_tiny_patch16_224 --out /tmp/heads
 """
 
@@ -29,16 +31,17 @@ import common
 from chase.check import check_model
 from chase.models import get_model
 
-MODELS = [
-    "vit_b_16",
-    "swin_t",
-    "timm:deit_tiny_patch16_224",
-    "timm:deit_small_patch16_224",
-    "timm:vit_tiny_patch16_224",
-    "timm:vit_small_patch16_224",
-    "timm:swin_tiny_patch4_window7_224",
-    "llama_gqa",
-]
+#: model -> the pattern of its MLP groups, kept in the "heads only" runs so the budget must come from heads.
+MODELS = {
+    "vit_b_16": "*mlp.0",
+    "swin_t": "*mlp.0",
+    "timm:deit_tiny_patch16_224": "*mlp.fc1",
+    "timm:deit_small_patch16_224": "*mlp.fc1",
+    "timm:vit_tiny_patch16_224": "*mlp.fc1",
+    "timm:vit_small_patch16_224": "*mlp.fc1",
+    "timm:swin_tiny_patch4_window7_224": "*mlp.fc1",
+    "llama_gqa": "*gate_proj",
+}
 
 
 class LlamaLogits(nn.Module):
@@ -70,11 +73,13 @@ def _case(name: str) -> tuple[Callable[[], nn.Module], torch.Tensor]:
     return (lambda: get_model(name, num_classes=10)), torch.randn(2, 3, 224, 224)
 
 
-def run_one(name: str) -> dict[str, Any]:
+def run_one(name: str, heads_only: bool) -> dict[str, Any]:
     build, x = _case(name)
+    keep = [MODELS[name]] if heads_only else []
     t = time.perf_counter()
-    report = check_model(build, x, prune_heads=True, steps=6)
-    return {"model": name, "seconds": time.perf_counter() - t, **report.to_dict()}
+    report = check_model(build, x, prune_heads=True, keep_channels=keep, steps=6)
+    row = {"model": name, "pruned": "heads only" if heads_only else "neurons + heads", "keep_channels": keep}
+    return {**row, "seconds": time.perf_counter() - t, **report.to_dict()}
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -82,20 +87,23 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Attention heads removed while training: the issue-15 model list",
         "",
+        "Each model twice: MLP neurons and heads compete for the channel budget (`neurons + heads`), and the "
+        "MLP groups kept with `keep_channels` so that the budget must come from the heads (`heads only`).",
+        "",
         f"{m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, {m['date']}. "
         "`chase.check.check_model` with `prune_heads=True`, `prune_skip=False`, S_c 0.5, density 0.2, "
         "6 steps on random data (a channel "
         "event every step from step 2), export, reload into a fresh model, outputs compared in eval mode.",
         "",
-        "| model | status | prunable groups | head groups | head units removed | params slim / dense | "
-        "max rel. diff | seconds | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | pruned | status | prunable groups | head groups | head units removed | "
+        "params slim / dense | max rel. diff | seconds | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         ratio = r["params_slim"] / r["params_dense"] if r.get("params_dense") else float("nan")
         note = (r.get("error") or "")[:120] or "; ".join(w[:160] for w in r.get("warnings", [])[:1])
         lines.append(
-            f"| {r['model']} | {r['status']} | {r.get('prunable_groups', '-')} | "
+            f"| {r['model']} | {r['pruned']} | {r['status']} | {r.get('prunable_groups', '-')} | "
             f"{r.get('head_groups', '-')} | "
             f"{r.get('heads_removed', '-')} | {ratio:.3f} | "
             f"{r.get('rel_diff', float('nan')):.1e} | {r['seconds']:.0f} | {note} |"
@@ -111,12 +119,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    names = [n for n in args.only.split(",") if n] or MODELS
+    names = [n for n in args.only.split(",") if n] or list(MODELS)
     payload: dict[str, Any] = {"machine": common.machine("cpu"), "rows": []}
     for name in names:
-        payload["rows"].append(run_one(name))
-        common.write("heads_models", payload, markdown(payload), folder=pathlib.Path(args.out))
-        print(markdown(payload).splitlines()[-1], flush=True)
+        for heads_only in (False, True):
+            payload["rows"].append(run_one(name, heads_only))
+            common.write("heads_models", payload, markdown(payload), folder=pathlib.Path(args.out))
+            print(markdown(payload).splitlines()[-1], flush=True)
 
 
 if __name__ == "__main__":

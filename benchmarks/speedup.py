@@ -67,6 +67,7 @@ def measure(
     device: str = "cpu",
     dtypes=("fp32",),
     channels_last: bool = False,
+    prune_heads: bool = False,
 ) -> dict:
     """Dense and every slim width of one model, timed round robin in one ``benchmark`` call."""
     torch.manual_seed(0)
@@ -76,7 +77,7 @@ def measure(
     configs = {}
     for s in sparsities:
         for skip in (False, True):
-            models[_label(s, skip)] = untrained_slim(dense, x, s, prune_skip=skip)
+            models[_label(s, skip)] = untrained_slim(dense, x, s, prune_skip=skip, prune_heads=prune_heads)
             configs[_label(s, skip)] = (s, skip)
     macs = {k: count_flops(m, x).dense for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
@@ -107,6 +108,7 @@ def measure(
                         "input": size,
                         "channel_sparsity": s,
                         "prune_skip": skip,
+                        "prune_heads": prune_heads,
                         "dtype": dtype,
                         "channels_last": channels_last,
                         "batch": batch,
@@ -144,13 +146,14 @@ def markdown(payload: dict) -> str:
         f"**Slim = {SLIM_NOTE}.** FLOPs ratio = slim MACs / dense MACs (GPU-supported FLOPs, "
         "`chase.count_flops`); implied = 1 / ratio; within 20% = |realised / implied - 1| <= 0.2.",
         "",
-        "| model | input | S_c | prune_skip | dtype | batch | dense img/s | slim img/s | dense ms | "
+        "| model | input | S_c | prune_skip | heads | dtype | batch | dense img/s | slim img/s | dense ms | "
         "slim ms | speedup | FLOPs ratio | implied | realised/implied | within 20% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['input']} | {r['channel_sparsity']} | {r['prune_skip']} | {r['dtype']} | "
+            f"| {r['model']} | {r['input']} | {r['channel_sparsity']} | {r['prune_skip']} | "
+            f"{r.get('prune_heads', False)} | {r['dtype']} | "
             f"{r['batch']} | {r['dense_images_s']:.1f} | {r['slim_images_s']:.1f} | "
             f"{r['dense_latency_ms']:.2f} | {r['slim_latency_ms']:.2f} | {r['speedup']:.2f}x | "
             f"{r['flops_ratio']:.3f} | {r['flops_implied_speedup']:.2f}x | "
@@ -186,6 +189,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32", help="comma-separated from fp32,bf16,fp16 (default fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--channels-last", action="store_true", help="time channels_last models and inputs")
+    p.add_argument("--prune-heads", action="store_true", help="slim widths remove attention heads too")
     p.add_argument("--out", default=str(RESULTS), help="folder for the result files")
     p.add_argument("--stem", default=None, help="result file name (default speedup, quick speedup_quick)")
     args = p.parse_args()
@@ -226,7 +230,16 @@ def main() -> None:
     }
     for name, size in table.items():
         r = measure(
-            name, size, sparsities, batch_sizes, repeats, warmup, args.device, dtypes, args.channels_last
+            name,
+            size,
+            sparsities,
+            batch_sizes,
+            repeats,
+            warmup,
+            args.device,
+            dtypes,
+            args.channels_last,
+            args.prune_heads,
         )
         payload["rows"] += r["rows"]
         payload["bench"][name] = r["bench"]

@@ -16,7 +16,7 @@ import pathlib
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -115,6 +115,7 @@ def check_model(
     *,
     prune_skip: bool = False,
     prune_heads: bool = False,
+    keep_channels: Sequence[str] = (),
     channel_sparsity: float = 0.5,
     density: float = 0.2,
     steps: int = 8,
@@ -129,7 +130,7 @@ def check_model(
         build: returns a freshly initialised model; called twice (the trained one, the reload target)
             with the same global seed, so both start identical.
         example_inputs: one input batch (its shape is reused for the random training batches).
-        prune_skip, prune_heads, channel_sparsity, density: Chase options.
+        prune_skip, prune_heads, keep_channels, channel_sparsity, density: Chase options.
         steps: optimizer steps; updates every 2 steps and a channel event every step from step 2 on, so
             the whole channel schedule runs (at least 6 steps).
         batch_size: images per random training batch.
@@ -144,8 +145,8 @@ def check_model(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            options = (prune_skip, prune_heads, channel_sparsity, density, steps, batch_size, lr, seed)
-            _run(rep, build, example_inputs, *options)
+            options = (prune_skip, prune_heads, keep_channels, channel_sparsity, density)
+            _run(rep, build, example_inputs, *options, steps, batch_size, lr, seed)
         if rep.rel_diff > tolerance:
             rep.status, rep.error_type = "crash", "MismatchError"
             rep.error = f"the reloaded slim model differs from the trained one (relative {rep.rel_diff:.2e})"
@@ -165,6 +166,7 @@ def _run(
     x: torch.Tensor,
     prune_skip: bool,
     prune_heads: bool,
+    keep_channels: Sequence[str],
     channel_sparsity: float,
     density: float,
     steps: int,
@@ -191,6 +193,7 @@ def _run(
         channel_sparsity=channel_sparsity,
         prune_skip=prune_skip,
         prune_heads=prune_heads,
+        keep_channels=keep_channels,
         update_every=2,
         channel_every=1,
     )
