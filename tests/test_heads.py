@@ -13,7 +13,7 @@ from torch import nn
 import chase
 from chase.graph.heads import HEADS_REASON, head_layout
 from chase.slim import load_slim, make_slim
-from chase.surgery.attention import MultiheadAttentionAnyWidth
+from chase.surgery.attention import MultiheadAttentionAnyWidth, window_any_width
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -43,6 +43,12 @@ def _timm_swin() -> nn.Module:
     )
 
 
+def _tv_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([4, 4], 32, [1, 1], [2, 4], [7, 7], num_classes=10)
+
+
 class _Logits(nn.Module):
     """A Llama-style causal LM (transformers, built from a config: no weights) returning its logits."""
 
@@ -70,6 +76,7 @@ MODELS = {
     "timm_vit": (_timm_vit, IMAGE, 4, 16, "*mlp.fc1"),
     "torchvision_vit": (_tv_vit, IMAGE, 4, 16, "*mlp.0"),
     "timm_swin": (_timm_swin, torch.randn(2, 3, 56, 56), 2, 16, "*mlp.fc1"),
+    "torchvision_swin": (_tv_swin, torch.randn(2, 3, 56, 56), 2, 16, "*mlp.0"),
     "llama_gqa": (_Logits, torch.randint(0, 64, (2, 12)), 2, 32, "*gate_proj"),
 }
 
@@ -159,6 +166,21 @@ def test_embedding_width_goes_under_prune_skip(name: str) -> None:
     reloaded = load_slim(fresh, make_slim(model, history=result.history)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+@pytest.mark.parametrize("size", [14, 10, 7])
+def test_any_width_window_attention_matches_torchvision(shift: int, size: int) -> None:
+    """The window forward heads are removed with equals torchvision's at full width (padding, shift)."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    torch.manual_seed(0)
+    ref = ShiftedWindowAttention(32, [7, 7], [shift, shift], 4).eval()
+    ours = copy.deepcopy(ref)
+    ours.__class__ = window_any_width(type(ref))
+    x = torch.randn(2, size, size, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def _mha_pair(batch_first: bool) -> tuple[nn.MultiheadAttention, nn.MultiheadAttention]:

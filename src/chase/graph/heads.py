@@ -11,7 +11,10 @@ whose entries are those units. Three layouts are known:
 - ``packed``: ``torch.nn.MultiheadAttention`` with one ``in_proj_weight`` (query, key and value rows
   stacked) and an ``out_proj`` (torchvision's ViT);
 - ``fused``: a module with ``qkv`` and ``proj`` linear layers and an int ``num_heads`` (timm's
-  ``Attention``, its Swin window attention with the bias table);
+  ``Attention``, its Swin window attention with the bias table); ``window`` is the same layout in a
+  shifted-window attention that has no ``head_dim`` but a ``shift_size``, a
+  ``relative_position_bias_table`` and a ``get_relative_position_bias()`` (torchvision's Swin): its
+  forward derives the head size from the embedding width, so surgery gives it one that does not;
 - ``split``: ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (or ``out_proj``) linear layers and an int
   ``head_dim`` (Llama-style models from ``transformers``, grouped-query attention included).
 
@@ -177,8 +180,20 @@ def _fused(name: str, m: nn.Module) -> Optional[HeadLayout]:
     extra = _per_head(p, m, heads, inner, ())
     if extra is None:
         return None
-    return HeadLayout(
-        name, "fused", heads, heads, head_dim, (*blocks, *extra), (f"{p}qkv.weight", 3 * head_dim)
+    kind = "window" if _window(m) else "fused"
+    return HeadLayout(name, kind, heads, heads, head_dim, (*blocks, *extra), (f"{p}qkv.weight", 3 * head_dim))
+
+
+def _window(m: nn.Module) -> bool:
+    """A shifted-window attention that keeps no head size of its own (see the module docstring)."""
+    table = getattr(m, "relative_position_bias_table", None)
+    return (
+        isinstance(table, nn.Parameter)
+        and callable(getattr(m, "get_relative_position_bias", None))
+        and getattr(m, "shift_size", None) is not None
+        and getattr(m, "window_size", None) is not None
+        and not hasattr(m, "head_dim")
+        and not hasattr(m, "logit_scale")
     )
 
 

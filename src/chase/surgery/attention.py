@@ -9,7 +9,10 @@ module has them).
 ``torch.nn.MultiheadAttention`` computes its attention in ``F.multi_head_attention_forward``, which
 requires ``num_heads * head_dim == embed_dim``: once heads or the embedding width are removed that no
 longer holds, so the module becomes a :class:`MultiheadAttentionAnyWidth` (its subclass, same parameters
-and state-dict keys) whose forward does the same computation without that constraint.
+and state-dict keys) whose forward does the same computation without that constraint. A shifted-window
+attention of the ``window`` layout (torchvision's Swin) likewise becomes a subclass of its own class whose
+forward is :func:`window_attention`; that subclass is made at run time, so a model holding one is saved
+as a state dict or a slim file (``chase.slim``), not pickled whole.
 """
 
 from __future__ import annotations
@@ -114,6 +117,93 @@ def _merged_mask(
     return mask
 
 
+def _region_slices(size: int, window: int, shift: int) -> tuple[tuple[int, int], ...]:
+    """The three bands of a shifted map along one axis: windows that stay whole, and the two parts of the
+    windows the cyclic shift puts together."""
+    return ((0, size - window), (size - window, size - shift), (size - shift, size))
+
+
+def window_attention(
+    x: torch.Tensor,
+    qkv: nn.Linear,
+    proj: nn.Linear,
+    bias: torch.Tensor,
+    window: tuple[int, int],
+    shift: tuple[int, int],
+    heads: int,
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """(Shifted) window attention of Swin (Liu et al. 2021) on ``x`` [B, H, W, C], where the heads need
+    not fill ``C``: the head size is ``qkv``'s width over ``3 * heads``. ``bias`` is the relative position
+    bias [1, heads, N, N] of one window of N positions. Pads to whole windows, shifts cyclically, masks
+    attention between positions the shift brought together, and undoes all of it."""
+    batch, height, width, channels = x.shape
+    wh, ww = window
+    x = F.pad(x, (0, 0, 0, (-width) % ww, 0, (-height) % wh))
+    hp, wp = x.shape[1:3]
+    sh, sw = (0 if wh >= hp else shift[0]), (0 if ww >= wp else shift[1])  # one window: nothing to shift
+    if sh or sw:
+        x = x.roll((-sh, -sw), (1, 2))
+    nh, nw, n = hp // wh, wp // ww, wh * ww
+    windows = x.reshape(batch, nh, wh, nw, ww, channels).permute(0, 1, 3, 2, 4, 5).reshape(-1, n, channels)
+    head_dim = qkv.out_features // (3 * heads)
+    q, k, v = (
+        F.linear(windows, qkv.weight, qkv.bias).reshape(-1, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    )
+    attn = (q * head_dim**-0.5) @ k.transpose(-2, -1) + bias
+    if sh or sw:
+        region = x.new_zeros(hp, wp)
+        bands = [(h, w) for h in _region_slices(hp, wh, sh) for w in _region_slices(wp, ww, sw)]
+        for i, ((h0, h1), (w0, w1)) in enumerate(bands):
+            region[h0:h1, w0:w1] = i
+        ids = region.reshape(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, n)
+        mask = (ids[:, None, :] != ids[:, :, None]).to(attn.dtype) * -100.0  # as the paper's code
+        attn = (attn.view(batch, nh * nw, heads, n, n) + mask[None, :, None]).view(-1, heads, n, n)
+    attn = F.dropout(attn.softmax(-1), attention_dropout, training)
+    out = (attn @ v).transpose(1, 2).reshape(-1, n, heads * head_dim)
+    out = F.dropout(F.linear(out, proj.weight, proj.bias), dropout, training)
+    out = (
+        out.reshape(batch, nh, nw, wh, ww, channels)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(batch, hp, wp, channels)
+    )
+    if sh or sw:
+        out = out.roll((sh, sw), (1, 2))
+    return out[:, :height, :width].contiguous()
+
+
+def _window_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return window_attention(
+        x,
+        self.qkv,
+        self.proj,
+        self.get_relative_position_bias(),
+        tuple(self.window_size),
+        tuple(self.shift_size),
+        self.num_heads,
+        float(getattr(self, "attention_dropout", 0.0)),
+        float(getattr(self, "dropout", 0.0)),
+        self.training,
+    )
+
+
+_ANY_WIDTH: dict[type, type] = {}
+
+
+def window_any_width(base: type) -> type:
+    """The subclass of ``base`` (a ``window``-layout attention class) whose forward is
+    :func:`window_attention` (one per class, made once)."""
+    if base in _ANY_WIDTH.values():
+        return base
+    if base not in _ANY_WIDTH:
+        cls = type(f"{base.__name__}AnyWidth", (base,), {"forward": _window_forward, "__module__": __name__})
+        cls.__doc__ = f"{base.__name__} whose heads need not fill its width (chase.surgery.attention)."
+        _ANY_WIDTH[base] = cls
+    return _ANY_WIDTH[base]
+
+
 def _heads(layout: HeadLayout, shape_of: ShapeOf) -> tuple[int, int]:
     tensor, rows = layout.count
     heads = shape_of(tensor)[0] // rows
@@ -135,6 +225,11 @@ def attention_attributes(module: nn.Module, layout: HeadLayout, shape_of: ShapeO
         attrs["num_key_value_heads"] = kv_heads
     if isinstance(getattr(module, "attn_dim", None), int):
         attrs["attn_dim"] = heads * layout.head_dim
+    if layout.kind == "window":
+        prefix = f"{layout.module}." if layout.module else ""
+        embed = shape_of(f"{prefix}qkv.weight")[1]
+        if heads * layout.head_dim != embed or type(module) in _ANY_WIDTH.values():
+            attrs["__class__"] = window_any_width(type(module))
     if layout.kind == "packed":
         prefix = f"{layout.module}." if layout.module else ""
         embed = shape_of(f"{prefix}in_proj_weight")[1]
