@@ -262,3 +262,28 @@ def test_heads_onnx_export_matches(tmp_path) -> None:
         assert any(isinstance(m, MultiheadAttentionAnyWidth) for m in model.modules()) or build is _timm_vit
         path = export_onnx(model, IMAGE[:1], tmp_path / f"{build.__name__}.onnx")
         check_onnx(path, model, torch.randn(2, 3, 32, 32))
+
+
+def test_latency_table_profiles_heads_and_chase_uses_it() -> None:
+    from chase.profile import profile_latency
+
+    torch.manual_seed(0)
+    model = _timm_vit()
+    table = profile_latency(model, IMAGE[:1], prune_heads=True, fractions=(0.5,), repeats=1, warmup=0)
+    assert {"blocks.0.attn:heads", "blocks.1.attn:heads"} <= set(table.groups)
+    assert table.meta["prune_heads"] is True
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sp = chase.Chase(
+        model,
+        opt,
+        density=0.3,
+        total_steps=6,
+        example_inputs=IMAGE[:1],
+        prune_heads=True,
+        target="latency",
+        latency_ratio=0.7,
+        latency_table=table,
+        update_every=2,
+        channel_every=1,
+    )
+    assert any(g.kind == "heads" for g in sp.groups)

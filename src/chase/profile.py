@@ -35,6 +35,7 @@ def profile_latency(
     example_inputs: torch.Tensor,
     *,
     prune_skip: bool = False,
+    prune_heads: bool = False,
     keep_channels: Sequence[str] = (),
     fractions: Sequence[float] = (0.25, 0.5, 0.75),
     dtype: str = "fp32",
@@ -45,7 +46,8 @@ def profile_latency(
 ) -> LatencyTable:
     """Time ``model`` on ``example_inputs`` (their batch size and device) dense, then with each prunable
     group alone narrowed to ``fractions`` of its width (the group's last channels removed: the time does
-    not depend on which). The groups are Chase's for the same ``prune_skip``/``keep_channels``."""
+    not depend on which). The groups are Chase's for the same ``prune_skip``/``prune_heads``/
+    ``keep_channels``."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if not fractions or not all(0.0 < f < 1.0 for f in fractions):
@@ -59,6 +61,7 @@ def profile_latency(
         find_sparse_params(base),
         channel_sparsity=0.0,
         prune_skip=prune_skip,
+        prune_heads=prune_heads,
         keep_channels=keep_channels,
     )
     x = example_inputs.to(DTYPES[dtype])
@@ -107,6 +110,7 @@ def profile_latency(
         "input": list(example_inputs.shape[1:]),
         "channels_last": channels_last,
         "prune_skip": prune_skip,
+        "prune_heads": prune_heads,
         "keep_channels": list(keep_channels),
         "repeats": repeats,
         **(meta or {}),

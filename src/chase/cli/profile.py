@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--prune-skip", action="store_true", help="the groups of Chase with prune_skip")
+    p.add_argument("--prune-heads", action="store_true", help="the groups of Chase with prune_heads")
     p.add_argument("--keep-channels", default="", help="comma-separated keep_channels patterns")
     p.add_argument(
         "--fractions", default="0.25,0.5,0.75", help="widths measured, as fractions (0.25,0.5,0.75)"
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         x,
         prune_skip=args.prune_skip,
+        prune_heads=args.prune_heads,
         keep_channels=[k for k in args.keep_channels.split(",") if k],
         fractions=fractions,
         dtype=args.dtype,

@@ -63,7 +63,8 @@ class LatencyTable:
         if missing:
             raise ValueError(
                 f"the latency table has no measurements of group(s) {missing[:5]}: profile the same model "
-                f"with the same prune_skip/keep_channels (chase profile); it holds {list(self.groups)[:5]}"
+                "with the same prune_skip/prune_heads/keep_channels (chase profile); it holds "
+                f"{list(self.groups)[:5]}"
             )
 
     # ------------------------------------------------------------------ file
