@@ -150,7 +150,7 @@ def test_chase_removes_heads_physically_and_reloads_exactly(name: str, prune_ski
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["timm_vit", "llama_gqa"])
+@pytest.mark.parametrize("name", ["timm_vit", "torchvision_vit", "llama_gqa"])
 def test_embedding_width_goes_under_prune_skip(name: str) -> None:
     """The residual stream (patch embedding / token embedding, norms, class token, position embedding,
     every projection reading or writing it, the head's input) loses channels, with exact reload."""

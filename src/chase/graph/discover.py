@@ -48,6 +48,13 @@ _LAYER_TENSORS = {
         ("running_mean", 0, "param"),
         ("running_var", 0, "param"),
     ),
+    # nn.MultiheadAttention on the embedding channels: its packed input projection reads them (columns),
+    # its output projection writes them (rows).
+    "attention": (
+        ("in_proj_weight", 1, "consumer"),
+        ("out_proj.weight", 0, "producer"),
+        ("out_proj.bias", 0, "param"),
+    ),
 }
 
 
@@ -257,13 +264,16 @@ def _slots(
     for attr, dim, role in _LAYER_TENSORS[item.role]:
         if attr == "weight" and getattr(m, "transposed", False):
             dim = 1 - dim  # ConvTranspose weights are (in, out/groups, ...); such groups stay unprunable
-        t = getattr(m, attr, None)
+        owner_attr, _, local = attr.rpartition(".")
+        owner = m.get_submodule(owner_attr) if owner_attr else m
+        t = getattr(owner, local, None)
         if not isinstance(t, torch.Tensor) or t.dim() <= dim:
             continue
         if int(item.index.max()) >= t.shape[dim]:
             problems.append(f"torch-pruning maps the channels outside '{prefix + attr}'")
             continue
-        out.append(Slot(prefix + attr, item.name, dim, item.index, role))
+        owner_name = f"{prefix}{owner_attr}" if owner_attr else item.name
+        out.append(Slot(prefix + attr, owner_name, dim, item.index, role))
     return out
 
 

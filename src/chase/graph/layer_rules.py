@@ -133,6 +133,22 @@ def linear(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) ->
     return Effect({port: st}, role="consumer" if port == 0 else "producer")
 
 
+def attention(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
+    """``nn.MultiheadAttention``'s functional call on the embedding channels of its query, key and value:
+    its packed input projection reads them and its output projection writes them, each channel on its
+    own (the heads mix only the projected channels), like a layer that consumes and produces them."""
+    if not isinstance(module, nn.MultiheadAttention):
+        raise Unsupported(f"{call.where()} is attention outside nn.MultiheadAttention")
+    data = [q for q, r in enumerate(call.inputs) if r.kind not in ("param", "buffer")][:3]
+    if port >= 0 and port not in data:
+        raise Unsupported(f"{call.where()}: channels reach a weight argument")
+    if st.dim != len(port_shape(call, port)) - 1:
+        raise Unsupported(f"{call.where()} reads the embedding from the last dim, not dim {st.dim}")
+    ports = {q: replace(st, dim=len(call.inputs[q].shape) - 1) for q in data}
+    ports[-1] = replace(st, dim=len(call.out_shapes[0]) - 1)
+    return Effect(ports, role="attention")
+
+
 def embedding(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Effect:
     """``F.embedding(indices, weight)``: the weight's dim 1 becomes the output's last dim."""
     last = len(call.out_shapes[0]) - 1

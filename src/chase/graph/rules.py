@@ -12,6 +12,7 @@ from typing import Optional
 from torch import nn
 
 from chase.graph.layer_rules import (
+    attention,
     channel_first,
     conv,
     embedding,
@@ -60,8 +61,7 @@ VIEWS = _names("view reshape flatten unflatten squeeze unsqueeze view_as reshape
 EXPANDS = _names("expand expand_as broadcast_to repeat tile")
 # Products that mix all channels: the channels cannot be followed through them.
 MIXING = _names("""
-    matmul mm bmm baddbmm addmm addbmm einsum scaled_dot_product_attention multi_head_attention_forward
-    bilinear
+    matmul mm bmm baddbmm addmm addbmm einsum scaled_dot_product_attention bilinear
 """)
 
 RULES: dict[str, Rule] = {
@@ -79,6 +79,7 @@ RULES: dict[str, Rule] = {
     "rms_norm": layer_norm,
     "linear": linear,
     "embedding": embedding,
+    "multi_head_attention_forward": attention,
     "getitem": getitem,
 }
 

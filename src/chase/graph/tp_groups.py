@@ -266,6 +266,9 @@ def group(dg: Any, names: dict[Any, str], module: nn.Module, side: str) -> TPGro
             else:
                 role = "consumer"
             items.append(Item(names[obj], role, index))
+        elif isinstance(obj, nn.MultiheadAttention) and obj.in_proj_weight is not None:
+            if not any(i.name == names[obj] and i.role == "attention" for i in items):
+                items.append(Item(names[obj], "attention", index))
         elif isinstance(obj, nn.Embedding):  # its weight's dim 1 is the embedding width
             items.append(Item(f"{names[obj]}.weight" if names[obj] else "weight", "param", index, 1))
         elif isinstance(obj, NORMS):
