@@ -287,3 +287,17 @@ def test_latency_table_profiles_heads_and_chase_uses_it() -> None:
         channel_every=1,
     )
     assert any(g.kind == "heads" for g in sp.groups)
+
+
+def test_count_flops_counts_multihead_attention_projections_per_weight() -> None:
+    torch.manual_seed(0)
+    model = _tv_vit()
+    sp = chase.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.2, total_steps=10)
+    report = chase.count_flops(model, IMAGE[:1], masks=sp.masks)
+    layers = {layer.name: layer for layer in report.layers}
+    name = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
+    assert name in sp.masks and name in layers
+    layer = layers[name]
+    assert layer.dense == 65 * 3 * 64 * 64  # 64 patches + the class token, q/k/v rows
+    assert layer.sparse == 65 * int(sp.masks[name].sum())
+    assert "encoder.layers.encoder_layer_0.self_attention.out_proj.weight" in layers

@@ -71,8 +71,8 @@ class FlopReport:
 
     layers: list[LayerFlops] = field(default_factory=list)
     reference_dense: Optional[int] = None
-    #: MACs outside Conv/Linear modules (attention matmuls, functional projections such as
-    #: ``nn.MultiheadAttention``'s packed input), counted by torch's FlopCounterMode; dense in both totals.
+    #: MACs outside the counted weights (attention matmuls, other functional products), counted by torch's
+    #: FlopCounterMode; dense in both totals.
     other: int = 0
 
     @property
@@ -138,11 +138,13 @@ def count_flops(
 
     Forward hooks on every Conv1d/2d/3d and Linear record the output size (so padding, stride, dilation
     and groups are what the layer really did); they are removed afterwards and the model's train/eval
-    mode is restored. Every other matmul, convolution and attention op of the forward (attention scores,
-    ``nn.MultiheadAttention``'s functional projections) is counted by torch's ``FlopCounterMode`` and
-    reported as ``other`` (dense: it has no mask). ``masks`` ({weight parameter name: bool mask}, e.g.
-    ``sparsifier.masks``) give the sparse count; without them sparse == dense. ``reference`` (the
-    original dense model, same input) is counted too and its dense MACs stored for the ratios.
+    mode is restored. ``nn.MultiheadAttention``'s projections, which it applies through the functional
+    API, are counted per weight too (its ``in_proj_weight`` is sparse with the Linear layers). Every other
+    matmul, convolution and attention op of the forward (attention scores and values) is counted by
+    torch's ``FlopCounterMode`` and reported as ``other`` (dense: it has no mask). ``masks`` ({weight
+    parameter name: bool mask}, e.g. ``sparsifier.masks``) give the sparse count; without them sparse ==
+    dense. ``reference`` (the original dense model, same input) is counted too and its dense MACs stored
+    for the ratios.
     ``example_inputs`` is a tensor or a tuple of positional arguments whose first tensor's first
     dimension is the batch.
     """
@@ -153,21 +155,51 @@ def count_flops(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     batch = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
 
+    fired: dict[str, int] = {}
+
+    def record(name: str, kind: str, w: torch.Tensor, positions: int, rows: slice = slice(None)) -> None:
+        part = w[rows]
+        mask = masks.get(name) if masks is not None else None
+        kept = int(mask[rows].count_nonzero()) if mask is not None else part.numel()
+        if name not in seen:
+            seen[name] = LayerFlops(name, kind, tuple(w.shape), positions, w.numel(), 0, 0, 0)
+            report.layers.append(seen[name])
+            seen[name].kept = int(mask.count_nonzero()) if mask is not None else w.numel()
+        seen[name].dense += positions * part.numel()  # a weight used twice (shared layer) counts twice
+        seen[name].sparse += positions * kept
+
     def hook(m: nn.Module, inp: Any, out: torch.Tensor) -> None:
         name = f"{names[m]}.weight" if names[m] else "weight"
-        w = m.weight
         # Output positions each weight is used at: the output size over batch and output channels.
         channels = out.shape[-1] if isinstance(m, nn.Linear) else out.shape[1]
-        positions = out.numel() // (batch * channels)
-        kept = int(masks[name].count_nonzero()) if masks is not None and name in masks else w.numel()
-        if name not in seen:
-            seen[name] = LayerFlops(name, type(m).__name__, tuple(w.shape), positions, w.numel(), kept, 0, 0)
-            report.layers.append(seen[name])
-        seen[name].dense += positions * w.numel()  # a weight used twice (shared layer) counts twice
-        seen[name].sparse += positions * kept
+        record(name, type(m).__name__, m.weight, out.numel() // (batch * channels))
+        fired[name] = fired.get(name, 0) + 1
+
+    def tokens(t: torch.Tensor) -> int:
+        return t.numel() // (batch * t.shape[-1])
+
+    def attention_pre(m: nn.Module, inp: Any) -> None:
+        fired[f"{names[m]}.out_proj.weight"] = 0
+
+    def attention_hook(m: nn.Module, inp: Any, out: Any) -> None:
+        # nn.MultiheadAttention applies its packed input projection (and, in torch's own forward, its
+        # output projection) through the functional API, where no Linear hook sees them.
+        prefix = f"{names[m]}." if names[m] else ""
+        if m.in_proj_weight is None or len(inp) < 3:
+            return
+        inner = m.in_proj_weight.shape[0] // 3
+        for i, t in enumerate(inp[:3]):  # query, key, value rows of the projection
+            rows = slice(i * inner, (i + 1) * inner)
+            record(f"{prefix}in_proj_weight", "MultiheadAttention", m.in_proj_weight, tokens(t), rows)
+        if not fired.get(f"{prefix}out_proj.weight"):
+            record(f"{prefix}out_proj.weight", "Linear", m.out_proj.weight, tokens(inp[0]))
 
     was_training = module.training
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, COUNTED)]
+    for m in module.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            handles.append(m.register_forward_pre_hook(attention_pre))
+            handles.append(m.register_forward_hook(attention_hook))
     # MultiheadAttention's inference fast path is one fused op the counter cannot see into.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
