@@ -7,7 +7,8 @@ steps), where every schedule completes (issue 10): dense, RigL and Chase S_c 0.5
 RigL and Chase (``--methods dense rigl chase0.5 rigl@1 chase0.5@1``).
 ``--protocol vit`` (``benchmarks/vit_cifar10_cpu.yaml``, issue 15): a ViT-Tiny-sized model with patch
 size 4 for 2 epochs at density 0.2, AdamW: dense, RigL, Chase S_c 0.3 on MLP neurons, and Chase S_c 0.3
-on MLP neurons and attention heads (``--methods dense rigl chase0.3 chase0.3heads``).
+on MLP neurons and attention heads, and on attention heads only (``--methods dense rigl chase0.3
+chase0.3heads chase0.3headsonly``).
 
 Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
 reported accuracy is the FINAL model's on all 10,000 test images (no selection). For every run the script
@@ -69,6 +70,7 @@ METHODS = {
     "chase0.3": "chase_sc0.3",
     "chase0.5": "chase_sc0.5",
     "chase0.3heads": "chase_sc0.3_heads",
+    "chase0.3headsonly": "chase_sc0.3_heads_only",
 }
 SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
 SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]

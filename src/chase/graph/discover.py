@@ -114,7 +114,11 @@ def channel_groups(
         log.info("torch-pruning could not map channels through reshape %s: groups through it stay kept", note)
     graph = ChannelGraph(groups, prune_skip=prune_skip, prune_heads=prune_heads)
     log.info(
-        "channel groups: %d found, %d prunable (prune_skip=%s)", len(graph), len(graph.prunable()), prune_skip
+        "channel groups: %d found, %d prunable (prune_skip=%s, prune_heads=%s)",
+        len(graph),
+        len(graph.prunable()),
+        prune_skip,
+        prune_heads,
     )
     return graph
 
