@@ -51,6 +51,18 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(name)
 
 
+def tiny_chase(example_inputs: torch.Tensor, **options):
+    """A seeded ``TinyResNet(width=32)``, its SGD optimizer and a Chase over 40 steps (density 0.3, updates
+    every 8 steps, channel events every 4); ``options`` override or add Chase options."""
+    import chase
+
+    torch.manual_seed(0)
+    model = TinyResNet(width=32)
+    opt = make_optimizer("sgd", model)
+    kw = {"density": 0.3, "total_steps": 40, "update_every": 8, "channel_every": 4, **options}
+    return model, opt, chase.Chase(model, opt, example_inputs=example_inputs, **kw)
+
+
 def train_step(model, optimizer, sparsifier, i: int, size: int = 16, n: int = 8):
     x, y = batch(i, n=n, size=size, dtype=next(model.parameters()).dtype)
     loss = nn.functional.cross_entropy(model(x), y)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tests.nets import TinyResNet, make_optimizer, train_step
+from tests.nets import TinyResNet, tiny_chase, train_step
 
 import chase
 from chase.sparse.channels import aligned_blocks
@@ -30,20 +30,7 @@ def test_aligned_blocks_hand_made():
 
 @pytest.mark.parametrize("multiple", [4, 8])
 def test_every_event_leaves_multiples_and_follows_the_schedule(multiple):
-    torch.manual_seed(0)
-    model = TinyResNet(width=32)
-    opt = make_optimizer("sgd", model)
-    sp = chase.Chase(
-        model,
-        opt,
-        density=0.3,
-        total_steps=40,
-        example_inputs=EXAMPLE,
-        channel_sparsity=0.5,
-        update_every=8,
-        channel_every=4,
-        channel_multiple=multiple,
-    )
+    model, opt, sp = tiny_chase(EXAMPLE, channel_sparsity=0.5, channel_multiple=multiple)
     floors = dict(zip([g.name for g in sp.groups], sp.pruner.floors))
     events = 0
     for i in range(40):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tests.nets import TinyResNet, make_optimizer, train_step
+from tests.nets import TinyResNet, make_optimizer, tiny_chase, train_step
 
 import chase
 
@@ -20,20 +20,8 @@ def _params(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize("target, ratio", [("macs", 0.6), ("params", 0.75)])
 @pytest.mark.parametrize("multiple", [1, 4])
 def test_chase_meets_the_budget_within_one_channel(target, ratio, multiple):
-    torch.manual_seed(0)
-    model = TinyResNet(width=32)
-    opt = make_optimizer("sgd", model)
-    sp = chase.Chase(
-        model,
-        opt,
-        density=0.3,
-        total_steps=40,
-        example_inputs=EXAMPLE,
-        update_every=8,
-        channel_every=4,
-        channel_multiple=multiple,
-        target=target,
-        **{f"{target}_ratio": ratio},
+    model, opt, sp = tiny_chase(
+        EXAMPLE, channel_multiple=multiple, target=target, **{f"{target}_ratio": ratio}
     )
 
     def now() -> int:
@@ -136,21 +124,7 @@ def test_chase_meets_a_latency_budget_by_the_table():
 
     spec = {"widths": [8, 16, 24, 32], "ms": [0.4, 0.6, 0.8, 1.0]}
     table = {"format_version": 1, "dense_ms": 1.0, "groups": {"block_a": spec}}
-    torch.manual_seed(0)
-    model = TinyResNet(width=32)
-    opt = make_optimizer("sgd", model)
-    sp = chase.Chase(
-        model,
-        opt,
-        density=0.3,
-        total_steps=40,
-        example_inputs=EXAMPLE,
-        update_every=8,
-        channel_every=4,
-        target="latency",
-        latency_ratio=0.7,
-        latency_table=table,
-    )
+    model, opt, sp = tiny_chase(EXAMPLE, target="latency", latency_ratio=0.7, latency_table=table)
     for i in range(40):
         train_step(model, opt, sp, i)
     predicted = LatencyTable.load(table).predict_ms(sp.alive_channels())
@@ -197,21 +171,7 @@ def test_chase_profile_command(tmp_path):
 
 
 def test_a_budget_that_leaves_fewer_weights_than_the_density_warns():
-    torch.manual_seed(0)
-    model = TinyResNet(width=32)
-    opt = make_optimizer("sgd", model)
-    sp = chase.Chase(
-        model,
-        opt,
-        density=0.9,
-        soft_bound=0.0,
-        total_steps=40,
-        example_inputs=EXAMPLE,
-        update_every=8,
-        channel_every=4,
-        target="params",
-        params_ratio=0.6,
-    )
+    model, opt, sp = tiny_chase(EXAMPLE, density=0.9, soft_bound=0.0, target="params", params_ratio=0.6)
     with pytest.warns(UserWarning, match="fewer than the"):
         for i in range(40):
             train_step(model, opt, sp, i)
