@@ -185,12 +185,16 @@ def count_flops(
         # nn.MultiheadAttention applies its packed input projection (and, in torch's own forward, its
         # output projection) through the functional API, where no Linear hook sees them.
         prefix = f"{names[m]}." if names[m] else ""
-        if m.in_proj_weight is None or len(inp) < 3:
+        if len(inp) < 3:
             return
-        inner = m.in_proj_weight.shape[0] // 3
-        for i, t in enumerate(inp[:3]):  # query, key, value rows of the projection
-            rows = slice(i * inner, (i + 1) * inner)
-            record(f"{prefix}in_proj_weight", "MultiheadAttention", m.in_proj_weight, tokens(t), rows)
+        if m.in_proj_weight is not None:
+            inner = m.in_proj_weight.shape[0] // 3
+            for i, t in enumerate(inp[:3]):  # query, key, value rows of the projection
+                rows = slice(i * inner, (i + 1) * inner)
+                record(f"{prefix}in_proj_weight", "MultiheadAttention", m.in_proj_weight, tokens(t), rows)
+        else:  # separate projections (key/value widths other than the embedding's)
+            for attr, t in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), inp[:3]):
+                record(f"{prefix}{attr}", "MultiheadAttention", getattr(m, attr), tokens(t))
         if not fired.get(f"{prefix}out_proj.weight"):
             record(f"{prefix}out_proj.weight", "Linear", m.out_proj.weight, tokens(inp[0]))
 

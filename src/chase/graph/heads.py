@@ -24,7 +24,7 @@ dry run removes one head of every group on a meta copy and keeps the groups whos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -124,14 +124,12 @@ def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return own
 
 
-def _per_head(
-    p: str, module: nn.Module, heads: int, inner: int, skip: Iterable[str]
-) -> Optional[list[Block]]:
+def _per_head(p: str, module: nn.Module, heads: int, inner: int) -> Optional[list[Block]]:
     """Blocks for the module's own per-head tensors (a bias table with a dim of size ``heads``); None when
     one of its own tensors has a dim of the attention width, whose meaning we cannot know."""
     blocks = []
     for name, t in _own_tensors(module).items():
-        if name in skip or t.dim() == 0:
+        if t.dim() == 0:
             continue
         if inner in t.shape:
             return None
@@ -177,7 +175,7 @@ def _fused(name: str, m: nn.Module) -> Optional[HeadLayout]:
     for k in range(3):
         blocks += _projection(p, "qkv", qkv, k * inner, head_dim, "producer")
     blocks += _projection(p, "proj", proj, 0, head_dim, "consumer")
-    extra = _per_head(p, m, heads, inner, ())
+    extra = _per_head(p, m, heads, inner)
     if extra is None:
         return None
     kind = "window" if _window(m) else "fused"
@@ -216,7 +214,7 @@ def _split(name: str, m: nn.Module) -> Optional[HeadLayout]:
         *_projection(p, "v_proj", v, 0, head_dim, "producer"),
         *_projection(p, out_attr, o, 0, g * head_dim, "consumer"),
     ]
-    extra = _per_head(p, m, heads, heads * head_dim, ())
+    extra = _per_head(p, m, heads, heads * head_dim)
     if extra is None or any(b.per_unit != 1 for b in extra) or (extra and g != 1):
         return None
     return HeadLayout(
@@ -244,10 +242,17 @@ def head_layout(name: str, module: nn.Module) -> Optional[HeadLayout]:
     return None
 
 
-def _normalized(model: nn.Module, tensor: str, dim: int) -> tuple[str, int]:
-    owner, _, local = tensor.rpartition(".")
-    t = getattr(model.get_submodule(owner), local)
-    return tensor, dim % t.dim()
+def _position_keys(model: nn.Module) -> Callable[[Slot], tuple[str, int]]:
+    """``slot -> (tensor, non-negative dim)``, each tensor looked up once."""
+    ndims: dict[str, int] = {}
+
+    def key(slot: Slot) -> tuple[str, int]:
+        if slot.tensor not in ndims:
+            owner, _, local = slot.tensor.rpartition(".")
+            ndims[slot.tensor] = getattr(model.get_submodule(owner), local).dim()
+        return slot.tensor, slot.dim % ndims[slot.tensor]
+
+    return key
 
 
 def attention_layouts(model: nn.Module, called: set[str]) -> dict[str, HeadLayout]:
@@ -282,14 +287,15 @@ def with_head_groups(
     those slots, or go when nothing else is left in them. A head group is prunable only with
     ``prune_heads`` and when no prunable channel group shares its positions."""
     out = list(groups)
+    key = _position_keys(model)
     for name, layout in layouts.items():
         slots = layout.slots()
-        owned = {_normalized(model, s.tensor, s.dim) for s in slots}
+        owned = {key(s) for s in slots}
         reason = "" if prune_heads else HEADS_REASON
         kept: list[ChannelGroup] = []
         at = None  # the head group goes where the first group it replaces was
         for g in out:
-            touched = [s for s in g.slots if _normalized(model, s.tensor, s.dim) in owned]
+            touched = [s for s in g.slots if key(s) in owned]
             if touched and at is None:
                 at = len(kept)
             if not touched:
