@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -18,11 +18,27 @@ from chase.sparse.targets import find_sparse_params
 from chase.sparsifier.channel_pruning import ChannelPruner
 from chase.sparsifier.latency import LatencyTable
 from chase.surgery import SurgeryState, remove_channels
-from chase.timing import alternate, time_forward
+from chase.timing import CallKey, module_self_times, time_forward
 
 log = logging.getLogger(__name__)
 
 __all__ = ["profile_latency"]
+
+
+def _changed_time(
+    dense: Mapping[CallKey, tuple[int, float]], narrow: Mapping[CallKey, tuple[int, float]]
+) -> float:
+    """Seconds the narrowed model's forward takes more than the dense one's, summed over the module calls
+    whose work changed (a different signature, or a call only one of them makes). The calls that did the
+    same work are left out: their differences are the machine's noise, which summed over a whole model
+    would swamp a small group's saving."""
+    total = 0.0
+    for key in dense.keys() | narrow.keys():
+        d, n = dense.get(key), narrow.get(key)
+        if d is not None and n is not None and d[0] == n[0]:
+            continue
+        total += (n[1] if n else 0.0) - (d[1] if d else 0.0)
+    return total
 
 
 def _ms(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
@@ -47,7 +63,13 @@ def profile_latency(
     """Time ``model`` on ``example_inputs`` (their batch size and device) dense, then with each prunable
     group alone narrowed to ``fractions`` of its width (the group's last channels removed: the time does
     not depend on which). The groups are Chase's for the same ``prune_skip``/``prune_heads``/
-    ``keep_channels``."""
+    ``keep_channels``.
+
+    A point is the dense forward time plus the change in self time (:func:`chase.timing.module_self_times`)
+    of the module calls whose work the narrowing changed, each timed next to the same call of the dense
+    model. The rest of the model is left out: timing the whole forward again, its run-to-run noise on a
+    CPU (a few %) swamps the saving of one small group. Work that a module's own code does on tensors
+    whose shapes stay the same is not seen."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if not fractions or not all(0.0 < f < 1.0 for f in fractions):
@@ -73,36 +95,25 @@ def profile_latency(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     dense = prepared(copy.deepcopy(base))
-    _ms(dense, x, warmup, 1)  # warm-up (allocator, kernel choice) before any timed point
-    points: dict[str, list[tuple[int, float]]] = {}
-    dense_times: list[float] = []
-    for g in pruner.groups:
+    dense_ms = _ms(dense, x, warmup, repeats)  # the whole forward, without hooks
+    groups: dict[str, tuple[list[int], list[float]]] = {}
+    for i, g in enumerate(pruner.groups, 1):
+        widths, ms = [], []
+        # The dense calls again next to each group's points: the machine drifts over a long profile.
+        dense_self = module_self_times(dense, x, min(warmup, 1), repeats)
         for n in sorted({max(1, round(g.width * f)) for f in fractions}):
             if n >= g.width:
                 continue
             narrow = copy.deepcopy(base)
-            state = SurgeryState(narrow, [g])
-            remove_channels(narrow, state, {g.name: torch.arange(n, g.width)})
-            narrow = prepared(narrow)
-            # Timed alternately with the dense model: the ratio survives a drifting machine.
-            t = alternate(
-                {"dense": lambda: dense(x), "narrow": lambda m=narrow: m(x)},
-                warmup=warmup,
-                repeats=repeats,
-                device=x.device,
+            remove_channels(narrow, SurgeryState(narrow, [g]), {g.name: torch.arange(n, g.width)})
+            changed = _changed_time(
+                dense_self, module_self_times(prepared(narrow), x, min(warmup, 1), repeats)
             )
-            dense_times += t["dense"]
-            points.setdefault(g.name, []).append(
-                (n, statistics.median(t["narrow"]) / statistics.median(t["dense"]))
-            )
-    # Every point is a ratio to the dense model timed next to it; the dense time is the median of all
-    # those dense timings, so one slow moment of the machine does not scale the whole table.
-    dense_ms = 1e3 * statistics.median(dense_times) if dense_times else _ms(dense, x, warmup, repeats)
-    groups: dict[str, tuple[list[int], list[float]]] = {}
-    for g in pruner.groups:
-        pts = points.get(g.name, [])
-        groups[g.name] = ([n for n, _ in pts] + [g.width], [dense_ms * r for _, r in pts] + [dense_ms])
-        log.info("profiled %s: %s", g.name, dict(zip(*groups[g.name])))
+            widths.append(n)
+            ms.append(dense_ms + 1e3 * changed)
+        groups[g.name] = ([*widths, g.width], [*ms, dense_ms])
+        # Progress as it goes: a CPU profile of a large model takes minutes.
+        log.info("profiled group %d/%d %s: %s", i, len(pruner.groups), g.name, dict(zip(*groups[g.name])))
     info = {
         "device": str(device),
         "dtype": dtype,
@@ -113,6 +124,7 @@ def profile_latency(
         "prune_heads": prune_heads,
         "keep_channels": list(keep_channels),
         "repeats": repeats,
+        "method": "module self times",
         **(meta or {}),
     }
     return LatencyTable(dense_ms, groups, info)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Optional, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["alternate", "sync", "time_calls", "time_forward"]
+__all__ = ["CallKey", "alternate", "module_self_times", "sync", "time_calls", "time_forward"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -66,3 +69,107 @@ def time_forward(
     """Seconds of each of ``repeats`` forwards of ``x`` after ``warmup`` untimed ones (inference mode).
     ``model`` is a module or any function of ``x`` (e.g. an onnxruntime session's run)."""
     return time_calls(lambda: model(x), warmup=warmup, repeats=repeats, device=x.device)
+
+
+#: one call of one module in a forward: (module name, how many calls of it came before).
+CallKey = tuple[str, int]
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in a nested input or output."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _shapes(obj: Any) -> tuple:
+    """The shapes and dtypes of the tensors in a nested input or output."""
+    return tuple((tuple(t.shape), t.dtype) for t in _tensors(obj))
+
+
+def _refs(tensors: list[torch.Tensor]) -> dict[int, weakref.ref]:
+    return {id(t): weakref.ref(t) for t in tensors}
+
+
+def _is_known(known: Mapping[int, weakref.ref], t: torch.Tensor) -> bool:
+    # By id and the object itself: a freed tensor's id is soon another tensor's.
+    ref = known.get(id(t))
+    return ref is not None and ref() is t
+
+
+class _SelfTimer:
+    """Hooks on every module of a model that record, per call, its self time (the call's wall time minus
+    that of the module calls inside it: what its own code, e.g. a residual addition or an attention
+    product, costs) and a signature of the work that code did: the shapes of its inputs, outputs and own
+    parameters, and of the tensors its own code made and handed to a submodule (an attention product fed
+    to the output projection). Two calls with the same signature did the same work."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[CallKey, float] = {}
+        self.signatures: dict[CallKey, int] = {}
+        self._calls: dict[str, int] = {}
+        # One frame per open call: key, start, time of the calls inside it, the tensors it did not make
+        # itself (its inputs, its submodules' outputs; weakly, by id), the shapes of those it made.
+        self._stack: list[list[Any]] = []
+        self._handles = []
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(functools.partial(self._enter, name)))
+            self._handles.append(module.register_forward_hook(functools.partial(self._leave, name)))
+
+    def _enter(self, name: str, module: nn.Module, args: Any) -> None:
+        index = self._calls.get(name, 0)
+        self._calls[name] = index + 1
+        tensors = _tensors(args)
+        if self._stack:  # inputs the caller's own code made are part of the caller's work
+            known, made = self._stack[-1][3], self._stack[-1][4]
+            made += [(tuple(t.shape), t.dtype) for t in tensors if not _is_known(known, t)]
+        sync(self.device)
+        self._stack.append([(name, index), time.perf_counter(), 0.0, _refs(tensors), []])
+
+    def _leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        sync(self.device)
+        elapsed = time.perf_counter()
+        key, start, inner, _, made = self._stack.pop()
+        elapsed -= start
+        params = tuple(tuple(p.shape) for p in module.parameters(recurse=False))
+        self.times[key] = elapsed - inner
+        self.signatures[key] = hash((_shapes(args), _shapes(output), params, tuple(made)))
+        if self._stack:
+            self._stack[-1][2] += elapsed
+            self._stack[-1][3].update(_refs(_tensors(output)))
+
+    def reset(self) -> None:
+        self._calls.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def module_self_times(
+    model: nn.Module, x: torch.Tensor, warmup: int, repeats: int
+) -> dict[CallKey, tuple[int, float]]:
+    """Per module call of ``model(x)`` (key: module name, index of the call): a signature of the work it
+    did (the input, output and parameter shapes it and its submodules saw) and its median self time in
+    seconds (its wall time minus that of the module calls inside it) over ``repeats`` forwards after
+    ``warmup``. Two calls with the same signature did the same work."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+    timer = _SelfTimer(model, x.device)
+    runs: dict[CallKey, list[float]] = {}
+    try:
+        for _ in range(max(1, repeats)):
+            timer.reset()
+            with torch.inference_mode():
+                model(x)
+            for key, t in timer.times.items():
+                runs.setdefault(key, []).append(t)
+    finally:
+        timer.remove()
+    return {k: (timer.signatures[k], statistics.median(v)) for k, v in runs.items()}
