@@ -211,6 +211,21 @@ def test_bench_compiled_is_frozen_and_matches_eager():
     assert not d["skipped"] and [r["compiled"] for r in d["results"]] == [True]
 
 
+def test_bench_compiles_every_model_past_dynamos_recompile_limit():
+    """Nine models of one class compiled in one process: past Dynamo's default limit of 8 entries per
+    forward code the ninth ran eager under a "compiled" label. Every one must be compiled."""
+    from torch._dynamo.utils import counters
+
+    from chase.bench import benchmark
+
+    torch._dynamo.reset()
+    models = {f"m{i}": nn.Sequential(nn.Linear(8, 8 + i), nn.ReLU()).eval() for i in range(9)}
+    before = counters["frames"]["ok"]
+    d = benchmark(models, (8,), batch_sizes=(2,), compiled=(True,), warmup=1, repeats=1)
+    assert not d["skipped"] and len(d["results"]) == 9
+    assert counters["frames"]["ok"] - before >= 9
+
+
 def test_check_command(tmp_path, capsys):
     out = tmp_path / "check.json"
     assert (

@@ -165,16 +165,31 @@ def _prepare(model: nn.Module, dev: torch.device, cfg: dict[str, Any]) -> nn.Mod
     return torch.compile(m) if cfg["compiled"] else m
 
 
+#: how many compiled entries of one model's forward code one timing process may hold (Dynamo's default: 8).
+COMPILED_MODELS_LIMIT = 1024
+
+
 def _compile_scope(cfg: Mapping[str, Any]) -> contextlib.AbstractContextManager:
     """Where the models of ``cfg`` run (and, compiled, are compiled at their first call): with Inductor's
     inference freezing for compiled ones -- the weights become constants, so BatchNorm is folded into the
     convolutions and weights are pre-packed for the CPU's convolution library, as a model is compiled for
-    serving. (``torch.compile(options={"freezing": True})`` does not reach the freezing pass.)"""
+    serving. (``torch.compile(options={"freezing": True})`` does not reach the freezing pass.)
+
+    Every model compiled in one process adds an entry to the cache of the same ``forward`` code; past
+    Dynamo's recompile limit (8) the next model would silently run eager. The limit is raised for the
+    timing, and a model that still hits it fails (and is recorded as skipped) instead of being timed
+    eager under a "compiled" label."""
     if not cfg["compiled"]:
         return contextlib.nullcontext()
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    return inductor_config.patch(freezing=True)
+    limits = {"recompile_limit": COMPILED_MODELS_LIMIT, "accumulated_recompile_limit": COMPILED_MODELS_LIMIT}
+    limits = {k: max(v, getattr(dynamo_config, k)) for k, v in limits.items()}
+    stack = contextlib.ExitStack()
+    stack.enter_context(inductor_config.patch(freezing=True))
+    stack.enter_context(dynamo_config.patch(fail_on_recompile_limit_hit=True, **limits))
+    return stack
 
 
 def _backend_groups(keys: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
