@@ -19,9 +19,10 @@ def _params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("target, ratio", [("macs", 0.6), ("params", 0.75)])
 @pytest.mark.parametrize("multiple", [1, 4])
-def test_chase_meets_the_budget_within_one_channel(target, ratio, multiple):
+@pytest.mark.parametrize("rank", ["score", "score_per_cost"])
+def test_chase_meets_the_budget_within_one_channel(target, ratio, multiple, rank):
     model, opt, sp = tiny_chase(
-        EXAMPLE, channel_multiple=multiple, target=target, **{f"{target}_ratio": ratio}
+        EXAMPLE, channel_multiple=multiple, target=target, channel_rank=rank, **{f"{target}_ratio": ratio}
     )
 
     def now() -> int:
@@ -55,6 +56,8 @@ def test_prune_channels_to_a_macs_budget():
         ({"target": "params", "params_ratio": 1.5}, "needs params_ratio in"),
         ({"target": "latency_ms"}, "target must be one of"),
         ({"target": "macs", "macs_ratio": 0.5, "removal": "mask"}, "removal='physical'"),
+        ({"channel_rank": "score_per_cost"}, "needs a budget target"),
+        ({"target": "macs", "macs_ratio": 0.5, "channel_rank": "cost"}, "channel_rank must be one of"),
     ],
 )
 def test_bad_budgets_are_refused(options, words):
@@ -70,6 +73,44 @@ def test_bad_budgets_are_refused(options, words):
             **options,
         )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_score_per_cost_takes_the_dearest_channels_first():
+    """The group whose channel costs the most MACs scores a little higher than the others: ranked by score
+    its channels go last, ranked by score per MAC saved they go first, and a small MACs budget is met
+    from it alone."""
+    from chase.sparse.targets import find_sparse_params
+    from chase.sparsifier.channel_pruning import ChannelPruner
+
+    model = TinyResNet(width=32)
+    with torch.no_grad():
+        for p in find_sparse_params(model).values():
+            p.fill_(0.9)
+    pruner = ChannelPruner(model, EXAMPLE, find_sparse_params(model), channel_sparsity=0.5, prune_skip=True)
+    costs = pruner.channel_costs("macs", EXAMPLE[:1])
+    dearest = pruner.groups[costs.index(max(costs))]
+    assert len(costs) == 3 and sorted(costs)[-1] > 1.2 * sorted(costs)[-2]
+    with torch.no_grad():
+        for s in dearest.producers:
+            dict(model.named_parameters())[s.tensor].fill_(1.0)
+    dense = chase.count_flops(model, EXAMPLE[:1]).dense
+    ratio = 1 - 2.5 * max(costs) / dense  # about three of its channels
+    removed = {}
+    for rank in ("score", "score_per_cost"):
+        m = copy.deepcopy(model)
+        result = chase.prune_channels(
+            m,
+            EXAMPLE,
+            channel_sparsity=0.5,
+            prune_skip=True,
+            target="macs",
+            macs_ratio=ratio,
+            channel_rank=rank,
+        )
+        assert chase.count_flops(m, EXAMPLE[:1]).dense <= round(ratio * dense)
+        removed[rank] = result.removed
+    assert dearest.name not in removed["score"]
+    assert removed["score_per_cost"] == {dearest.name: 3}
 
 
 def test_the_trainer_takes_a_macs_budget(tmp_path):
@@ -168,6 +209,64 @@ def test_chase_profile_command(tmp_path):
     from chase.sparsifier.latency import LatencyTable
 
     assert len(LatencyTable.load(out).groups) == 9
+
+
+def test_self_time_signatures_mark_exactly_the_calls_whose_work_changed():
+    """Narrowing block_a's channels changes block_a, bn_a, block_b (its input) and the root's own relu on
+    block_a's output; the stem, the strided block and the classifier did the same work."""
+    from chase.sparse.targets import find_sparse_params
+    from chase.sparsifier.channel_pruning import ChannelPruner
+    from chase.surgery import SurgeryState, remove_channels
+    from chase.timing import module_self_times
+
+    model = TinyResNet(width=16).eval()
+    narrow = copy.deepcopy(model)
+    (group,) = [
+        g
+        for g in ChannelPruner(narrow, EXAMPLE, find_sparse_params(narrow), channel_sparsity=0.5).groups
+        if g.name == "block_a"
+    ]
+    remove_channels(narrow, SurgeryState(narrow, [group]), {"block_a": torch.arange(4, 16)})
+    dense_calls = module_self_times(model, EXAMPLE, warmup=0, repeats=2)
+    narrow_calls = module_self_times(narrow, EXAMPLE, warmup=0, repeats=2)
+    assert dense_calls.keys() == narrow_calls.keys()
+    assert all(t >= 0 for _, t in dense_calls.values())
+    changed = {k[0] for k in dense_calls if dense_calls[k][0] != narrow_calls[k][0]}
+    assert changed == {"block_a", "bn_a", "block_b", ""}
+
+
+def test_a_profile_point_counts_only_the_calls_whose_work_changed():
+    from chase.profile import _changed_time
+
+    dense = {("a", 0): (1, 0.010), ("b", 0): (2, 0.020), ("c", 0): (3, 0.030)}
+    # b did the same work (noise: 5 ms slower), a changed (4 ms faster), d is a call only the narrow one made
+    narrow = {("a", 0): (9, 0.006), ("b", 0): (2, 0.025), ("c", 0): (3, 0.030), ("d", 0): (4, 0.001)}
+    assert _changed_time(dense, narrow) == pytest.approx(-0.004 + 0.001)
+    assert _changed_time(dense, {k: v for k, v in narrow.items() if k != ("a", 0)}) == pytest.approx(
+        -0.010 + 0.001
+    )
+
+
+def test_a_profile_sees_a_dominant_group_narrowed():
+    """The middle convolutions dominate this model's time: at a quarter of their width the table predicts
+    well under the dense time, and never more than it."""
+    from chase.profile import profile_latency
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 96, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(96, 8, 3, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
+    table = profile_latency(model, torch.randn(8, 3, 32, 32), fractions=(0.25,), repeats=5, warmup=1)
+    widths, ms = table.groups["2"]
+    assert widths == [24, 96] and ms[0] < 0.8 * table.dense_ms
+    assert table.meta["method"] == "module self times"
 
 
 def test_a_budget_that_leaves_fewer_weights_than_the_density_warns():

@@ -67,6 +67,12 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
         "dense model's (Chase's target=macs; --channel-sparsity, if given, sets the floors)",
     )
     p.add_argument(
+        "--channel-rank",
+        default="score",
+        help="with --macs-ratio: rank channels by score (the paper; default) or score_per_cost (score per "
+        "MAC saved)",
+    )
+    p.add_argument(
         "--channel-multiple",
         type=positive_int,
         default=1,

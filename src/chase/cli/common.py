@@ -61,6 +61,11 @@ def models_to_measure(
     # With a MACs budget, S_c only sets the floors: by default those of removing 1 - R of the channels.
     s = args.channel_sparsity if args.channel_sparsity is not None else round(1.0 - macs_ratio, 6)
     budget = {} if macs_ratio is None else {"target": "macs", "macs_ratio": macs_ratio}
+    rank = getattr(args, "channel_rank", "score")
+    if rank != "score":
+        if macs_ratio is None:
+            raise CommandError(f"--channel-rank {rank} applies to --macs-ratio")
+        budget["channel_rank"] = rank
     if getattr(args, "prune_heads", False):
         budget["prune_heads"] = True
     d = INIT_DENSITY if getattr(args, "density", None) is None else args.density
@@ -69,6 +74,8 @@ def models_to_measure(
     label = untrained_label(s, skip, d, m) + (" (attention heads too)" if budget.get("prune_heads") else "")
     if macs_ratio is not None:
         label += f"; channels removed until the MACs are {macs_ratio} of the dense model's"
+        if rank != "score":
+            label += f", ranked by {rank}"
     return dense, slim, None, label
 
 

@@ -40,6 +40,9 @@ __all__ = [
 REMOVAL_MODES = ("physical", "mask")
 #: what the channel schedule counts: prunable channels (S_c), or the model's MACs or parameters.
 TARGETS = ("channels", "macs", "params", "latency")
+#: how an event ranks channels: by score alone (the paper), or, under a budget target, by score per unit of
+#: the budget a channel saves (a greedy knapsack: the least score given up for what is saved).
+CHANNEL_RANKS = ("score", "score_per_cost")
 #: density at which an untrained width is chosen: the paper's d (what Chase sees at its first event).
 INIT_DENSITY = 0.1
 
@@ -57,10 +60,15 @@ def check_channel_options(
     params_ratio: Optional[float] = None,
     latency_ratio: Optional[float] = None,
     latency_table: Any = None,
+    channel_rank: str = "score",
 ) -> None:
     """The one validation of the channel-pruning options (``ValueError`` naming the option)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if channel_rank not in CHANNEL_RANKS:
+        raise ValueError(f"channel_rank must be one of {CHANNEL_RANKS}, got {channel_rank!r}")
+    if channel_rank == "score_per_cost" and target == "channels":
+        raise ValueError("channel_rank='score_per_cost' needs a budget target (macs, params or latency)")
     ratio = {"macs": macs_ratio, "params": params_ratio, "latency": latency_ratio}.get(target)
     if target == "latency" and latency_table is None:
         raise ValueError("target='latency' needs latency_table (a file `chase profile` wrote, or its dict)")
@@ -107,8 +115,8 @@ class ChannelPruner:
         module: the (unwrapped) model.
         example_inputs: an input batch on the model's device and dtype, used to trace the groups.
         params: the weights that are scored (name -> parameter), usually the sparse layers.
-        channel_sparsity, min_channel_ratio, prune_skip, prune_heads, keep_channels, removal: as for
-            :class:`~chase.Chase`.
+        channel_sparsity, min_channel_ratio, prune_skip, prune_heads, keep_channels, removal,
+            channel_multiple, channel_rank: as for :class:`~chase.Chase`.
     """
 
     def __init__(
@@ -124,10 +132,12 @@ class ChannelPruner:
         keep_channels: Sequence[str] = (),
         removal: str = "physical",
         channel_multiple: int = 1,
+        channel_rank: str = "score",
     ) -> None:
         self.module = module
         self.removal = removal
         self.channel_multiple = int(channel_multiple)
+        self.channel_rank = channel_rank
         #: the measured latency table ``target="latency"`` predicts with (set by its user).
         self.latency: Optional[LatencyTable] = None
         self.graph: ChannelGraph = channel_groups(
@@ -320,7 +330,8 @@ class ChannelPruner:
     ) -> int:
         """Remove the lowest-score channels until ``keep`` prunable channels are left (water-filling under
         the floors). With ``costs`` (what one channel, or unit, of each group is worth, e.g. the MACs it
-        saves) and ``quota`` in that unit instead, remove until their sum is nearest the quota. ``masks``
+        saves) and ``quota`` in that unit instead, remove until their sum is nearest the quota; with
+        ``channel_rank="score_per_cost"`` the ranking is then by score over cost. ``masks``
         is updated in place (sliced, or removed rows zeroed); ``agree`` makes every distributed rank take
         the same choice. Returns the number of channels removed."""
         alive = [self.surgery.current_width(g.name) for g in self.groups]
@@ -331,6 +342,10 @@ class ChannelPruner:
             return 0
         scores, gids, ids = self.scores(params, masks, score)
         scores, gids = scores.float().cpu(), gids.cpu()
+        if costs is not None and self.channel_rank == "score_per_cost":
+            # Lowest score per unit saved first: a cheap channel must score much lower to go before an
+            # expensive one. Only the order matters to the water-filling, so no normalisation.
+            scores = scores / torch.as_tensor(costs, dtype=torch.float)[gids]
         if self.channel_multiple > 1:
             chosen = self._aligned_choice(scores, gids, alive, quota, costs, at_least)
         else:
@@ -440,6 +455,7 @@ def prune_channels(
     params_ratio: Optional[float] = None,
     latency_ratio: Optional[float] = None,
     latency_table: Any = None,
+    channel_rank: str = "score",
 ) -> PrunedChannels:
     """One-shot global channel pruning, in place: by the same groups, scores, floors and surgery as a
     Chase channel event, remove ``channel_sparsity`` of the prunable channels of ``model``.
@@ -452,8 +468,9 @@ def prune_channels(
     ``target="macs"`` (``"params"``) channels go, lowest score first, until the model's MACs per example
     (parameters) are at most ``macs_ratio`` (``params_ratio``) of what they were, or with
     ``target="latency"`` until the time ``latency_table`` predicts is ``latency_ratio`` of the dense
-    model's; ``channel_sparsity`` then only sets the floors. ``prune_heads`` also removes whole attention
-    heads (see :class:`~chase.Chase`).
+    model's; ``channel_sparsity`` then only sets the floors. With a budget target,
+    ``channel_rank="score_per_cost"`` ranks channels by score per unit of the budget they save.
+    ``prune_heads`` also removes whole attention heads (see :class:`~chase.Chase`).
     """
     check_channel_options(
         channel_sparsity=channel_sparsity,
@@ -465,6 +482,7 @@ def prune_channels(
         params_ratio=params_ratio,
         latency_ratio=latency_ratio,
         latency_table=latency_table,
+        channel_rank=channel_rank,
     )
     module = unwrap_model(model)
     params = find_sparse_params(module, dense_layers=dense_layers)
@@ -490,6 +508,7 @@ def prune_channels(
         prune_heads=prune_heads,
         keep_channels=keep_channels,
         channel_multiple=channel_multiple,
+        channel_rank=channel_rank,
     )
     before = pruner.alive_channels()
     ratio = {"macs": macs_ratio, "params": params_ratio, "latency": latency_ratio}.get(target)

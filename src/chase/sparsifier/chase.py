@@ -76,6 +76,9 @@ class Chase(Sparsifier):
         macs_ratio, params_ratio, latency_ratio: the final budget of ``target="macs"`` / ``"params"`` /
             ``"latency"``, in (0, 1).
         latency_table: a :class:`~chase.sparsifier.latency.LatencyTable`, its JSON file or dict.
+        channel_rank: with a budget target, ``"score"`` (default: lowest score first, the budget decides
+            how many) or ``"score_per_cost"`` (lowest score per unit of the budget a channel saves first:
+            channels of expensive layers go sooner, which turns a MACs budget into more real speed).
         channel_multiple: after every event each prunable group keeps a multiple of this many channels
             (GPU kernels prefer multiples of 8): removals go in aligned blocks inside the same global
             ranking (a group narrower than it keeps its width; floors still hold).
@@ -113,6 +116,7 @@ class Chase(Sparsifier):
         params_ratio: float | None = None,
         latency_ratio: float | None = None,
         latency_table: Any = None,
+        channel_rank: str = "score",
         update_every: int = 1000,
         soft_bound: float = 0.05,
         soft_bound_end: int | None = None,
@@ -132,6 +136,7 @@ class Chase(Sparsifier):
             params_ratio=params_ratio,
             latency_ratio=latency_ratio,
             latency_table=latency_table,
+            channel_rank=channel_rank,
         )
         kwargs.setdefault("scope", "global")
         kwargs.setdefault("growth", "gradient")
@@ -145,6 +150,7 @@ class Chase(Sparsifier):
         self.channel_score = channel_score
         self.keep_channels = tuple(keep_channels)
         self.channel_multiple = int(channel_multiple)
+        self.channel_rank = channel_rank
         self.target = target
         #: the final budget of ``target`` over the dense model's (None for target="channels").
         self.target_ratio = {"macs": macs_ratio, "params": params_ratio, "latency": latency_ratio}.get(target)
@@ -188,6 +194,7 @@ class Chase(Sparsifier):
             keep_channels=self.keep_channels,
             removal=self.removal,
             channel_multiple=self.channel_multiple,
+            channel_rank=self.channel_rank,
         )
         if self.target == "latency":
             self.pruner.use_latency_table(self._latency_source)

@@ -19,7 +19,7 @@ from chase.sparse.distribution import DISTRIBUTIONS
 from chase.sparse.schedules import SWAP_SCHEDULES
 from chase.sparsifier.algorithms import MEST, SET, RigL, Static
 from chase.sparsifier.base import GROWTH, SCOPES, Sparsifier, check_options
-from chase.sparsifier.channel_pruning import REMOVAL_MODES, TARGETS, check_channel_options
+from chase.sparsifier.channel_pruning import CHANNEL_RANKS, REMOVAL_MODES, TARGETS, check_channel_options
 from chase.sparsifier.chase import Chase
 from chase.sparsifier.latency import LatencyTable
 
@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "removal": tuple(REMOVAL_MODES),
     "channel_score": tuple(CHANNEL_SCORES),
     "target": tuple(TARGETS),
+    "channel_rank": tuple(CHANNEL_RANKS),
 }
 #: the options of channel pruning, which only Chase takes.
 CHANNEL_OPTIONS = (
@@ -58,6 +59,7 @@ CHANNEL_OPTIONS = (
     "params_ratio",
     "latency_ratio",
     "latency_table",
+    "channel_rank",
 )
 
 

@@ -50,6 +50,7 @@ LIBRARY_OPTIONS = (
     "params_ratio",
     "latency_ratio",
     "latency_table",
+    "channel_rank",
     "initial_density",
 )
 
@@ -177,6 +178,9 @@ class TrainConfig:
         None, "chase, target=latency: final predicted forward time over the dense model's"
     )
     latency_table: Optional[str] = _opt(None, "chase, target=latency: the JSON file `chase profile` wrote")
+    channel_rank: Optional[str] = _opt(
+        None, "chase, budget targets: score, or score_per_cost (score per unit of budget saved); null: score"
+    )
     # --- run
     seed: int = _opt(0, "seed of the model, data order and sparsifier")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")
