@@ -9,6 +9,10 @@ question is how the hardware treats the shapes, not accuracy.
     python benchmarks/channel_multiple.py                      # this CPU: ResNet-50 224 and CIFAR ResNet-18
     python benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256
     python benchmarks/channel_multiple.py --quick              # smoke test (CIFAR ResNet-18, eager, batch 2)
+
+With ``--ranks score,score_per_cost`` each multiple is also built with channels ranked by score per MAC
+saved (``channel_rank``); with ``--latency-table FILE`` (``chase profile``) also by a latency budget of
+``--latency-ratio``, where the table's predicted speedup is reported next to the measured one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from chase import count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
+from chase.sparsifier.latency import LatencyTable
 from common import RESULTS, machine, write
 
 MODELS = {"resnet50": (224, 1000), "cifar_resnet18": (32, 10)}
@@ -39,12 +44,19 @@ def run(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     dense = get_model(name, num_classes=classes).eval()
     models = {"dense": dense}
+    budgets = {"": {"target": "macs", "macs_ratio": args.macs_ratio}}
+    table = LatencyTable.load(args.latency_table) if args.latency_table else None
+    if table is not None:
+        budgets["lat-"] = {"target": "latency", "latency_ratio": args.latency_ratio, "latency_table": table}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for m in args.multiples:
-            models[f"m{m}"] = untrained_slim(
-                dense, x, 0.6, prune_skip=True, channel_multiple=m, target="macs", macs_ratio=args.macs_ratio
-            )
+        for prefix, budget in budgets.items():
+            for rank in args.ranks:
+                for m in args.multiples:
+                    key = f"{prefix}m{m}" + ("" if rank == "score" else f"-{rank.replace('_', '-')}")
+                    models[key] = untrained_slim(
+                        dense, x, 0.6, prune_skip=True, channel_multiple=m, channel_rank=rank, **budget
+                    )
     macs = {k: count_flops(v, x).dense for k, v in models.items()}
     aligned = {k: sum(w % 8 == 0 for w in widths(v)) / len(widths(v)) for k, v in models.items()}
     res = benchmark(
@@ -60,6 +72,16 @@ def run(name: str, args: argparse.Namespace) -> dict:
         meta={"model": name, "input": size, "macs_ratio_target": args.macs_ratio},
     )
     res["macs"] = macs
+    if table is not None:  # the table's prediction for each model's widths (groups are named by producer)
+        res["latency_predicted_ms"] = {
+            k: table.predict_ms({g: v.get_submodule(g).out_channels for g in table.groups})
+            for k, v in models.items()
+        }
+        res["latency_table"] = {
+            "path": str(args.latency_table),
+            "meta": table.meta,
+            "dense_ms": table.dense_ms,
+        }
     res["share_of_conv_widths_multiple_of_8"] = aligned
     logging.info("%s done", name)
     return res
@@ -72,24 +94,49 @@ def markdown(payload: dict) -> str:
         f"{payload['machine']}",
         "",
         f"UNTRAINED widths: Chase's final widths for a MACs budget of {payload['macs_ratio']} of the dense "
-        "model (prune_skip, ERK-masked initial weights at d = 0.1), with channel_multiple m; speedup = "
-        "images/s over the dense model's in the same configuration (alternating timings, median).",
+        "model (prune_skip, ERK-masked initial weights at d = 0.1), with channel_multiple m "
+        "(`-score-per-cost`: channel_rank=score_per_cost"
+        + (
+            f"; `lat-`: a latency budget of {payload['latency_ratio']} instead, by the table named below"
+            if "latency_ratio" in payload
+            else ""
+        )
+        + "); speedup = "
+        "images/s over the dense model's in the same configuration (alternating timings, median); share of "
+        "the MACs' speedup = speedup x MACs ratio (1.0: the time fell as much as the MACs).",
         "",
     ]
     for name, res in payload["models"].items():
+        predicted = res.get("latency_predicted_ms", {})
         lines += [f"## {name}", "", "| model | MACs ratio | conv widths % 8 == 0 |", "|---|---|---|"]
+        if predicted:
+            t = res["latency_table"]
+            lines[-3:-2] = [
+                f"Latency table `{t['path']}`: {t['meta'].get('device')}, {t['meta'].get('dtype')}, batch "
+                f"{t['meta'].get('batch_size')}, eager, dense {t['dense_ms']:.0f} ms "
+                f"({t['meta'].get('method', 'whole forwards')}).",
+                "",
+            ]
+            lines[-2:] = [
+                "| model | MACs ratio | conv widths % 8 == 0 | table's predicted speedup |",
+                "|---|---|---|---|",
+            ]
         for k, v in res["macs"].items():
             share = res["share_of_conv_widths_multiple_of_8"][k]
-            lines.append(f"| {k} | {v / res['macs']['dense']:.3f} | {100 * share:.0f}% |")
+            row = f"| {k} | {v / res['macs']['dense']:.3f} | {100 * share:.0f}% |"
+            if predicted:
+                row += f" {predicted['dense'] / predicted[k]:.2f}x |"
+            lines.append(row)
         lines += [
             "",
-            "| model | batch | dtype | compiled | images/s | speedup |",
-            "|---|---|---|---|---|---|",
+            "| model | batch | dtype | compiled | images/s | speedup | share of the MACs' speedup |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in res["results"]:
+            ratio, speedup = res["macs"][r["model"]] / res["macs"]["dense"], r.get("speedup", 1.0)
             lines.append(
                 f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['compiled']} | "
-                f"{r['throughput']:.1f} | {r.get('speedup', 1.0):.2f}x |"
+                f"{r['throughput']:.1f} | {speedup:.2f}x | {speedup * ratio:.2f} |"
             )
         for s in res.get("skipped", []):
             lines.append(f"\nskipped: {s}")
@@ -104,6 +151,9 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32")
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--multiples", default="1,8,16")
+    ap.add_argument("--ranks", default="score", help="channel_rank values, comma-separated")
+    ap.add_argument("--latency-table", default="", help="also prune to a latency budget by this table")
+    ap.add_argument("--latency-ratio", type=float, default=0.5)
     ap.add_argument("--macs-ratio", type=float, default=0.6)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--repeats", type=int, default=7)
@@ -124,8 +174,11 @@ def main() -> None:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.dtypes = args.dtypes.split(",")
     args.multiples = [int(m) for m in args.multiples.split(",")]
+    args.ranks = args.ranks.split(",")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     payload = {"machine": machine(args.device), "macs_ratio": args.macs_ratio, "models": {}}
+    if args.latency_table:
+        payload["latency_ratio"] = args.latency_ratio
     for name in args.models.split(","):
         payload["models"][name] = run(name, args)
         write(args.stem, payload, markdown(payload), folder=Path(args.out))  # partial results as it goes

@@ -9,6 +9,8 @@ RigL and Chase (``--methods dense rigl chase0.5 rigl@1 chase0.5@1``).
 size 4 for 2 epochs at density 0.2, AdamW: dense, RigL, Chase S_c 0.3 on MLP neurons, and Chase S_c 0.3
 on MLP neurons and attention heads, and on attention heads only (``--methods dense rigl chase0.3
 chase0.3heads chase0.3headsonly``).
+``--protocol budget`` (the short protocol, issue 14): Chase with prune_skip to a MACs budget of 0.5, channels
+ranked by score and by score per MAC saved (``--methods dense chase_macs0.5 chase_macs0.5_per_cost``).
 
 Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
 reported accuracy is the FINAL model's on all 10,000 test images (no selection). For every run the script
@@ -61,6 +63,7 @@ PROTOCOLS = {
     "short": (ROOT / "benchmarks" / "cifar10_cpu.yaml", "cifar10_cpu", "runs/cifar10_cpu"),
     "long": (ROOT / "benchmarks" / "cifar10_cpu_long.yaml", "cifar10_cpu_long", "runs/cifar10_long"),
     "vit": (ROOT / "benchmarks" / "vit_cifar10_cpu.yaml", "vit_cifar10_cpu", "runs/vit_cifar10"),
+    "budget": (ROOT / "benchmarks" / "cifar10_cpu.yaml", "cifar10_cpu_budget", "runs/cifar10_budget"),
 }
 METHODS = {
     "dense": "dense",
@@ -71,6 +74,8 @@ METHODS = {
     "chase0.5": "chase_sc0.5",
     "chase0.3heads": "chase_sc0.3_heads",
     "chase0.3headsonly": "chase_sc0.3_heads_only",
+    "chase_macs0.5": "chase_macs0.5_skip",
+    "chase_macs0.5_per_cost": "chase_macs0.5_skip_per_cost",
 }
 SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
 SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]
