@@ -113,7 +113,8 @@ def profile_latency(
             ms.append(dense_ms + 1e3 * changed)
         groups[g.name] = ([*widths, g.width], [*ms, dense_ms])
         # Progress as it goes: a CPU profile of a large model takes minutes.
-        log.info("profiled group %d/%d %s: %s", i, len(pruner.groups), g.name, dict(zip(*groups[g.name])))
+        points_ms = ", ".join(f"{w}: {t:.2f}" for w, t in zip(*groups[g.name]))
+        log.info("profiled group %d/%d %s (width: ms) %s", i, len(pruner.groups), g.name, points_ms)
     info = {
         "device": str(device),
         "dtype": dtype,
