@@ -235,6 +235,31 @@ def test_self_time_signatures_mark_exactly_the_calls_whose_work_changed():
     assert changed == {"block_a", "bn_a", "block_b", ""}
 
 
+class _Sum(torch.nn.Module):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input.sum(1, keepdim=True)
+
+
+class _Slicer(torch.nn.Module):
+    """Its own code makes a tensor of width k and hands it to a submodule as a keyword."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.sum = k, _Sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sum(input=x[:, : self.k] * 2)
+
+
+def test_work_handed_on_as_a_keyword_is_part_of_the_callers_signature():
+    from chase.timing import module_self_times
+
+    x = torch.randn(2, 8)
+    wide, narrow = (module_self_times(_Slicer(k), x, warmup=0, repeats=1) for k in (6, 3))
+    assert wide[("", 0)][0] != narrow[("", 0)][0]  # the root's own code made a narrower tensor
+    assert module_self_times(_Slicer(6), x, warmup=0, repeats=1)[("", 0)][0] == wide[("", 0)][0]
+
+
 def test_a_profile_point_counts_only_the_calls_whose_work_changed():
     from chase.profile import _changed_time
 

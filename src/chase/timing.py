@@ -118,33 +118,36 @@ class _SelfTimer:
         self._stack: list[list[Any]] = []
         self._handles = []
         for name, module in model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(functools.partial(self._enter, name)))
-            self._handles.append(module.register_forward_hook(functools.partial(self._leave, name)))
+            # with_kwargs: transformers models pass hidden states to their layers as keywords.
+            enter, leave = functools.partial(self._enter, name), functools.partial(self._leave, name)
+            self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(leave, with_kwargs=True))
 
-    def _enter(self, name: str, module: nn.Module, args: Any) -> None:
+    def _enter(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         index = self._calls.get(name, 0)
         self._calls[name] = index + 1
-        tensors = _tensors(args)
+        tensors = _tensors((args, kwargs))
         if self._stack:  # inputs the caller's own code made are part of the caller's work
             known, made = self._stack[-1][3], self._stack[-1][4]
             made += [(tuple(t.shape), t.dtype) for t in tensors if not _is_known(known, t)]
         sync(self.device)
         self._stack.append([(name, index), time.perf_counter(), 0.0, _refs(tensors), []])
 
-    def _leave(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+    def _leave(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         sync(self.device)
         elapsed = time.perf_counter()
         key, start, inner, _, made = self._stack.pop()
         elapsed -= start
         params = tuple(tuple(p.shape) for p in module.parameters(recurse=False))
         self.times[key] = elapsed - inner
-        self.signatures[key] = hash((_shapes(args), _shapes(output), params, tuple(made)))
+        self.signatures[key] = hash((_shapes((args, kwargs)), _shapes(output), params, tuple(made)))
         if self._stack:
             self._stack[-1][2] += elapsed
             self._stack[-1][3].update(_refs(_tensors(output)))
 
     def reset(self) -> None:
         self._calls.clear()
+        self._stack.clear()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -154,10 +157,11 @@ class _SelfTimer:
 def module_self_times(
     model: nn.Module, x: torch.Tensor, warmup: int, repeats: int
 ) -> dict[CallKey, tuple[int, float]]:
-    """Per module call of ``model(x)`` (key: module name, index of the call): a signature of the work it
-    did (the input, output and parameter shapes it and its submodules saw) and its median self time in
-    seconds (its wall time minus that of the module calls inside it) over ``repeats`` forwards after
-    ``warmup``. Two calls with the same signature did the same work."""
+    """Per module call of ``model(x)`` (key: module name, index of the call): a signature of the work its
+    own code did (the shapes of its inputs, outputs and own parameters, and of the tensors it made and
+    handed to a submodule) and its median self time in seconds (its wall time minus that of the module
+    calls inside it) over ``repeats`` forwards after ``warmup``. Two calls with the same signature did
+    the same work."""
     with torch.inference_mode():
         for _ in range(warmup):
             model(x)
