@@ -12,6 +12,8 @@ from typing import Any, Optional, TypeVar
 import torch
 from torch import nn
 
+from chase.nested import tensors
+
 __all__ = ["CallKey", "alternate", "module_self_times", "sync", "time_calls", "time_forward"]
 
 K = TypeVar("K", bound=Hashable)
@@ -75,20 +77,9 @@ def time_forward(
 CallKey = tuple[str, int]
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors in a nested input or output."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
 def _shapes(obj: Any) -> tuple:
     """The shapes and dtypes of the tensors in a nested input or output."""
-    return tuple((tuple(t.shape), t.dtype) for t in _tensors(obj))
+    return tuple((tuple(t.shape), t.dtype) for t in tensors(obj))
 
 
 def _refs(tensors: list[torch.Tensor]) -> dict[int, weakref.ref]:
@@ -126,12 +117,12 @@ class _SelfTimer:
     def _enter(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         index = self._calls.get(name, 0)
         self._calls[name] = index + 1
-        tensors = _tensors((args, kwargs))
+        inputs = tensors((args, kwargs))
         if self._stack:  # inputs the caller's own code made are part of the caller's work
             known, made = self._stack[-1][3], self._stack[-1][4]
-            made += [(tuple(t.shape), t.dtype) for t in tensors if not _is_known(known, t)]
+            made += [(tuple(t.shape), t.dtype) for t in inputs if not _is_known(known, t)]
         sync(self.device)
-        self._stack.append([(name, index), time.perf_counter(), 0.0, _refs(tensors), []])
+        self._stack.append([(name, index), time.perf_counter(), 0.0, _refs(inputs), []])
 
     def _leave(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         sync(self.device)
@@ -143,7 +134,7 @@ class _SelfTimer:
         self.signatures[key] = hash((_shapes((args, kwargs)), _shapes(output), params, tuple(made)))
         if self._stack:
             self._stack[-1][2] += elapsed
-            self._stack[-1][3].update(_refs(_tensors(output)))
+            self._stack[-1][3].update(_refs(tensors(output)))
 
     def reset(self) -> None:
         self._calls.clear()

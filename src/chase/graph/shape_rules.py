@@ -16,7 +16,8 @@ from torch import nn
 
 from chase.graph.layer_rules import pointwise
 from chase.graph.rule_base import ChanState, Effect, Unsupported, arg, data_port, norm_dim, outs
-from chase.graph.trace import Call, _Port, _tensors
+from chase.graph.trace import Call, _Port
+from chase.nested import tensors
 
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 
@@ -44,7 +45,7 @@ def _probe(call: Call) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise
     except Exception as e:  # an op the meta device cannot run
         raise Unsupported(f"{call.where()} could not be analysed: {e}") from e
-    return sizes, tuple(_tensors(out)[0].shape)
+    return sizes, tuple(tensors(out)[0].shape)
 
 
 #: reductions that, kept as a size-1 dim, are a per-position statistic of the channels (a norm's).

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from chase.nested import tensors
+
 log = logging.getLogger(__name__)
 
 # Tensor methods that only read metadata or return non-tensors; never worth a record.
@@ -147,13 +149,13 @@ class _Recorder(TorchFunctionMode):
 
         s_args = tuple(swap(a) for a in args)
         s_kwargs = {k: swap(v) for k, v in kwargs.items()}
-        arg_ids = {id(a) for a in _tensors((args, kwargs))}
+        arg_ids = {id(a) for a in tensors((args, kwargs))}
         out = func(*args, **kwargs)
         self._record(func, op, s_args, s_kwargs, inputs, arg_ids, out)
         return out
 
     def _record(self, func, op, args, kwargs, inputs, arg_ids, out) -> None:
-        outs = _tensors(out)
+        outs = tensors(out)
         if not outs:
             return
         new = []
@@ -180,17 +182,6 @@ class _Recorder(TorchFunctionMode):
         for port, r in enumerate(inputs):
             if r.kind == "call":
                 self.trace.consumers.setdefault((r.ref, r.out), []).append((call.index, port))
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """All tensors in nested tuples, lists and dicts (and their values), in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for x in obj for t in _tensors(x)]
-    if isinstance(obj, dict):
-        return [t for x in obj.values() for t in _tensors(x)]
-    return []
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -223,13 +214,13 @@ def prepare_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]
 
     if isinstance(example_inputs, dict):
         kwargs = {k: prep(v) for k, v in example_inputs.items()}
-        return (), kwargs, _tensors(kwargs)
+        return (), kwargs, tensors(kwargs)
     if isinstance(example_inputs, (list, tuple)):
         args = tuple(prep(v) for v in example_inputs)
-        return args, {}, _tensors(args)
+        return args, {}, tensors(args)
     if isinstance(example_inputs, torch.Tensor):
         args = (prep(example_inputs),)
-        return args, {}, _tensors(args)
+        return args, {}, tensors(args)
     raise ValueError(
         f"example_inputs must be a tensor, a tuple/list of args or a dict of kwargs, got "
         f"{type(example_inputs).__name__}"
@@ -277,7 +268,7 @@ def trace_model(model: nn.Module, example_inputs: Any, run: Callable[[Callable[[
                 f"channel discovery could not run the model's forward pass; it failed in module '{where}': "
                 f"{type(e).__name__}: {e}"
             ) from e
-        flat = list(_tensors(out))
+        flat = list(tensors(out))
         for t in flat:
             r = rec.ref(t)
             if r.kind == "call":
