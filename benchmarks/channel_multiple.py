@@ -10,8 +10,9 @@ question is how the hardware treats the shapes, not accuracy.
     python benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256
     python benchmarks/channel_multiple.py --quick              # smoke test (CIFAR ResNet-18, eager, batch 2)
 
-With ``--ranks score,score_per_cost`` each multiple is also built with channels ranked by score per MAC
-saved (``channel_rank``); with ``--latency-table FILE`` (``chase profile``) also by a latency budget of
+With ``--ranks score,score_per_cost,normalized`` each multiple is also built with channels ranked by score
+per MAC saved and by score over the group's mean (``channel_rank``); ``--channels-last both`` also times
+channels-last models and inputs; with ``--latency-table FILE`` (``chase profile``) also by a latency budget of
 ``--latency-ratio``, where the table's predicted speedup is reported next to the measured one.
 """
 
@@ -66,6 +67,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         dtypes=args.dtypes,
         device=args.device,
         compiled=[False, True] if args.compile else [False],
+        channels_last=args.channels_last,
         warmup=args.warmup,
         repeats=args.repeats,
         macs=macs,
@@ -95,7 +97,7 @@ def markdown(payload: dict) -> str:
         "",
         f"UNTRAINED widths: Chase's final widths for a MACs budget of {payload['macs_ratio']} of the dense "
         "model (prune_skip, ERK-masked initial weights at d = 0.1), with channel_multiple m "
-        "(`-score-per-cost`: channel_rank=score_per_cost"
+        "(`-score-per-cost`, `-normalized`: channel_rank=score_per_cost, normalized"
         + (
             f"; `lat-`: a latency budget of {payload['latency_ratio']} instead, by the table named below"
             if "latency_ratio" in payload
@@ -129,13 +131,15 @@ def markdown(payload: dict) -> str:
             lines.append(row)
         lines += [
             "",
-            "| model | batch | dtype | compiled | images/s | speedup | share of the MACs' speedup |",
-            "|---|---|---|---|---|---|---|",
+            "| model | batch | dtype | channels_last | compiled | images/s | speedup "
+            "| share of the MACs' speedup |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in res["results"]:
             ratio, speedup = res["macs"][r["model"]] / res["macs"]["dense"], r.get("speedup", 1.0)
             lines.append(
-                f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['compiled']} | "
+                f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['channels_last']} "
+                f"| {r['compiled']} | "
                 f"{r['throughput']:.1f} | {speedup:.2f}x | {speedup * ratio:.2f} |"
             )
         for s in res.get("skipped", []):
@@ -156,6 +160,9 @@ def main() -> None:
     ap.add_argument("--latency-ratio", type=float, default=0.5)
     ap.add_argument("--macs-ratio", type=float, default=0.6)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument(
+        "--channels-last", choices=("no", "yes", "both"), default="no", help="memory format of models, inputs"
+    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--input", type=int, default=0, help="input size override (0: the model's)")
@@ -175,6 +182,7 @@ def main() -> None:
     args.dtypes = args.dtypes.split(",")
     args.multiples = [int(m) for m in args.multiples.split(",")]
     args.ranks = args.ranks.split(",")
+    args.channels_last = {"no": [False], "yes": [True], "both": [False, True]}[args.channels_last]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     payload = {"machine": machine(args.device), "macs_ratio": args.macs_ratio, "models": {}}
     if args.latency_table:

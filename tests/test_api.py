@@ -307,6 +307,10 @@ def test_save_pretrained_checks_before_it_writes(tmp_path):
         (["flops", "-m", "resnet18", "--channel-multiple", "4"], "--channel-multiple applies to"),
         (["check", "-m", "resnet18", "--channel-sparsity", "2"], "channel_sparsity must be in"),
         (["flops", "-m", "resnet18", "--macs-ratio", "1.5"], "needs macs_ratio in (0, 1)"),
+        (
+            ["flops", "-m", "resnet18", "--channel-sparsity", "0.3", "--channel-rank", "score_per_cost"],
+            "needs a budget target",
+        ),
     ],
 )
 def test_more_cli_usage_errors(argv, words, capsys):
@@ -315,6 +319,14 @@ def test_more_cli_usage_errors(argv, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+def test_flops_ranks_channels_normalized_at_a_channel_sparsity(capsys):
+    from chase.cli import main
+
+    argv = ["flops", "-m", "resnet18", "--num-classes", "10", "--input", "32", "--channel-sparsity", "0.3"]
+    assert main([*argv, "--channel-rank", "normalized"]) == 0
+    assert "ranked by normalized" in capsys.readouterr().out
 
 
 def test_flops_measures_a_macs_budget(capsys):

@@ -19,7 +19,7 @@ def _params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("target, ratio", [("macs", 0.6), ("params", 0.75)])
 @pytest.mark.parametrize("multiple", [1, 4])
-@pytest.mark.parametrize("rank", ["score", "score_per_cost"])
+@pytest.mark.parametrize("rank", ["score", "score_per_cost", "normalized"])
 def test_chase_meets_the_budget_within_one_channel(target, ratio, multiple, rank):
     model, opt, sp = tiny_chase(
         EXAMPLE, channel_multiple=multiple, target=target, channel_rank=rank, **{f"{target}_ratio": ratio}
@@ -111,6 +111,54 @@ def test_score_per_cost_takes_the_dearest_channels_first():
         removed[rank] = result.removed
     assert dearest.name not in removed["score"]
     assert removed["score_per_cost"] == {dearest.name: 3}
+
+
+@pytest.mark.parametrize("budget", [{}, {"target": "macs", "macs_ratio": 0.6}])
+def test_normalized_rank_prunes_every_group_at_a_similar_rate(budget):
+    """One group's weights are 100x smaller than the others' (as ERK's sparsest layers score): ranked by score
+    it is emptied to its floor before the others lose a channel; ranked by score over the group's mean
+    every group loses a similar share, the lowest-scored channels of each."""
+    from chase.sparse.targets import find_sparse_params
+    from chase.sparsifier.channel_pruning import ChannelPruner
+
+    model = TinyResNet(width=32)
+    params = dict(model.named_parameters())
+    groups = ChannelPruner(model, EXAMPLE, find_sparse_params(model), channel_sparsity=0.3, prune_skip=True)
+    assert len(groups.groups) == 3
+    small = groups.groups[1].name
+    with torch.no_grad():
+        for g in groups.groups:
+            for s in g.producers:
+                w = params[s.tensor]
+                profile = torch.linspace(1.0, 2.0, w.shape[0]).view(-1, *[1] * (w.dim() - 1))
+                w.copy_(profile.expand_as(w) * (0.01 if g.name == small else 1.0))
+    width = {g.name: g.width for g in groups.groups}
+    removed = {}
+    for rank in ("score", "normalized"):
+        m = copy.deepcopy(model)
+        result = chase.prune_channels(
+            m, EXAMPLE, channel_sparsity=0.3, prune_skip=True, channel_rank=rank, **budget
+        )
+        removed[rank] = {g: result.removed.get(g, 0) / width[g] for g in width}
+        if rank == "normalized":  # the lowest-scored channels of each group went: the first ones
+            kept = m.get_submodule(small).weight[:, 0, 0, 0]
+            assert kept.min() > 0.01 * (1.0 + removed[rank][small] * 0.9)
+    others = max(v for g, v in removed["score"].items() if g != small)
+    assert removed["score"][small] > 0.5 and removed["score"][small] > 4 * others, removed["score"]
+    shares = list(removed["normalized"].values())
+    assert min(shares) > 0.1 and max(shares) - min(shares) < 0.15, removed["normalized"]
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_chase_reaches_s_c_ranked_normalized(multiple):
+    """With S_c (no budget) the normalized ranking follows the channel schedule like the paper's."""
+    model, opt, sp = tiny_chase(
+        EXAMPLE, channel_sparsity=0.5, channel_rank="normalized", channel_multiple=multiple
+    )
+    for i in range(40):
+        train_step(model, opt, sp, i)
+    assert sp.pruner.channel_sparsity_now() == pytest.approx(0.5, abs=2 * multiple / sp.pruner.total_channels)
+    assert all(w % multiple == 0 or w < multiple for w in sp.pruner.alive_channels().values())
 
 
 def test_the_trainer_takes_a_macs_budget(tmp_path):

@@ -69,8 +69,9 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
     p.add_argument(
         "--channel-rank",
         default="score",
-        help="with --macs-ratio: rank channels by score (the paper; default) or score_per_cost (score per "
-        "MAC saved)",
+        help="with --channel-sparsity or --macs-ratio: rank channels by score (the paper; default), "
+        "normalized (score over its group's mean: every group pruned at a similar rate) or, with "
+        "--macs-ratio, score_per_cost (score per MAC saved)",
     )
     p.add_argument(
         "--channel-multiple",

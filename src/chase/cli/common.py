@@ -62,9 +62,7 @@ def models_to_measure(
     s = args.channel_sparsity if args.channel_sparsity is not None else round(1.0 - macs_ratio, 6)
     budget = {} if macs_ratio is None else {"target": "macs", "macs_ratio": macs_ratio}
     rank = getattr(args, "channel_rank", "score")
-    if rank != "score":
-        if macs_ratio is None:
-            raise CommandError(f"--channel-rank {rank} applies to --macs-ratio")
+    if rank != "score":  # the library refuses a ranking the target cannot take
         budget["channel_rank"] = rank
     if getattr(args, "prune_heads", False):
         budget["prune_heads"] = True
@@ -74,8 +72,8 @@ def models_to_measure(
     label = untrained_label(s, skip, d, m) + (" (attention heads too)" if budget.get("prune_heads") else "")
     if macs_ratio is not None:
         label += f"; channels removed until the MACs are {macs_ratio} of the dense model's"
-        if rank != "score":
-            label += f", ranked by {rank}"
+    if rank != "score":
+        label += f", ranked by {rank}"
     return dense, slim, None, label
 
 

@@ -40,9 +40,10 @@ __all__ = [
 REMOVAL_MODES = ("physical", "mask")
 #: what the channel schedule counts: prunable channels (S_c), or the model's MACs or parameters.
 TARGETS = ("channels", "macs", "params", "latency")
-#: how an event ranks channels: by score alone (the paper), or, under a budget target, by score per unit of
-#: the budget a channel saves (a greedy knapsack: the least score given up for what is saved).
-CHANNEL_RANKS = ("score", "score_per_cost")
+#: how an event ranks channels: by score alone (the paper); under a budget target, by score per unit of
+#: the budget a channel saves (a greedy knapsack: the least score given up for what is saved); or by score
+#: over its group's mean score (every group loses channels at a similar rate, lowest scores first).
+CHANNEL_RANKS = ("score", "score_per_cost", "normalized")
 #: density at which an untrained width is chosen: the paper's d (what Chase sees at its first event).
 INIT_DENSITY = 0.1
 
@@ -331,7 +332,8 @@ class ChannelPruner:
         """Remove the lowest-score channels until ``keep`` prunable channels are left (water-filling under
         the floors). With ``costs`` (what one channel, or unit, of each group is worth, e.g. the MACs it
         saves) and ``quota`` in that unit instead, remove until their sum is nearest the quota; with
-        ``channel_rank="score_per_cost"`` the ranking is then by score over cost. ``masks``
+        ``channel_rank="score_per_cost"`` the ranking is then by score over cost (with
+        ``"normalized"``, always by score over the group's mean score). ``masks``
         is updated in place (sliced, or removed rows zeroed); ``agree`` makes every distributed rank take
         the same choice. Returns the number of channels removed."""
         alive = [self.surgery.current_width(g.name) for g in self.groups]
@@ -346,6 +348,13 @@ class ChannelPruner:
             # Lowest score per unit saved first: a cheap channel must score much lower to go before an
             # expensive one. Only the order matters to the water-filling, so no normalisation.
             scores = scores / torch.as_tensor(costs, dtype=torch.float)[gids]
+        elif self.channel_rank == "normalized":
+            # Over the mean score of the group's alive channels: a layer whose weights are small across the
+            # board (sparser under ERK, usually deeper) is not emptied before the others are touched.
+            n = len(self.groups)
+            sums = torch.zeros(n).index_add_(0, gids, scores)
+            means = sums / torch.bincount(gids, minlength=n).clamp(min=1)
+            scores = scores / means.clamp(min=torch.finfo(torch.float).tiny)[gids]
         if self.channel_multiple > 1:
             chosen = self._aligned_choice(scores, gids, alive, quota, costs, at_least)
         else:
@@ -469,7 +478,8 @@ def prune_channels(
     (parameters) are at most ``macs_ratio`` (``params_ratio``) of what they were, or with
     ``target="latency"`` until the time ``latency_table`` predicts is ``latency_ratio`` of the dense
     model's; ``channel_sparsity`` then only sets the floors. With a budget target,
-    ``channel_rank="score_per_cost"`` ranks channels by score per unit of the budget they save.
+    ``channel_rank="score_per_cost"`` ranks channels by score per unit of the budget they save;
+    ``channel_rank="normalized"`` ranks them by score over their group's mean score.
     ``prune_heads`` also removes whole attention heads (see :class:`~chase.Chase`).
     """
     check_channel_options(

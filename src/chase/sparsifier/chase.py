@@ -76,9 +76,12 @@ class Chase(Sparsifier):
         macs_ratio, params_ratio, latency_ratio: the final budget of ``target="macs"`` / ``"params"`` /
             ``"latency"``, in (0, 1).
         latency_table: a :class:`~chase.sparsifier.latency.LatencyTable`, its JSON file or dict.
-        channel_rank: with a budget target, ``"score"`` (default: lowest score first, the budget decides
-            how many) or ``"score_per_cost"`` (lowest score per unit of the budget a channel saves first:
-            channels of expensive layers go sooner, which turns a MACs budget into more real speed).
+        channel_rank: ``"score"`` (default: lowest score first, the paper's global ranking; with a budget
+            target the budget decides how many), ``"score_per_cost"`` (budget targets only: lowest score per
+            unit of the budget a channel saves first, so channels of expensive layers go sooner) or
+            ``"normalized"`` (score over the mean score of its group's alive channels: every group loses
+            channels at a similar rate, the lowest-scored ones; layers that are small-scored across the
+            board, as ERK's sparse deep layers are, are not emptied first).
         channel_multiple: after every event each prunable group keeps a multiple of this many channels
             (GPU kernels prefer multiples of 8): removals go in aligned blocks inside the same global
             ranking (a group narrower than it keeps its width; floors still hold).

@@ -179,7 +179,9 @@ class TrainConfig:
     )
     latency_table: Optional[str] = _opt(None, "chase, target=latency: the JSON file `chase profile` wrote")
     channel_rank: Optional[str] = _opt(
-        None, "chase, budget targets: score, or score_per_cost (score per unit of budget saved); null: score"
+        None,
+        "chase: score; normalized (score over its group's mean); budget targets also score_per_cost (score "
+        "per unit of budget saved); null: score",
     )
     # --- run
     seed: int = _opt(0, "seed of the model, data order and sparsifier")
