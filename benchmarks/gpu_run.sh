@@ -43,7 +43,7 @@ fi
 if has multiple; then
   echo "== ResNet-50 224: the same MACs budget with channel_multiple 1/8/16 (issue 14)"
   timeout 240 python3 benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256 \
-      --models resnet50 --repeats 20 --warmup 5 --out "$OUT" --stem gpu_channel_multiple
+      --models resnet50 --channels-last yes --repeats 20 --warmup 5 --out "$OUT" --stem gpu_channel_multiple
 fi
 if has cifar; then
   echo "== CIFAR-10: dense / RigL / Chase"
