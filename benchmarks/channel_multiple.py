@@ -10,8 +10,9 @@ question is how the hardware treats the shapes, not accuracy.
     python benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256
     python benchmarks/channel_multiple.py --quick              # smoke test (CIFAR ResNet-18, eager, batch 2)
 
-With ``--ranks score,score_per_cost,normalized`` each multiple is also built with channels ranked by score
-per MAC saved and by score over the group's mean (``channel_rank``); ``--channels-last both`` also times
+With ``--ranks score,score_per_cost,normalized,uniform`` each multiple is also built with channels ranked
+by score per MAC saved, by score over the group's mean, and the same share of every group
+(``channel_rank``); ``--channels-last both`` also times
 channels-last models and inputs; with ``--latency-table FILE`` (``chase profile``) also by a latency budget of
 ``--latency-ratio``, where the table's predicted speedup is reported next to the measured one.
 """
@@ -97,7 +98,7 @@ def markdown(payload: dict) -> str:
         "",
         f"UNTRAINED widths: Chase's final widths for a MACs budget of {payload['macs_ratio']} of the dense "
         "model (prune_skip, ERK-masked initial weights at d = 0.1), with channel_multiple m "
-        "(`-score-per-cost`, `-normalized`: channel_rank=score_per_cost, normalized"
+        "(`-score-per-cost`, `-normalized`, `-uniform`: channel_rank=score_per_cost, normalized, uniform"
         + (
             f"; `lat-`: a latency budget of {payload['latency_ratio']} instead, by the table named below"
             if "latency_ratio" in payload

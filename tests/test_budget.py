@@ -19,7 +19,7 @@ def _params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("target, ratio", [("macs", 0.6), ("params", 0.75)])
 @pytest.mark.parametrize("multiple", [1, 4])
-@pytest.mark.parametrize("rank", ["score", "score_per_cost", "normalized"])
+@pytest.mark.parametrize("rank", ["score", "score_per_cost", "normalized", "uniform"])
 def test_chase_meets_the_budget_within_one_channel(target, ratio, multiple, rank):
     model, opt, sp = tiny_chase(
         EXAMPLE, channel_multiple=multiple, target=target, channel_rank=rank, **{f"{target}_ratio": ratio}
@@ -149,16 +149,49 @@ def test_normalized_rank_prunes_every_group_at_a_similar_rate(budget):
     assert min(shares) > 0.1 and max(shares) - min(shares) < 0.15, removed["normalized"]
 
 
+@pytest.mark.parametrize("rank", ["normalized", "uniform"])
 @pytest.mark.parametrize("multiple", [1, 4])
-def test_chase_reaches_s_c_ranked_normalized(multiple):
-    """With S_c (no budget) the normalized ranking follows the channel schedule like the paper's."""
-    model, opt, sp = tiny_chase(
-        EXAMPLE, channel_sparsity=0.5, channel_rank="normalized", channel_multiple=multiple
-    )
+def test_chase_reaches_s_c_ranked_by_group(rank, multiple):
+    """With S_c (no budget) the per-group rankings follow the channel schedule like the paper's; ranked
+    uniformly, every group has lost the same share after every event (within one block)."""
+    model, opt, sp = tiny_chase(EXAMPLE, channel_sparsity=0.5, channel_rank=rank, channel_multiple=multiple)
+    widths = {g.name: g.width for g in sp.pruner.groups}
     for i in range(40):
         train_step(model, opt, sp, i)
+        if rank == "uniform" and sp.is_channel_step(i + 1):
+            shares = [1 - w / widths[g] for g, w in sp.pruner.alive_channels().items()]
+            assert max(shares) - min(shares) <= multiple / min(widths.values()), shares
     assert sp.pruner.channel_sparsity_now() == pytest.approx(0.5, abs=2 * multiple / sp.pruner.total_channels)
     assert all(w % multiple == 0 or w < multiple for w in sp.pruner.alive_channels().values())
+
+
+@pytest.mark.parametrize("budget", [{}, {"target": "macs", "macs_ratio": 0.6}])
+def test_uniform_rank_takes_each_groups_lowest_scored_share(budget):
+    """Ranked uniformly, one-shot pruning removes the same share of every group (within one channel of the
+    narrowest), the lowest-scored channels of each, however the groups' scores compare."""
+    from chase.sparse.targets import find_sparse_params
+    from chase.sparsifier.channel_pruning import ChannelPruner
+
+    torch.manual_seed(0)
+    model = TinyResNet(width=32)
+    params = dict(model.named_parameters())
+    groups = ChannelPruner(model, EXAMPLE, find_sparse_params(model), channel_sparsity=0.3, prune_skip=True)
+    with torch.no_grad():  # group i's scores are 10^i times larger, and fall with the channel index
+        for i, g in enumerate(groups.groups):
+            for s in g.producers:
+                w = params[s.tensor]
+                profile = torch.linspace(2.0, 1.0, w.shape[0]).view(-1, *[1] * (w.dim() - 1))
+                w.copy_(profile.expand_as(w) * 10.0**i)
+    result = chase.prune_channels(
+        model, EXAMPLE, channel_sparsity=0.3, prune_skip=True, channel_rank="uniform", **budget
+    )
+    shares = [result.removed.get(g.name, 0) / g.width for g in groups.groups]
+    assert min(shares) > 0.1 and max(shares) - min(shares) <= 1 / 32, shares
+    for i, g in enumerate(groups.groups):  # the last (lowest-scored) channels went: the first ones are left
+        w = params[g.producers[0].tensor]
+        kept = g.width - result.removed.get(g.name, 0)
+        expected = torch.linspace(2.0, 1.0, g.width)[:kept] * 10.0**i
+        assert torch.allclose(w.reshape(w.shape[0], -1)[:, 0], expected)
 
 
 def test_the_trainer_takes_a_macs_budget(tmp_path):

@@ -70,8 +70,8 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
         "--channel-rank",
         default="score",
         help="with --channel-sparsity or --macs-ratio: rank channels by score (the paper; default), "
-        "normalized (score over its group's mean: every group pruned at a similar rate) or, with "
-        "--macs-ratio, score_per_cost (score per MAC saved)",
+        "normalized (score over its group's mean: every group pruned at a similar rate), uniform (the "
+        "same share of every group) or, with --macs-ratio, score_per_cost (score per MAC saved)",
     )
     p.add_argument(
         "--channel-multiple",

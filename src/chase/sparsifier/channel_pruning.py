@@ -42,8 +42,9 @@ REMOVAL_MODES = ("physical", "mask")
 TARGETS = ("channels", "macs", "params", "latency")
 #: how an event ranks channels: by score alone (the paper); under a budget target, by score per unit of
 #: the budget a channel saves (a greedy knapsack: the least score given up for what is saved); or by score
-#: over its group's mean score (every group loses channels at a similar rate, lowest scores first).
-CHANNEL_RANKS = ("score", "score_per_cost", "normalized")
+#: over its group's mean score (every group loses channels at a similar rate, lowest scores first); or
+#: uniformly (every group loses the same share of its channels, its lowest-scored ones).
+CHANNEL_RANKS = ("score", "score_per_cost", "normalized", "uniform")
 #: density at which an untrained width is chosen: the paper's d (what Chase sees at its first event).
 INIT_DENSITY = 0.1
 
@@ -333,7 +334,8 @@ class ChannelPruner:
         the floors). With ``costs`` (what one channel, or unit, of each group is worth, e.g. the MACs it
         saves) and ``quota`` in that unit instead, remove until their sum is nearest the quota; with
         ``channel_rank="score_per_cost"`` the ranking is then by score over cost (with
-        ``"normalized"``, always by score over the group's mean score). ``masks``
+        ``"normalized"``, always by score over the group's mean score; with ``"uniform"``, by the share of
+        its group gone once the channel goes). ``masks``
         is updated in place (sliced, or removed rows zeroed); ``agree`` makes every distributed rank take
         the same choice. Returns the number of channels removed."""
         alive = [self.surgery.current_width(g.name) for g in self.groups]
@@ -355,6 +357,8 @@ class ChannelPruner:
             sums = torch.zeros(n).index_add_(0, gids, scores)
             means = sums / torch.bincount(gids, minlength=n).clamp(min=1)
             scores = scores / means.clamp(min=torch.finfo(torch.float).tiny)[gids]
+        elif self.channel_rank == "uniform":
+            scores = _uniform_order(scores, gids, alive, [g.width for g in self.groups])
         if self.channel_multiple > 1:
             chosen = self._aligned_choice(scores, gids, alive, quota, costs, at_least)
         else:
@@ -479,7 +483,8 @@ def prune_channels(
     ``target="latency"`` until the time ``latency_table`` predicts is ``latency_ratio`` of the dense
     model's; ``channel_sparsity`` then only sets the floors. With a budget target,
     ``channel_rank="score_per_cost"`` ranks channels by score per unit of the budget they save;
-    ``channel_rank="normalized"`` ranks them by score over their group's mean score.
+    ``channel_rank="normalized"`` ranks them by score over their group's mean score, and
+    ``channel_rank="uniform"`` takes the same share of every group (its lowest-scored channels).
     ``prune_heads`` also removes whole attention heads (see :class:`~chase.Chase`).
     """
     check_channel_options(
@@ -586,6 +591,21 @@ def untrained_label(
         f"UNTRAINED width: Chase channel_sparsity={channel_sparsity} prune_skip={prune_skip}{multiple}, all "
         f"removed at once, channels ranked by UMM of the initial weights masked at density {density} (ERK)"
     )
+
+
+def _uniform_order(
+    scores: torch.Tensor, gids: torch.Tensor, alive: Sequence[int], widths: Sequence[int]
+) -> torch.Tensor:
+    """Ranking keys that remove the same share of every group: a channel's key is the share of its group's
+    original width gone once it goes (after the group's lower-scored channels), so every prefix of the
+    global order takes about the same share of each group, lowest scores first within a group."""
+    keys = torch.empty_like(scores)
+    for i, (a, width) in enumerate(zip(alive, widths)):
+        pos = (gids == i).nonzero().squeeze(1)
+        order = torch.argsort(scores[pos], stable=True)
+        gone = width - a  # removed at earlier events
+        keys[pos[order]] = (gone + torch.arange(1, pos.numel() + 1, dtype=scores.dtype)) / width
+    return keys
 
 
 def _without_kept(groups: list[ChannelGroup], patterns: Sequence[str]) -> list[ChannelGroup]:

@@ -81,7 +81,9 @@ class Chase(Sparsifier):
             unit of the budget a channel saves first, so channels of expensive layers go sooner) or
             ``"normalized"`` (score over the mean score of its group's alive channels: every group loses
             channels at a similar rate, the lowest-scored ones; layers that are small-scored across the
-            board, as ERK's sparse deep layers are, are not emptied first).
+            board, as ERK's sparse deep layers are, are not emptied first) or ``"uniform"`` (every group
+            loses the same share of its channels, its lowest-scored ones: layer-wise pruning with the
+            paper's score inside each layer).
         channel_multiple: after every event each prunable group keeps a multiple of this many channels
             (GPU kernels prefer multiples of 8): removals go in aligned blocks inside the same global
             ranking (a group narrower than it keeps its width; floors still hold).

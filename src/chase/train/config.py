@@ -180,8 +180,8 @@ class TrainConfig:
     latency_table: Optional[str] = _opt(None, "chase, target=latency: the JSON file `chase profile` wrote")
     channel_rank: Optional[str] = _opt(
         None,
-        "chase: score; normalized (score over its group's mean); budget targets also score_per_cost (score "
-        "per unit of budget saved); null: score",
+        "chase: score; normalized (score over its group's mean); uniform (the same share of every group); "
+        "budget targets also score_per_cost (score per unit of budget saved); null: score",
     )
     # --- run
     seed: int = _opt(0, "seed of the model, data order and sparsifier")
