@@ -78,7 +78,7 @@ class Chase(Sparsifier):
         latency_table: a :class:`~chase.sparsifier.latency.LatencyTable`, its JSON file or dict.
         channel_rank: ``"score"`` (default: lowest score first, the paper's global ranking; with a budget
             target the budget decides how many), ``"score_per_cost"`` (budget targets only: lowest score per
-            unit of the budget a channel saves first, so channels of expensive layers go sooner) or
+            unit of the budget a channel saves first, so channels of expensive layers go sooner),
             ``"normalized"`` (score over the mean score of its group's alive channels: every group loses
             channels at a similar rate, the lowest-scored ones; layers that are small-scored across the
             board, as ERK's sparse deep layers are, are not emptied first) or ``"uniform"`` (every group
