@@ -12,9 +12,9 @@ question is how the hardware treats the shapes, not accuracy.
 
 With ``--ranks score,score_per_cost,normalized,uniform`` each multiple is also built with channels ranked
 by score per MAC saved, by score over the group's mean, and the same share of every group
-(``channel_rank``); ``--channels-last both`` also times
-channels-last models and inputs; with ``--latency-table FILE`` (``chase profile``) also by a latency budget of
-``--latency-ratio``, where the table's predicted speedup is reported next to the measured one.
+(``channel_rank``); ``--channels-last both`` also times channels-last models and inputs; with
+``--latency-table FILE`` (``chase profile``) also by a latency budget of ``--latency-ratio``, where the
+table's predicted speedup is reported next to the measured one.
 """
 
 from __future__ import annotations
@@ -111,19 +111,18 @@ def markdown(payload: dict) -> str:
     ]
     for name, res in payload["models"].items():
         predicted = res.get("latency_predicted_ms", {})
-        lines += [f"## {name}", "", "| model | MACs ratio | conv widths % 8 == 0 |", "|---|---|---|"]
+        lines += [f"## {name}", ""]
+        header, rule = "| model | MACs ratio | conv widths % 8 == 0 |", "|---|---|---|"
         if predicted:
             t = res["latency_table"]
-            lines[-3:-2] = [
+            lines += [
                 f"Latency table `{t['path']}`: {t['meta'].get('device')}, {t['meta'].get('dtype')}, batch "
                 f"{t['meta'].get('batch_size')}, eager, dense {t['dense_ms']:.0f} ms "
                 f"({t['meta'].get('method', 'whole forwards')}).",
                 "",
             ]
-            lines[-2:] = [
-                "| model | MACs ratio | conv widths % 8 == 0 | table's predicted speedup |",
-                "|---|---|---|---|",
-            ]
+            header, rule = header + " table's predicted speedup |", rule + "---|"
+        lines += [header, rule]
         for k, v in res["macs"].items():
             share = res["share_of_conv_widths_multiple_of_8"][k]
             row = f"| {k} | {v / res['macs']['dense']:.3f} | {100 * share:.0f}% |"

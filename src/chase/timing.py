@@ -82,8 +82,8 @@ def _shapes(obj: Any) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for t in tensors(obj))
 
 
-def _refs(tensors: list[torch.Tensor]) -> dict[int, weakref.ref]:
-    return {id(t): weakref.ref(t) for t in tensors}
+def _refs(ts: list[torch.Tensor]) -> dict[int, weakref.ref]:
+    return {id(t): weakref.ref(t) for t in ts}
 
 
 def _is_known(known: Mapping[int, weakref.ref], t: torch.Tensor) -> bool:

@@ -332,12 +332,11 @@ class ChannelPruner:
     ) -> int:
         """Remove the lowest-score channels until ``keep`` prunable channels are left (water-filling under
         the floors). With ``costs`` (what one channel, or unit, of each group is worth, e.g. the MACs it
-        saves) and ``quota`` in that unit instead, remove until their sum is nearest the quota; with
-        ``channel_rank="score_per_cost"`` the ranking is then by score over cost (with
-        ``"normalized"``, always by score over the group's mean score; with ``"uniform"``, by the share of
-        its group gone once the channel goes). ``masks``
-        is updated in place (sliced, or removed rows zeroed); ``agree`` makes every distributed rank take
-        the same choice. Returns the number of channels removed."""
+        saves) and ``quota`` in that unit instead, remove until their sum is nearest the quota. The order
+        follows ``channel_rank``: score; score over cost (``"score_per_cost"``); score over the group's
+        mean score (``"normalized"``); the share of its group gone once the channel goes (``"uniform"``).
+        ``masks`` is updated in place (sliced, or removed rows zeroed); ``agree`` makes every distributed
+        rank take the same choice. Returns the number of channels removed."""
         alive = [self.surgery.current_width(g.name) for g in self.groups]
         if costs is None:
             costs, quota = self.units, self.alive_total() - keep  # in channels; a unit costs its channels
@@ -346,7 +345,7 @@ class ChannelPruner:
             return 0
         scores, gids, ids = self.scores(params, masks, score)
         scores, gids = scores.float().cpu(), gids.cpu()
-        if costs is not None and self.channel_rank == "score_per_cost":
+        if self.channel_rank == "score_per_cost":
             # Lowest score per unit saved first: a cheap channel must score much lower to go before an
             # expensive one. Only the order matters to the water-filling, so no normalisation.
             scores = scores / torch.as_tensor(costs, dtype=torch.float)[gids]
@@ -481,10 +480,10 @@ def prune_channels(
     ``target="macs"`` (``"params"``) channels go, lowest score first, until the model's MACs per example
     (parameters) are at most ``macs_ratio`` (``params_ratio``) of what they were, or with
     ``target="latency"`` until the time ``latency_table`` predicts is ``latency_ratio`` of the dense
-    model's; ``channel_sparsity`` then only sets the floors. With a budget target,
-    ``channel_rank="score_per_cost"`` ranks channels by score per unit of the budget they save;
-    ``channel_rank="normalized"`` ranks them by score over their group's mean score, and
-    ``channel_rank="uniform"`` takes the same share of every group (its lowest-scored channels).
+    model's; ``channel_sparsity`` then only sets the floors. ``channel_rank="normalized"`` ranks channels
+    by score over their group's mean score, ``"uniform"`` takes the same share of every group (its
+    lowest-scored channels), and with a budget target ``"score_per_cost"`` ranks them by score per unit
+    of the budget they save.
     ``prune_heads`` also removes whole attention heads (see :class:`~chase.Chase`).
     """
     check_channel_options(
