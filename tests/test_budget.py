@@ -281,6 +281,17 @@ def test_a_latency_target_needs_its_table():
         )
 
 
+def test_a_table_of_another_model_is_refused(table):
+    """The table of a TinyResNet of width 32 holds groups of the same names as one of width 16: refused,
+    naming the widths, instead of predicting the narrower model's time from the wider one's."""
+    model = TinyResNet(width=16)
+    with pytest.raises(ValueError, match=r"other widths \(block_a: 32 in the table, 16 here"):
+        chase.prune_channels(
+            model, EXAMPLE, channel_sparsity=0.5, target="latency", latency_ratio=0.5, latency_table=table
+        )
+    assert model.block_a.out_channels == 16
+
+
 def test_chase_profile_command(tmp_path):
     from chase.cli import main
 

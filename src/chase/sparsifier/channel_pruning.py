@@ -205,9 +205,11 @@ class ChannelPruner:
         return count_flops(self.module, example_inputs).dense
 
     def use_latency_table(self, source: Any) -> None:
-        """Predict latency with ``source`` (a table, its dict or JSON file); it must hold every group."""
-        self.latency = LatencyTable.load(source)
-        self.latency.check_groups([g.name for g in self.groups])
+        """Predict latency with ``source`` (a table, its dict or JSON file); it must hold every group, at
+        its full width."""
+        table = LatencyTable.load(source)
+        table.check_groups({g.name: g.width for g in self.groups})
+        self.latency = table
 
     def _table(self) -> LatencyTable:
         if self.latency is None:

@@ -57,14 +57,22 @@ class LatencyTable:
         """What removing one channel of ``group`` at ``width`` saves (ms, at least 0)."""
         return max(0.0, self.group_ms(group, width) - self.group_ms(group, width - 1))
 
-    def check_groups(self, names: list[str]) -> None:
-        """Raise ``ValueError`` when a prunable group has no measurements."""
-        missing = [n for n in names if n not in self.groups]
+    def check_groups(self, widths: Mapping[str, int]) -> None:
+        """Raise ``ValueError`` when a prunable group (name -> its full width) has no measurements, or was
+        measured at another full width (a table of another model whose layers have the same names)."""
+        missing = [n for n in widths if n not in self.groups]
         if missing:
             raise ValueError(
                 f"the latency table has no measurements of group(s) {missing[:5]}: profile the same model "
                 "with the same prune_skip/prune_heads/keep_channels (chase profile); it holds "
                 f"{list(self.groups)[:5]}"
+            )
+        other = {n: (self.groups[n][0][-1], w) for n, w in widths.items() if self.groups[n][0][-1] != w}
+        if other:
+            shown = "; ".join(f"{n}: {t} in the table, {w} here" for n, (t, w) in list(other.items())[:3])
+            raise ValueError(
+                f"the latency table was measured on other widths ({shown}): it is another model's table; "
+                "profile this model (chase profile)"
             )
 
     # ------------------------------------------------------------------ file
