@@ -10,11 +10,12 @@ question is how the hardware treats the shapes, not accuracy.
     python benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256
     python benchmarks/channel_multiple.py --quick              # smoke test (CIFAR ResNet-18, eager, batch 2)
 
-With ``--ranks score,score_per_cost,normalized,uniform`` each multiple is also built with channels ranked
-by score per MAC saved, by score over the group's mean, and the same share of every group
-(``channel_rank``); ``--channels-last both`` also times channels-last models and inputs; with
-``--latency-table FILE`` (``chase profile``) also by a latency budget of ``--latency-ratio``, where the
-table's predicted speedup is reported next to the measured one.
+With ``--ranks score,score_per_cost,normalized,uniform,latency_weighted`` each multiple is also built with
+channels ranked by score per MAC saved, by score over the group's mean, the same share of every group,
+and a share growing with the group's time per MAC by ``--latency-table FILE`` (``chase profile``)
+(``channel_rank``); ``--channels-last both`` also times channels-last models and inputs; with a table and
+``--latency-ratio`` also by that latency budget. With a table, its predicted speedup is reported next to
+the measured one.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     models = {"dense": dense}
     budgets = {"": {"target": "macs", "macs_ratio": args.macs_ratio}}
     table = LatencyTable.load(args.latency_table) if args.latency_table else None
-    if table is not None:
+    if table is not None and args.latency_ratio is not None:
         budgets["lat-"] = {"target": "latency", "latency_ratio": args.latency_ratio, "latency_table": table}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -56,9 +57,10 @@ def run(name: str, args: argparse.Namespace) -> dict:
             for rank in args.ranks:
                 for m in args.multiples:
                     key = f"{prefix}m{m}" + ("" if rank == "score" else f"-{rank.replace('_', '-')}")
-                    models[key] = untrained_slim(
-                        dense, x, 0.6, prune_skip=True, channel_multiple=m, channel_rank=rank, **budget
-                    )
+                    options = {**budget, "channel_multiple": m, "channel_rank": rank}
+                    if rank == "latency_weighted":  # weighted by the table (the library refuses none)
+                        options["latency_table"] = table
+                    models[key] = untrained_slim(dense, x, 0.6, prune_skip=True, **options)
     macs = {k: count_flops(v, x).dense for k, v in models.items()}
     aligned = {k: sum(w % 8 == 0 for w in widths(v)) / len(widths(v)) for k, v in models.items()}
     res = benchmark(
@@ -98,7 +100,8 @@ def markdown(payload: dict) -> str:
         "",
         f"UNTRAINED widths: Chase's final widths for a MACs budget of {payload['macs_ratio']} of the dense "
         "model (prune_skip, ERK-masked initial weights at d = 0.1), with channel_multiple m "
-        "(`-score-per-cost`, `-normalized`, `-uniform`: channel_rank=score_per_cost, normalized, uniform"
+        "(`-score-per-cost`, `-normalized`, `-uniform`, `-latency-weighted`: channel_rank=score_per_cost, "
+        "normalized, uniform, latency_weighted by the table named below"
         + (
             f"; `lat-`: a latency budget of {payload['latency_ratio']} instead, by the table named below"
             if "latency_ratio" in payload
@@ -156,8 +159,10 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--multiples", default="1,8,16")
     ap.add_argument("--ranks", default="score", help="channel_rank values, comma-separated")
-    ap.add_argument("--latency-table", default="", help="also prune to a latency budget by this table")
-    ap.add_argument("--latency-ratio", type=float, default=0.5)
+    ap.add_argument(
+        "--latency-table", default="", help="the table of latency_weighted and of --latency-ratio (one model)"
+    )
+    ap.add_argument("--latency-ratio", type=float, help="also prune to this latency budget by the table")
     ap.add_argument("--macs-ratio", type=float, default=0.6)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument(
@@ -185,7 +190,7 @@ def main() -> None:
     args.channels_last = {"no": [False], "yes": [True], "both": [False, True]}[args.channels_last]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     payload = {"machine": machine(args.device), "macs_ratio": args.macs_ratio, "models": {}}
-    if args.latency_table:
+    if args.latency_table and args.latency_ratio is not None:
         payload["latency_ratio"] = args.latency_ratio
     for name in args.models.split(","):
         payload["models"][name] = run(name, args)

@@ -10,8 +10,9 @@ size 4 for 2 epochs at density 0.2, AdamW: dense, RigL, Chase S_c 0.3 on MLP neu
 on MLP neurons and attention heads, and on attention heads only (``--methods dense rigl chase0.3
 chase0.3heads chase0.3headsonly``).
 ``--protocol budget`` (the short protocol, issue 14): Chase with prune_skip to a MACs budget of 0.5, channels
-ranked by score, by score per MAC saved, by score over the group's mean, and the same share of every group
-(``--methods dense chase_macs0.5 chase_macs0.5_per_cost chase_macs0.5_normalized chase_macs0.5_uniform``).
+ranked by score, by score per MAC saved, by score over the group's mean, the same share of every group, and
+a share growing with the group's time per MAC by this CPU's latency table (``--methods dense chase_macs0.5
+chase_macs0.5_per_cost chase_macs0.5_normalized chase_macs0.5_uniform chase_macs0.5_latency``).
 
 Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
 reported accuracy is the FINAL model's on all 10,000 test images (no selection). For every run the script
@@ -79,6 +80,7 @@ METHODS = {
     "chase_macs0.5_per_cost": "chase_macs0.5_skip_per_cost",
     "chase_macs0.5_normalized": "chase_macs0.5_skip_normalized",
     "chase_macs0.5_uniform": "chase_macs0.5_skip_uniform",
+    "chase_macs0.5_latency": "chase_macs0.5_skip_latency",
 }
 SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
 SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]

@@ -115,3 +115,20 @@ TINY_CHASE_RUN = [
     "method=chase",
     "name=chase",
 ]
+
+
+def linear_table(
+    model: nn.Module, example_inputs: torch.Tensor, slopes: dict[str, float] | None = None, **options
+) -> dict:
+    """A latency table (its dict) of ``model``'s prunable groups (Chase's, for ``options`` such as
+    ``prune_skip``) where the time falls linearly with each group's width: ``slopes[group]`` ms per
+    channel (1e-3 for the groups not named). Dense time: 10 ms."""
+    from chase.sparse.targets import find_sparse_params
+    from chase.sparsifier.channel_pruning import ChannelPruner
+
+    groups = ChannelPruner(model, example_inputs, find_sparse_params(model), channel_sparsity=0.0, **options)
+    table = {}
+    for g in groups.groups:
+        slope = (slopes or {}).get(g.name, 1e-3)
+        table[g.name] = {"widths": [1, g.width], "ms": [10.0 - slope * (g.width - 1), 10.0]}
+    return {"format_version": 1, "dense_ms": 10.0, "groups": table}

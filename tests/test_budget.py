@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tests.nets import TinyResNet, make_optimizer, tiny_chase, train_step
+from tests.nets import TinyResNet, linear_table, make_optimizer, tiny_chase, train_step
 
 import chase
 
@@ -19,11 +19,12 @@ def _params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("target, ratio", [("macs", 0.6), ("params", 0.75)])
 @pytest.mark.parametrize("multiple", [1, 4])
-@pytest.mark.parametrize("rank", ["score", "score_per_cost", "normalized", "uniform"])
+@pytest.mark.parametrize("rank", ["score", "score_per_cost", "normalized", "uniform", "latency_weighted"])
 def test_chase_meets_the_budget_within_one_channel(target, ratio, multiple, rank):
-    model, opt, sp = tiny_chase(
-        EXAMPLE, channel_multiple=multiple, target=target, channel_rank=rank, **{f"{target}_ratio": ratio}
-    )
+    options = {"channel_multiple": multiple, "target": target, "channel_rank": rank, f"{target}_ratio": ratio}
+    if rank == "latency_weighted":  # block_a's channels are slow for what they cost
+        options["latency_table"] = linear_table(TinyResNet(width=32), EXAMPLE, {"block_a": 0.05})
+    model, opt, sp = tiny_chase(EXAMPLE, **options)
 
     def now() -> int:
         return chase.count_flops(model, EXAMPLE[:1]).dense if target == "macs" else _params(model)
@@ -58,6 +59,18 @@ def test_prune_channels_to_a_macs_budget():
         ({"target": "macs", "macs_ratio": 0.5, "removal": "mask"}, "removal='physical'"),
         ({"channel_rank": "score_per_cost"}, "needs a budget target"),
         ({"target": "macs", "macs_ratio": 0.5, "channel_rank": "cost"}, "channel_rank must be one of"),
+        ({"channel_rank": "latency_weighted"}, "'latency_weighted' needs latency_table"),
+        (
+            {"target": "macs", "macs_ratio": 0.5, "channel_rank": "uniform", "latency_table": {"groups": {}}},
+            "latency_table given, but",
+        ),
+        (  # a table of another model: refused before anything changes
+            {
+                "channel_rank": "latency_weighted",
+                "latency_table": linear_table(TinyResNet(width=16), EXAMPLE),
+            },
+            "measured on other widths",
+        ),
     ],
 )
 def test_bad_budgets_are_refused(options, words):
@@ -392,3 +405,118 @@ def test_a_budget_that_leaves_fewer_weights_than_the_density_warns():
         for i in range(40):
             train_step(model, opt, sp, i)
     assert sp.kept == sum(m.numel() for m in sp.masks.values())  # every surviving weight is kept
+
+
+# ---------------------------------------------------------------- latency_weighted: uniform, by the table
+def _shares(budget: dict, slopes: dict[str, float], rank: str = "latency_weighted") -> dict[str, float]:
+    """Share of each group's width one-shot pruning removes from a TinyResNet of width 32 whose channels
+    all score alike, with a linear latency table of ``slopes``."""
+    model = TinyResNet(width=32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.1)
+    table = linear_table(TinyResNet(width=32), EXAMPLE, slopes, prune_skip=True)
+    if rank == "latency_weighted" or budget.get("target") == "latency":
+        budget = {**budget, "latency_table": table}
+    result = chase.prune_channels(
+        model, EXAMPLE, channel_sparsity=0.3, prune_skip=True, channel_rank=rank, **budget
+    )
+    widths = {g: spec["widths"][-1] for g, spec in table["groups"].items()}
+    return {g: result.removed.get(g, 0) / w for g, w in widths.items()}
+
+
+@pytest.mark.parametrize("target", ["channels", "macs"])
+def test_latency_weighted_takes_more_from_groups_slow_for_their_cost(target):
+    """One group's channels take 4x the time per unit of the budget (per channel with S_c, per MAC with a
+    MACs budget): it loses about sqrt(4) = 2x the share of the others, which lose equal shares."""
+    from chase.sparse.targets import find_sparse_params
+    from chase.sparsifier.channel_pruning import ChannelPruner
+
+    budget = {} if target == "channels" else {"target": "macs", "macs_ratio": 0.6}
+    model = TinyResNet(width=32)
+    pruner = ChannelPruner(model, EXAMPLE, find_sparse_params(model), channel_sparsity=0.3, prune_skip=True)
+    cost = dict(zip([g.name for g in pruner.groups], pruner.channel_costs("macs", EXAMPLE[:1])))
+    per_unit = {g: 1e-3 * (1.0 if target == "channels" else c / max(cost.values())) for g, c in cost.items()}
+    slow = pruner.groups[0].name
+    shares = _shares(budget, {g: v * (4.0 if g == slow else 1.0) for g, v in per_unit.items()})
+    others = [v for g, v in shares.items() if g != slow]
+    assert min(others) > 0.05 and max(others) - min(others) <= 2 / 32 + 1e-9, shares
+    assert 1.5 <= shares[slow] / (sum(others) / len(others)) <= 2.6, shares
+    uniform = _shares(budget, {}, rank="uniform")  # the same budget, without the table's weights
+    assert max(uniform.values()) - min(uniform.values()) <= 1 / 32 + 1e-9, uniform
+
+
+def test_latency_weighted_under_a_latency_budget_is_uniform():
+    """With target="latency" a group's time per unit of the budget is 1 everywhere: the uniform ranking's
+    widths, whatever the table's slopes."""
+    budget = {"target": "latency", "latency_ratio": 0.95}
+    slopes = {"conv1": 0.02, "block_a": 0.005}
+    assert _shares(budget, slopes) == _shares(budget, slopes, rank="uniform")
+
+
+def test_flops_and_the_trainer_take_latency_weighted(tmp_path, capsys):
+    pytest.importorskip("yaml")
+    import json
+
+    from tests.nets import TINY_CHASE_RUN
+
+    from chase.cli import main
+    from chase.models import get_model
+
+    table = tmp_path / "table.json"
+    model = get_model("cifar_resnet20", num_classes=10)
+    table.write_text(json.dumps(linear_table(model, torch.randn(1, 3, 32, 32))))
+    argv = ["flops", "-m", "cifar_resnet20", "--num-classes", "10", "--macs-ratio", "0.6"]
+    assert main([*argv, "--channel-rank", "latency_weighted", "--latency-table", str(table)]) == 0
+    assert "ranked by latency_weighted" in capsys.readouterr().out
+    assert main([*argv, "--channel-rank", "latency_weighted"]) == 2
+    assert "needs latency_table" in capsys.readouterr().err
+    assert main([*argv, "--latency-table", str(table)]) == 2  # the paper's ranking does not use it
+    assert "latency_table given" in capsys.readouterr().err
+
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(linear_table(model, torch.randn(1, 3, 8, 8))))
+    sets = [*TINY_CHASE_RUN, "target=macs", "macs_ratio=0.7", "channel_rank=latency_weighted", "name=r"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *sets, f"latency_table={small}"]) == 0
+    final = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["macs_ratio"] <= 0.7 + 1e-9
+    assert final["latency_predicted_ms"] < 10.0  # the table's prediction of the final widths is reported
+
+
+def test_a_latency_weighted_run_resumes_in_lockstep():
+    """The weights are fixed on the dense model and saved: a run resumed after its first channel events
+    (into a model built with another table, which the saved one replaces) ends exactly as the whole run."""
+    import io
+
+    table = linear_table(TinyResNet(width=32), EXAMPLE, {"block_a": 0.05})
+    options = {
+        "target": "macs",
+        "macs_ratio": 0.6,
+        "channel_rank": "latency_weighted",
+        "latency_table": table,
+    }
+    model, opt, sp = tiny_chase(EXAMPLE, **options)
+    for i in range(40):
+        train_step(model, opt, sp, i)
+
+    model_a, opt_a, sp_a = tiny_chase(EXAMPLE, **options)
+    for i in range(14):  # channel events at 2, 6, 10 (and more to come)
+        train_step(model_a, opt_a, sp_a, i)
+    assert sp_a.pruner.alive_channels() != {g.name: g.width for g in sp_a.pruner.groups}
+    buf = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict(), "sp": sp_a.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    other = {**options, "latency_table": linear_table(TinyResNet(width=32), EXAMPLE, {"conv1": 0.05})}
+    model_b, opt_b, sp_b = tiny_chase(EXAMPLE, **other)
+    with pytest.warns(UserWarning, match="latency table changed"):
+        sp_b.load_state_dict(saved["sp"])
+    model_b.load_state_dict(saved["model"])
+    opt_b.load_state_dict(saved["opt"])
+    for i in range(14, 40):
+        train_step(model_b, opt_b, sp_b, i)
+    assert sp_b.pruner.latency_weights == sp.pruner.latency_weights
+    assert sp_b.pruner.alive_channels() == sp.pruner.alive_channels()
+    for (n, w), w_b in zip(model.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(w, w_b), n

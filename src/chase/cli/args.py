@@ -71,7 +71,13 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
         default="score",
         help="with --channel-sparsity or --macs-ratio: rank channels by score (the paper; default), "
         "normalized (score over its group's mean: every group pruned at a similar rate), uniform (the "
-        "same share of every group) or, with --macs-ratio, score_per_cost (score per MAC saved)",
+        "same share of every group), latency_weighted (a share growing with the group's time per MAC or "
+        "channel, by --latency-table) or, with --macs-ratio, score_per_cost (score per MAC saved)",
+    )
+    p.add_argument(
+        "--latency-table",
+        metavar="FILE",
+        help="with --channel-rank latency_weighted: the latency table `chase profile` wrote for this model",
     )
     p.add_argument(
         "--channel-multiple",

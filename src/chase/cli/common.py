@@ -64,6 +64,8 @@ def models_to_measure(
     rank = getattr(args, "channel_rank", "score")
     if rank != "score":  # the library refuses a ranking the target cannot take
         budget["channel_rank"] = rank
+    if getattr(args, "latency_table", None):  # the library refuses it with a ranking that does not use it
+        budget["latency_table"] = args.latency_table
     if getattr(args, "prune_heads", False):
         budget["prune_heads"] = True
     d = INIT_DENSITY if getattr(args, "density", None) is None else args.density

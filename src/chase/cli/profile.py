@@ -13,10 +13,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         NAME,
-        help="measure how a model's forward time depends on each channel group's width (for target=latency)",
+        help="measure how a model's forward time depends on each channel group's width (for target=latency "
+        "and channel_rank=latency_weighted)",
         description="Time the model dense and with each prunable channel group alone narrowed to a few "
         "widths, on the device, dtype and batch size given, and write the table as JSON. Chase's "
-        "target=latency (latency_ratio, latency_table) then prunes by predicted time.",
+        "target=latency (latency_ratio, latency_table) then prunes by predicted time, and "
+        "channel_rank=latency_weighted takes more of a budget from the groups slow for what they cost.",
     )
     p.add_argument("--model", "-m", required=True, help="a chase.models name")
     p.add_argument("--num-classes", type=positive_int, default=1000)

@@ -75,7 +75,8 @@ class Chase(Sparsifier):
             ``latency_table``, which ``chase profile`` measures on the target device).
         macs_ratio, params_ratio, latency_ratio: the final budget of ``target="macs"`` / ``"params"`` /
             ``"latency"``, in (0, 1).
-        latency_table: a :class:`~chase.sparsifier.latency.LatencyTable`, its JSON file or dict.
+        latency_table: a :class:`~chase.sparsifier.latency.LatencyTable`, its JSON file or dict (for
+            ``target="latency"`` and ``channel_rank="latency_weighted"``).
         channel_rank: ``"score"`` (default: lowest score first, the paper's global ranking; with a budget
             target the budget decides how many), ``"score_per_cost"`` (budget targets only: lowest score per
             unit of the budget a channel saves first, so channels of expensive layers go sooner),
@@ -83,7 +84,10 @@ class Chase(Sparsifier):
             channels at a similar rate, the lowest-scored ones; layers that are small-scored across the
             board, as ERK's sparse deep layers are, are not emptied first) or ``"uniform"`` (every group
             loses the same share of its channels, its lowest-scored ones: layer-wise pruning with the
-            paper's score inside each layer).
+            paper's score inside each layer) or ``"latency_weighted"`` (as uniform, but a group's share grows
+            with the square root of its time per unit of the budget, by ``latency_table``: layers that are
+            slow for their MACs, such as a CNN's memory-bound early convolutions, give more; under
+            ``target="latency"`` this is uniform).
         channel_multiple: after every event each prunable group keeps a multiple of this many channels
             (GPU kernels prefer multiples of 8): removals go in aligned blocks inside the same global
             ranking (a group narrower than it keeps its width; floors still hold).
@@ -201,8 +205,10 @@ class Chase(Sparsifier):
             channel_multiple=self.channel_multiple,
             channel_rank=self.channel_rank,
         )
-        if self.target == "latency":
+        if self._latency_source is not None:  # the option check allows it only where it is used
             self.pruner.use_latency_table(self._latency_source)
+        if self.channel_rank == "latency_weighted":  # on the model as given: dense
+            self.pruner.weigh_by_latency(self.target, self._probe)
         #: the dense model's MACs per example or parameters, which a budget target is a ratio of.
         self.dense_target_value = (
             self.pruner.measure(self.target, self._probe) if self.target_ratio is not None else None
@@ -359,6 +365,8 @@ class Chase(Sparsifier):
         state["removal"] = self.removal
         if self.pruner.latency is not None:  # a resume prunes by the table the run started with
             state["latency_table"] = self.pruner.latency.to_dict()
+        if self.pruner.latency_weights is not None:  # weighed on the dense model: a resume keeps them
+            state["latency_weights"] = list(self.pruner.latency_weights)
         return state
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -375,6 +383,8 @@ class Chase(Sparsifier):
                     stacklevel=3,
                 )
             self.pruner.latency = saved
+        if "latency_weights" in state:
+            self.pruner.latency_weights = [float(w) for w in state["latency_weights"]]
         if self.removal == "physical":
             replay(self.module, state["surgery"])
         else:

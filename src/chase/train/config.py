@@ -177,11 +177,14 @@ class TrainConfig:
     latency_ratio: Optional[float] = _opt(
         None, "chase, target=latency: final predicted forward time over the dense model's"
     )
-    latency_table: Optional[str] = _opt(None, "chase, target=latency: the JSON file `chase profile` wrote")
+    latency_table: Optional[str] = _opt(
+        None, "chase, target=latency or channel_rank=latency_weighted: the JSON file `chase profile` wrote"
+    )
     channel_rank: Optional[str] = _opt(
         None,
         "chase: score; normalized (score over its group's mean); uniform (the same share of every group); "
-        "budget targets also score_per_cost (score per unit of budget saved); null: score",
+        "latency_weighted (uniform, a group's share growing with its time per unit of budget, by "
+        "latency_table); budget targets also score_per_cost (score per unit of budget saved); null: score",
     )
     # --- run
     seed: int = _opt(0, "seed of the model, data order and sparsifier")

@@ -90,7 +90,7 @@ def final_metrics(st: TrainState, data: Data, test: dict[str, float]) -> tuple[d
             macs_sparse=count_flops(exported, example, masks=sp.masks).sparse,
         )
         results["macs_ratio"] = results["macs_slim"] / results["macs_dense"]
-        if getattr(sp, "target", None) == "latency":
+        if getattr(sp.pruner, "latency", None) is not None:  # a table pruned the run: check its prediction
             results.update(latency_check(sp, exported, data.image_size, d))
     if sp is not None:
         from chase.analysis import amenable_record
@@ -123,8 +123,9 @@ def save_model(st: TrainState, exported: nn.Module, run_dir: pathlib.Path, data:
 
 
 def latency_check(sp: Any, exported: nn.Module, size: int, d: Dist) -> dict[str, Any]:
-    """``target="latency"``: the time the table predicts for the final widths, next to the time measured
-    here at the table's batch size and dtype (when this is the table's kind of device)."""
+    """A run pruned by a latency table (``target="latency"``, ``channel_rank="latency_weighted"``): the
+    time the table predicts for the final widths, next to the time measured here at the table's batch
+    size and dtype (when this is the table's kind of device)."""
     from chase.bench import DTYPES
     from chase.timing import time_forward
 
