@@ -446,6 +446,13 @@ def test_latency_weighted_takes_more_from_groups_slow_for_their_cost(target):
     assert max(uniform.values()) - min(uniform.values()) <= 1 / 32 + 1e-9, uniform
 
 
+def test_a_flat_line_in_the_table_is_noise_not_a_free_group():
+    """A group whose measured time did not fall with its width (a flat line: the profile's noise) still
+    loses channels, about a tenth of the others' share, instead of none."""
+    flat = _shares({}, {"conv1": 0.0})
+    assert 0 < flat["conv1"] < flat["block_a"] / 4, flat
+
+
 def test_latency_weighted_under_a_latency_budget_is_uniform():
     """With target="latency" a group's time per unit of the budget is 1 everywhere: the uniform ranking's
     widths, whatever the table's slopes."""

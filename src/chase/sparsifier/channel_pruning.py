@@ -245,7 +245,8 @@ class ChannelPruner:
         weights = []
         for g, cost in zip(self.groups, costs):
             widths, ms = table.groups[g.name]
-            weights.append((ms[-1] - ms[0]) / (widths[-1] - widths[0]) / cost)
+            span = widths[-1] - widths[0]  # 0: a table with one width of this group says nothing
+            weights.append((ms[-1] - ms[0]) / span / cost if span > 0 else 0.0)
         # A flat or falling line is the profile's noise, not a free group: it loses a tenth of the share
         # of a median group (weight 1/100: the share goes as the weight's square root) rather than none.
         positive = sorted(w for w in weights if w > 0)
