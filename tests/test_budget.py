@@ -250,6 +250,7 @@ def test_the_profile_holds_every_group_and_predicts_the_dense_time(table):
     for widths, ms in t.groups.values():
         assert widths == sorted(widths) and len(widths) == len(ms) >= 2
     assert t.meta["batch_size"] == 4 and t.meta["dtype"] == "fp32"
+    assert t.meta["params"] == _params(model)  # the model's identity, checked at use
 
 
 def test_chase_meets_a_latency_budget_by_the_table():
@@ -527,3 +528,21 @@ def test_a_latency_weighted_run_resumes_in_lockstep():
     assert sp_b.pruner.alive_channels() == sp.pruner.alive_channels()
     for (n, w), w_b in zip(model.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(w, w_b), n
+
+
+def test_a_table_of_a_model_with_the_same_groups_is_refused_by_its_parameter_count():
+    """Same group names and widths (a TinyResNet for 100 classes against one for 10, as torchvision's
+    ResNet-18 against ResNet-50's table): the parameter count the table recorded tells them apart; a table
+    without one (written before it was recorded) is still taken."""
+    wide_head = TinyResNet(width=32, num_classes=100)
+    table = linear_table(wide_head, EXAMPLE) | {"meta": {"params": _params(wide_head)}}
+    options = {"channel_sparsity": 0.5, "channel_rank": "latency_weighted", "latency_table": table}
+    model = TinyResNet(width=32)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="measured on a model with 46,596 parameters, this one has 40,746"):
+        chase.prune_channels(model, EXAMPLE, **options)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    table["meta"] = {"params": _params(model)}
+    assert chase.prune_channels(model, EXAMPLE, **options).removed
+    without_count = options | {"latency_table": linear_table(TinyResNet(width=32), EXAMPLE)}
+    assert chase.prune_channels(TinyResNet(width=32), EXAMPLE, **without_count).removed

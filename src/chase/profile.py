@@ -126,6 +126,8 @@ def profile_latency(
         "keep_channels": list(keep_channels),
         "repeats": repeats,
         "method": "module self times",
+        # The model's identity for the check at use: another model may share its group names and widths.
+        "params": sum(p.numel() for p in base.parameters()),
         **(meta or {}),
     }
     return LatencyTable(dense_ms, groups, info)

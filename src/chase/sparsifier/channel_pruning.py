@@ -227,7 +227,9 @@ class ChannelPruner:
         """Predict latency with ``source`` (a table, its dict or JSON file); it must hold every group, at
         its full width."""
         table = LatencyTable.load(source)
-        table.check_groups({g.name: g.width for g in self.groups})
+        table.check_groups(
+            {g.name: g.width for g in self.groups}, params=sum(p.numel() for p in self.module.parameters())
+        )
         self.latency = table
 
     def weigh_by_latency(self, quantity: str, example_inputs: Any) -> None:

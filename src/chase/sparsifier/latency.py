@@ -13,7 +13,7 @@ import os
 import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 __all__ = ["LATENCY_FORMAT_VERSION", "LatencyTable"]
 
@@ -57,9 +57,12 @@ class LatencyTable:
         """What removing one channel of ``group`` at ``width`` saves (ms, at least 0)."""
         return max(0.0, self.group_ms(group, width) - self.group_ms(group, width - 1))
 
-    def check_groups(self, widths: Mapping[str, int]) -> None:
+    def check_groups(self, widths: Mapping[str, int], params: Optional[int] = None) -> None:
         """Raise ``ValueError`` when a prunable group (name -> its full width) has no measurements, or was
-        measured at another full width (a table of another model whose layers have the same names)."""
+        measured at another full width (a table of another model whose layers have the same names), or
+        when the model's parameter count ``params`` is not the one the table recorded of the model it
+        measured (another model whose groups have the same names and widths, e.g. torchvision's ResNet-18
+        against ResNet-50's table). Tables written before the count was recorded skip that check."""
         missing = [n for n in widths if n not in self.groups]
         if missing:
             raise ValueError(
@@ -73,6 +76,12 @@ class LatencyTable:
             raise ValueError(
                 f"the latency table was measured on other widths ({shown}): it is another model's table; "
                 "profile this model (chase profile)"
+            )
+        measured = self.meta.get("params")
+        if params is not None and measured is not None and int(measured) != int(params):
+            raise ValueError(
+                f"the latency table was measured on a model with {int(measured):,} parameters, this one has "
+                f"{int(params):,}: it is another model's table; profile this model (chase profile)"
             )
 
     # ------------------------------------------------------------------ file
