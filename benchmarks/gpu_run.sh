@@ -9,7 +9,8 @@
 # Afterwards:    copy the returned gpu_*.json/md into benchmarks/results/.
 #
 # Environment:   TOTAL_S (570) the time this script may take in all; the CIFAR part gets what is left.
-#                PARTS ("tests resnet50 cifar"; also "alignment", "multiple") which parts run, in order.
+#                PARTS ("tests resnet50 cifar"; also "alignment", "multiple", "latency") which parts run,
+#                in order.
 #                CIFAR_ARGS ("--fit-epochs") extra options of gpu_cifar.py (e.g. "--seeds 1,2").
 set -uo pipefail
 TOTAL_S=${TOTAL_S:-570}
@@ -44,6 +45,15 @@ if has multiple; then
   echo "== ResNet-50 224: the same MACs budget with channel_multiple 1/8/16 (issue 14)"
   timeout 240 python3 benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256 \
       --models resnet50 --channels-last yes --repeats 20 --warmup 5 --out "$OUT" --stem gpu_channel_multiple
+fi
+if has latency; then
+  echo "== ResNet-50 224: a bf16 latency table, then MACs 0.5 uniform vs latency_weighted (issue 14)"
+  timeout 150 python3 -m chase.cli profile --model resnet50 --device cuda --dtype bf16 --batch 64 \
+      --channels-last --prune-skip --repeats 5 --out "$OUT/gpu_resnet50_latency_table_bf16.json"
+  timeout 200 python3 benchmarks/channel_multiple.py --device cuda --dtypes bf16 --batch-sizes 64,256 \
+      --models resnet50 --channels-last yes --multiples 8 --ranks uniform,latency_weighted --macs-ratio 0.5 \
+      --latency-table "$OUT/gpu_resnet50_latency_table_bf16.json" --repeats 20 --warmup 5 --out "$OUT" \
+      --stem gpu_channel_latency_weighted
 fi
 if has cifar; then
   echo "== CIFAR-10: dense / RigL / Chase"
