@@ -13,16 +13,19 @@ question is how the hardware treats the shapes, not accuracy.
 With ``--ranks score,score_per_cost,normalized,uniform,latency_weighted`` each multiple is also built with
 channels ranked by score per MAC saved, by score over the group's mean, the same share of every group,
 and a share growing with the group's time per MAC by ``--latency-table FILE`` (``chase profile``)
-(``channel_rank``); ``--channels-last both`` also times channels-last models and inputs; with a table and
-``--latency-ratio`` also by that latency budget. With a table, its predicted speedup is reported next to
-the measured one.
+(``channel_rank``), with ``--exponents 0.25,0.5,1`` for each of those exponents of the time per MAC
+(suffix ``-0.25`` ...); ``--channels-last both`` also times channels-last models and inputs; with a table
+and ``--latency-ratio`` also by that latency budget. With a table, its predicted speedup is reported next
+to the measured one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ import torch
 from chase import count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
+from chase.sparsifier import channel_pruning
 from chase.sparsifier.latency import LatencyTable
 from common import RESULTS, machine, write
 
@@ -38,6 +42,18 @@ MODELS = {"resnet50": (224, 1000), "cifar_resnet18": (32, 10)}
 
 def widths(model: torch.nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@contextlib.contextmanager
+def _exponent(value: float) -> Iterator[None]:
+    """The library's latency_weighted exponent set to ``value`` while widths are chosen (a sweep of what
+    the constant does; the library reads it at each ranking)."""
+    saved = channel_pruning.LATENCY_WEIGHT_EXPONENT
+    channel_pruning.LATENCY_WEIGHT_EXPONENT = value
+    try:
+        yield
+    finally:
+        channel_pruning.LATENCY_WEIGHT_EXPONENT = saved
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
@@ -58,9 +74,14 @@ def run(name: str, args: argparse.Namespace) -> dict:
                 for m in args.multiples:
                     key = f"{prefix}m{m}" + ("" if rank == "score" else f"-{rank.replace('_', '-')}")
                     options = {**budget, "channel_multiple": m, "channel_rank": rank}
-                    if rank == "latency_weighted":  # weighted by the table (the library refuses none)
-                        options["latency_table"] = table
-                    models[key] = untrained_slim(dense, x, 0.6, prune_skip=True, **options)
+                    if rank != "latency_weighted":
+                        models[key] = untrained_slim(dense, x, 0.6, prune_skip=True, **options)
+                        continue
+                    options["latency_table"] = table  # weighted by the table (the library refuses none)
+                    for e in args.exponents:
+                        label = key if len(args.exponents) == 1 else f"{key}-{e:g}"
+                        with _exponent(e):
+                            models[label] = untrained_slim(dense, x, 0.6, prune_skip=True, **options)
     macs = {k: count_flops(v, x).dense for k, v in models.items()}
     aligned = {k: sum(w % 8 == 0 for w in widths(v)) / len(widths(v)) for k, v in models.items()}
     res = benchmark(
@@ -101,7 +122,9 @@ def markdown(payload: dict) -> str:
         f"UNTRAINED widths: Chase's final widths for a MACs budget of {payload['macs_ratio']} of the dense "
         "model (prune_skip, ERK-masked initial weights at d = 0.1), with channel_multiple m "
         "(`-score-per-cost`, `-normalized`, `-uniform`, `-latency-weighted`: channel_rank=score_per_cost, "
-        "normalized, uniform, latency_weighted by the table named below"
+        "normalized, uniform, latency_weighted by the table named below; a trailing `-E`: built with the "
+        "exponent E of the time per MAC instead of the library's "
+        f"{payload.get('exponent', channel_pruning.LATENCY_WEIGHT_EXPONENT):g}"
         + (
             f"; `lat-`: a latency budget of {payload['latency_ratio']} instead, by the table named below"
             if "latency_ratio" in payload
@@ -163,6 +186,12 @@ def main() -> None:
         "--latency-table", default="", help="the table of latency_weighted and of --latency-ratio (one model)"
     )
     ap.add_argument("--latency-ratio", type=float, help="also prune to this latency budget by the table")
+    ap.add_argument(
+        "--exponents",
+        default=str(channel_pruning.LATENCY_WEIGHT_EXPONENT),
+        help="latency_weighted: the exponents of the time per MAC to build widths with, comma-separated "
+        "(the library's constant is set while each is built; default: the library's)",
+    )
     ap.add_argument("--macs-ratio", type=float, default=0.6)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument(
@@ -187,9 +216,11 @@ def main() -> None:
     args.dtypes = args.dtypes.split(",")
     args.multiples = [int(m) for m in args.multiples.split(",")]
     args.ranks = args.ranks.split(",")
+    args.exponents = [float(e) for e in args.exponents.split(",")]
     args.channels_last = {"no": [False], "yes": [True], "both": [False, True]}[args.channels_last]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     payload = {"machine": machine(args.device), "macs_ratio": args.macs_ratio, "models": {}}
+    payload["exponent"] = channel_pruning.LATENCY_WEIGHT_EXPONENT  # the library's, which -E replaces
     if args.latency_table and args.latency_ratio is not None:
         payload["latency_ratio"] = args.latency_ratio
     for name in args.models.split(","):

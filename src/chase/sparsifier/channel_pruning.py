@@ -48,10 +48,11 @@ TARGETS = ("channels", "macs", "params", "latency")
 #: table: layers slow for what they count, e.g. memory-bound early convolutions, give more).
 CHANNEL_RANKS = ("score", "score_per_cost", "normalized", "uniform", "latency_weighted")
 #: ``"latency_weighted"``: a group's share of removals goes as (its ms per unit of the budget) ** this. 0
-#: would be uniform widths; 1 takes a group whose channels are 4x as slow per MAC to 4x the share, which
-#: drove ResNet-50's stem to its floor. In an exploratory sweep on this project's 2-core CPU (ResNet-50
-#: at MACs 0.5, batch 32, fp32, the eager table; a script not kept), 0 / 0.25 / 0.5 / 1 ran 1.82x / 1.99x
-#: / 2.06x / 2.12x the dense model's speed compiled and 1.88x / 2.09x / 2.35x / 2.83x eager.
+#: would be uniform widths; 1 takes a group whose channels are 4x as slow per MAC to 4x the share. On this
+#: project's 2-core CPU (ResNet-50 at MACs 0.5, m = 8, batch 32, fp32, its eager table;
+#: benchmarks/results/channel_latency_exponent_cpu_r50.md) 0.25 / 0.5 / 0.75 / 1 ran 1.93x / 2.06x / 2.19x
+#: / 2.16x the dense model's speed compiled and 2.29x / 3.08x / 3.61x / 3.33x eager; from 0.75 on, the stem
+#: kept 8 of 64 channels and layer1's residual stream 24 of 256 (near their floors), at 0.5 24 and 64.
 LATENCY_WEIGHT_EXPONENT = 0.5
 #: density at which an untrained width is chosen: the paper's d (what Chase sees at its first event).
 INIT_DENSITY = 0.1
