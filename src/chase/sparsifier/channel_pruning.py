@@ -160,7 +160,7 @@ class ChannelPruner:
         #: by its user).
         self.latency: Optional[LatencyTable] = None
         #: ``channel_rank="latency_weighted"``: each group's time per unit of the budget (see
-        #: :meth:`weigh_by_latency`), fixed at the start of a run.
+        #: :meth:`use_latency_table`), fixed at the start of a run.
         self.latency_weights: Optional[list[float]] = None
         self.graph: ChannelGraph = channel_groups(
             module, example_inputs, prune_skip=prune_skip, prune_heads=prune_heads
@@ -224,32 +224,29 @@ class ChannelPruner:
             return round(1e6 * self._table().predict_ms(self.alive_channels()))
         return count_flops(self.module, example_inputs).dense
 
-    def use_latency_table(self, source: Any) -> None:
+    def use_latency_table(self, source: Any, quantity: str, example_inputs: Any) -> None:
         """Predict latency with ``source`` (a table, its dict or JSON file); it must hold every group, at
-        its full width."""
+        its full width, and have been measured on a model with this one's parameter count. With
+        ``channel_rank="latency_weighted"`` also fix the weights for the budget ``quantity``
+        (:meth:`_weigh_by_latency`), on the model as it is now: dense, at the start of a run."""
         table = LatencyTable.load(source)
-        table.check_groups(
-            {g.name: g.width for g in self.groups}, params=sum(p.numel() for p in self.module.parameters())
-        )
+        table.check_groups({g.name: g.width for g in self.groups}, params=self.measure("params", None))
         self.latency = table
+        if self.channel_rank == "latency_weighted":
+            self._weigh_by_latency(quantity, example_inputs)
 
-    def weigh_by_latency(self, quantity: str, example_inputs: Any) -> None:
-        """Fix the weights of ``channel_rank="latency_weighted"`` from the latency table and the model as it
-        is now (dense, at the start of a run): each group's time per channel (the table's mean slope over
-        its measured widths) over what a channel costs in ``quantity`` (``"channels"``, ``"macs"``,
-        ``"params"``; ``"latency"``: every weight 1). Fixed once, not per event: the table times a group
-        narrowed alone, so set against costs that fall as the neighbouring groups narrow, its slope would
-        feed back and drive the slowest groups to their floors."""
-        table = self._table()
+    def _weigh_by_latency(self, quantity: str, example_inputs: Any) -> None:
+        """Each group's time per channel (the table's mean slope over its measured widths) over what a
+        channel costs in ``quantity`` (``"channels"``, ``"macs"``, ``"params"``; ``"latency"``: every
+        weight 1). Fixed once, not per event: the table times a group narrowed alone, so set against costs
+        that fall as the neighbouring groups narrow, its slope would feed back and drive the slowest groups
+        to their floors."""
         if quantity == "latency":
             self.latency_weights = [1.0] * len(self.groups)
             return
+        table = self._table()
         costs = self.units if quantity == "channels" else self.channel_costs(quantity, example_inputs)
-        weights = []
-        for g, cost in zip(self.groups, costs):
-            widths, ms = table.groups[g.name]
-            span = widths[-1] - widths[0]  # 0: a table with one width of this group says nothing
-            weights.append((ms[-1] - ms[0]) / span / cost if span > 0 else 0.0)
+        weights = [table.mean_channel_ms(g.name) / cost for g, cost in zip(self.groups, costs)]
         # A flat or falling line is the profile's noise, not a free group: it loses a tenth of the share
         # of a median group (weight 1/100: the share goes as the weight's square root) rather than none.
         positive = sorted(w for w in weights if w > 0)
@@ -411,7 +408,7 @@ class ChannelPruner:
                 # A group reaches a given key at a share that grows with its time per unit of the budget:
                 # where the device spends more time per MAC (per channel, per parameter), more goes.
                 if self.latency_weights is None:
-                    raise RuntimeError("channel_rank='latency_weighted' needs weigh_by_latency() first")
+                    raise RuntimeError("channel_rank='latency_weighted' needs use_latency_table() first")
                 weights = torch.as_tensor(self.latency_weights, dtype=torch.float)
                 scores = scores / weights.pow(LATENCY_WEIGHT_EXPONENT)[gids]
         if self.channel_multiple > 1:
@@ -584,9 +581,7 @@ def prune_channels(
     before = pruner.alive_channels()
     ratio = {"macs": macs_ratio, "params": params_ratio, "latency": latency_ratio}.get(target)
     if latency_table is not None:  # the check above allows it only where it is used
-        pruner.use_latency_table(latency_table)
-    if channel_rank == "latency_weighted":
-        pruner.weigh_by_latency(target, example)
+        pruner.use_latency_table(latency_table, target, example)
     if ratio is not None:
         budget = round(pruner.measure(target, example) * ratio)
         pruner.remove_to_budget(target, budget, example, params, work, score=channel_score)

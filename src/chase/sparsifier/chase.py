@@ -206,9 +206,7 @@ class Chase(Sparsifier):
             channel_rank=self.channel_rank,
         )
         if self._latency_source is not None:  # the option check allows it only where it is used
-            self.pruner.use_latency_table(self._latency_source)
-        if self.channel_rank == "latency_weighted":  # on the model as given: dense
-            self.pruner.weigh_by_latency(self.target, self._probe)
+            self.pruner.use_latency_table(self._latency_source, self.target, self._probe)
         #: the dense model's MACs per example or parameters, which a budget target is a ratio of.
         self.dense_target_value = (
             self.pruner.measure(self.target, self._probe) if self.target_ratio is not None else None

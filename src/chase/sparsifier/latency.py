@@ -57,6 +57,13 @@ class LatencyTable:
         """What removing one channel of ``group`` at ``width`` saves (ms, at least 0)."""
         return max(0.0, self.group_ms(group, width) - self.group_ms(group, width - 1))
 
+    def mean_channel_ms(self, group: str) -> float:
+        """What one channel of ``group`` saves on average over its measured widths (ms; 0 when the group
+        was measured at one width only). Unlike :meth:`channel_ms`, not clamped: a falling line shows."""
+        widths, ms = self.groups[group]
+        span = widths[-1] - widths[0]
+        return (ms[-1] - ms[0]) / span if span > 0 else 0.0
+
     def check_groups(self, widths: Mapping[str, int], params: Optional[int] = None) -> None:
         """Raise ``ValueError`` when a prunable group (name -> its full width) has no measurements, or was
         measured at another full width (a table of another model whose layers have the same names), or
