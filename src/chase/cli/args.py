@@ -84,7 +84,7 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
         type=positive_int,
         default=1,
         metavar="M",
-        help="with --channel-sparsity: every pruned group keeps a multiple of M channels (1)",
+        help="with --channel-sparsity or --macs-ratio: every pruned group keeps a multiple of M channels (1)",
     )
     p.add_argument(
         "--density",
