@@ -13,6 +13,10 @@ chase0.3heads chase0.3headsonly``).
 ranked by score, by score per MAC saved, by score over the group's mean, the same share of every group, and
 a share growing with the group's time per MAC by this CPU's latency table (``--methods dense chase_macs0.5
 chase_macs0.5_per_cost chase_macs0.5_normalized chase_macs0.5_uniform chase_macs0.5_latency``).
+``--protocol latency`` (the long protocol, issue 26): Chase with prune_skip to a predicted-latency budget of
+0.6 by this CPU's CIFAR ResNet-20 latency table, channels ranked by score, by score per millisecond saved
+and uniformly (what latency_weighted is under a latency budget), two seeds each (``--methods chase_lat0.6
+chase_lat0.6_per_cost chase_lat0.6_uniform chase_lat0.6@1 ...``); RigL's accuracy is the long protocol's.
 
 Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
 reported accuracy is the FINAL model's on all 10,000 test images (no selection). For every run the script
@@ -66,6 +70,7 @@ PROTOCOLS = {
     "long": (ROOT / "benchmarks" / "cifar10_cpu_long.yaml", "cifar10_cpu_long", "runs/cifar10_long"),
     "vit": (ROOT / "benchmarks" / "vit_cifar10_cpu.yaml", "vit_cifar10_cpu", "runs/vit_cifar10"),
     "budget": (ROOT / "benchmarks" / "cifar10_cpu.yaml", "cifar10_cpu_budget", "runs/cifar10_budget"),
+    "latency": (ROOT / "benchmarks" / "cifar10_cpu_long.yaml", "cifar10_cpu_latency", "runs/cifar10_latency"),
 }
 METHODS = {
     "dense": "dense",
@@ -81,6 +86,9 @@ METHODS = {
     "chase_macs0.5_normalized": "chase_macs0.5_skip_normalized",
     "chase_macs0.5_uniform": "chase_macs0.5_skip_uniform",
     "chase_macs0.5_latency": "chase_macs0.5_skip_latency",
+    "chase_lat0.6": "chase_lat0.6_skip",
+    "chase_lat0.6_per_cost": "chase_lat0.6_skip_per_cost",
+    "chase_lat0.6_uniform": "chase_lat0.6_skip_uniform",
 }
 SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
 SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]
