@@ -53,13 +53,19 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 def tiny_chase(example_inputs: torch.Tensor, **options):
     """A seeded ``TinyResNet(width=32)``, its SGD optimizer and a Chase over 40 steps (density 0.3, updates
-    every 8 steps, channel events every 4); ``options`` override or add Chase options."""
+    every 8 steps, channel events every 4, also in a ``channels`` spec that leaves them at the default);
+    ``options`` override or add Chase options."""
     import chase
 
     torch.manual_seed(0)
     model = TinyResNet(width=32)
     opt = make_optimizer("sgd", model)
-    kw = {"density": 0.3, "total_steps": 40, "update_every": 8, "channel_every": 4, **options}
+    kw = {"density": 0.3, "total_steps": 40, "update_every": 8, **options}
+    spec = kw.get("channels")
+    if spec is None:
+        kw.setdefault("channel_every", 4)
+    elif spec.channel_every == chase.ChannelSpec().channel_every:  # the spec's default: events every 4 here
+        kw["channels"] = spec.replace(channel_every=4)
     return model, opt, chase.Chase(model, opt, example_inputs=example_inputs, **kw)
 
 
@@ -124,9 +130,12 @@ def linear_table(
     ``prune_skip``) where the time falls linearly with each group's width: ``slopes[group]`` ms per
     channel (1e-3 for the groups not named). Dense time: 10 ms."""
     from chase.sparse.targets import find_sparse_params
-    from chase.sparsifier.channel_pruning import ChannelPruner
+    from chase.sparsifier.pruner import ChannelPruner
+    from chase.sparsifier.specs import ChannelSpec
 
-    groups = ChannelPruner(model, example_inputs, find_sparse_params(model), channel_sparsity=0.0, **options)
+    groups = ChannelPruner(
+        model, example_inputs, find_sparse_params(model), ChannelSpec(channel_sparsity=0.0, **options)
+    )
     table = {}
     for g in groups.groups:
         slope = (slopes or {}).get(g.name, 1e-3)

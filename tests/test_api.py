@@ -225,7 +225,8 @@ def test_options_that_would_be_ignored_are_refused():
     model = TinyResNet()
     opt = make_optimizer("sgd", model)
     for options, words in [
-        ({"macs_ratio": 0.5}, "does not use it"),
+        ({"target": "params", "macs_ratio": 0.5}, "does not use it"),
+        ({"macs_ratio": 0.5, "params_ratio": 0.5}, "one budget at a time"),
         ({"target": "macs", "macs_ratio": 0.5, "params_ratio": 0.5}, "params_ratio given"),
         ({"channel_multiple": True}, "channel_multiple must be an integer"),
     ]:
@@ -275,7 +276,7 @@ def test_a_resumed_latency_run_keeps_its_table(tmp_path):
     resumed = chase.Chase(other, make_optimizer("sgd", other), **kw)
     with pytest.warns(UserWarning, match="latency table changed"):
         resumed.load_state_dict(state)
-    assert resumed.pruner.latency.groups["block_a"][1] == [0.5, 1.0]
+    assert resumed.pruner.cost.groups["block_a"][1] == [0.5, 1.0]
 
 
 def test_save_pretrained_checks_before_it_writes(tmp_path):
@@ -326,7 +327,7 @@ def test_flops_ranks_channels_normalized_at_a_channel_sparsity(capsys):
 
     argv = ["flops", "-m", "resnet18", "--num-classes", "10", "--input", "32", "--channel-sparsity", "0.3"]
     assert main([*argv, "--channel-rank", "normalized"]) == 0
-    assert "ranked by normalized" in capsys.readouterr().out
+    assert "channel_rank=normalized" in capsys.readouterr().out
 
 
 def test_flops_measures_a_macs_budget(capsys):

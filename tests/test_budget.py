@@ -83,6 +83,8 @@ def test_bad_budgets_are_refused(options, words):
             density=0.3,
             total_steps=40,
             example_inputs=EXAMPLE,
+            update_every=8,
+            channel_every=4,
             **options,
         )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -93,13 +95,16 @@ def test_score_per_cost_takes_the_dearest_channels_first():
     its channels go last, ranked by score per MAC saved they go first, and a small MACs budget is met
     from it alone."""
     from chase.sparse.targets import find_sparse_params
-    from chase.sparsifier.channel_pruning import ChannelPruner
+    from chase.sparsifier.pruner import ChannelPruner
+    from chase.sparsifier.specs import ChannelSpec
 
     model = TinyResNet(width=32)
     with torch.no_grad():
         for p in find_sparse_params(model).values():
             p.fill_(0.9)
-    pruner = ChannelPruner(model, EXAMPLE, find_sparse_params(model), channel_sparsity=0.5, prune_skip=True)
+    pruner = ChannelPruner(
+        model, EXAMPLE, find_sparse_params(model), ChannelSpec(channel_sparsity=0.5, prune_skip=True)
+    )
     costs = pruner.channel_costs("macs", EXAMPLE[:1])
     dearest = pruner.groups[costs.index(max(costs))]
     assert len(costs) == 3 and sorted(costs)[-1] > 1.2 * sorted(costs)[-2]
@@ -132,11 +137,14 @@ def test_normalized_rank_prunes_every_group_at_a_similar_rate(budget):
     it is emptied to its floor before the others lose a channel; ranked by score over the group's mean
     every group loses a similar share, the lowest-scored channels of each."""
     from chase.sparse.targets import find_sparse_params
-    from chase.sparsifier.channel_pruning import ChannelPruner
+    from chase.sparsifier.pruner import ChannelPruner
+    from chase.sparsifier.specs import ChannelSpec
 
     model = TinyResNet(width=32)
     params = dict(model.named_parameters())
-    groups = ChannelPruner(model, EXAMPLE, find_sparse_params(model), channel_sparsity=0.3, prune_skip=True)
+    groups = ChannelPruner(
+        model, EXAMPLE, find_sparse_params(model), ChannelSpec(channel_sparsity=0.3, prune_skip=True)
+    )
     assert len(groups.groups) == 3
     small = groups.groups[1].name
     with torch.no_grad():
@@ -183,12 +191,15 @@ def test_uniform_rank_takes_each_groups_lowest_scored_share(budget):
     """Ranked uniformly, one-shot pruning removes the same share of every group (within one channel of the
     narrowest), the lowest-scored channels of each, however the groups' scores compare."""
     from chase.sparse.targets import find_sparse_params
-    from chase.sparsifier.channel_pruning import ChannelPruner
+    from chase.sparsifier.pruner import ChannelPruner
+    from chase.sparsifier.specs import ChannelSpec
 
     torch.manual_seed(0)
     model = TinyResNet(width=32)
     params = dict(model.named_parameters())
-    groups = ChannelPruner(model, EXAMPLE, find_sparse_params(model), channel_sparsity=0.3, prune_skip=True)
+    groups = ChannelPruner(
+        model, EXAMPLE, find_sparse_params(model), ChannelSpec(channel_sparsity=0.3, prune_skip=True)
+    )
     with torch.no_grad():  # group i's scores are 10^i times larger, and fall with the channel index
         for i, g in enumerate(groups.groups):
             for s in g.producers:
@@ -244,6 +255,7 @@ def test_the_profile_holds_every_group_and_predicts_the_dense_time(table):
         total_steps=40,
         example_inputs=EXAMPLE,
         update_every=8,
+        channel_every=4,
     )
     assert sorted(t.groups) == sorted(g.name for g in sp.groups)
     assert t.predict_ms(sp.alive_channels()) == pytest.approx(t.dense_ms)
@@ -321,7 +333,8 @@ def test_self_time_signatures_mark_exactly_the_calls_whose_work_changed():
     """Narrowing block_a's channels changes block_a, bn_a, block_b (its input) and the root's own relu on
     block_a's output; the stem, the strided block and the classifier did the same work."""
     from chase.sparse.targets import find_sparse_params
-    from chase.sparsifier.channel_pruning import ChannelPruner
+    from chase.sparsifier.pruner import ChannelPruner
+    from chase.sparsifier.specs import ChannelSpec
     from chase.surgery import SurgeryState, remove_channels
     from chase.timing import module_self_times
 
@@ -329,7 +342,9 @@ def test_self_time_signatures_mark_exactly_the_calls_whose_work_changed():
     narrow = copy.deepcopy(model)
     (group,) = [
         g
-        for g in ChannelPruner(narrow, EXAMPLE, find_sparse_params(narrow), channel_sparsity=0.5).groups
+        for g in ChannelPruner(
+            narrow, EXAMPLE, find_sparse_params(narrow), ChannelSpec(channel_sparsity=0.5)
+        ).groups
         if g.name == "block_a"
     ]
     remove_channels(narrow, SurgeryState(narrow, [group]), {"block_a": torch.arange(4, 16)})
@@ -431,11 +446,14 @@ def test_latency_weighted_takes_more_from_groups_slow_for_their_cost(target):
     """One group's channels take 4x the time per unit of the budget (per channel with S_c, per MAC with a
     MACs budget): it loses about sqrt(4) = 2x the share of the others, which lose equal shares."""
     from chase.sparse.targets import find_sparse_params
-    from chase.sparsifier.channel_pruning import ChannelPruner
+    from chase.sparsifier.pruner import ChannelPruner
+    from chase.sparsifier.specs import ChannelSpec
 
     budget = {} if target == "channels" else {"target": "macs", "macs_ratio": 0.6}
     model = TinyResNet(width=32)
-    pruner = ChannelPruner(model, EXAMPLE, find_sparse_params(model), channel_sparsity=0.3, prune_skip=True)
+    pruner = ChannelPruner(
+        model, EXAMPLE, find_sparse_params(model), ChannelSpec(channel_sparsity=0.3, prune_skip=True)
+    )
     cost = dict(zip([g.name for g in pruner.groups], pruner.channel_costs("macs", EXAMPLE[:1])))
     per_unit = {g: 1e-3 * (1.0 if target == "channels" else c / max(cost.values())) for g, c in cost.items()}
     slow = pruner.groups[0].name
@@ -476,7 +494,7 @@ def test_flops_and_the_trainer_take_latency_weighted(tmp_path, capsys):
     table.write_text(json.dumps(linear_table(model, torch.randn(1, 3, 32, 32))))
     argv = ["flops", "-m", "cifar_resnet20", "--num-classes", "10", "--macs-ratio", "0.6"]
     assert main([*argv, "--channel-rank", "latency_weighted", "--latency-table", str(table)]) == 0
-    assert "ranked by latency_weighted" in capsys.readouterr().out
+    assert "channel_rank=latency_weighted" in capsys.readouterr().out
     assert main([*argv, "--channel-rank", "latency_weighted"]) == 2
     assert "needs latency_table" in capsys.readouterr().err
     assert main([*argv, "--latency-table", str(table)]) == 2  # the paper's ranking does not use it
@@ -524,7 +542,7 @@ def test_a_latency_weighted_run_resumes_in_lockstep():
     opt_b.load_state_dict(saved["opt"])
     for i in range(14, 40):
         train_step(model_b, opt_b, sp_b, i)
-    assert sp_b.pruner.latency_weights == sp.pruner.latency_weights
+    assert sp_b.pruner.rank_weights == sp.pruner.rank_weights
     assert sp_b.pruner.alive_channels() == sp.pruner.alive_channels()
     for (n, w), w_b in zip(model.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(w, w_b), n

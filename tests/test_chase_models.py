@@ -42,19 +42,19 @@ def _build(name: str) -> nn.Module:
 def _chase(model, size, removal, prune_skip):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no scheduled event in 10 steps: the test triggers one by hand
+        warnings.simplefilter("ignore")
+        # The test runs the last event by hand (events at 4 and 6 of 10 steps, updates at 4 and 8).
         sp = chase.Chase(
             model,
             opt,
             density=0.1,
             total_steps=10,
             example_inputs=torch.randn(1, 3, size, size),
-            channel_sparsity=0.4,
-            removal=removal,
-            prune_skip=prune_skip,
+            channels=chase.ChannelSpec(
+                channel_sparsity=0.4, removal=removal, prune_skip=prune_skip, channel_every=2
+            ),
             seed=0,
-            update_every=100,
-            channel_every=100,
+            update_every=4,
         )
     return opt, sp
 

@@ -111,7 +111,7 @@ def test_workers_batches_depend_on_neither_workers_nor_start():
     def data(workers: int):
         cfg = TrainConfig(
             dataset="synthetic", image_size=8, synthetic_train=64, synthetic_test=8, batch_size=16,
-            loader="workers", num_workers=workers, augment="cifar",
+            loader="workers", num_workers=workers, augment="cifar", method="dense",
         ).validate()  # fmt: skip
         return build_data(cfg)
 
@@ -142,7 +142,13 @@ def _image_folder(root: pathlib.Path, classes: dict[str, tuple[str, ...]], fmt: 
 
 def _cfg(root: pathlib.Path, **kw) -> TrainConfig:
     base = dict(
-        dataset="imagefolder", data_dir=str(root), image_size=8, batch_size=4, num_workers=0, augment="none"
+        dataset="imagefolder",
+        data_dir=str(root),
+        image_size=8,
+        batch_size=4,
+        num_workers=0,
+        augment="none",
+        method="dense",
     )
     return TrainConfig(**{**base, **kw}).validate()
 

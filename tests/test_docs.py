@@ -137,6 +137,18 @@ def test_site_builds_strictly_with_benchmark_plots(site):
     assert "Keep a Changelog" in changelog
 
 
+def test_the_channel_options_table_is_generated_from_the_specs(site):
+    from chase.sparsifier.specs import flat_options
+
+    source = (API / "index.md").read_text()
+    assert "<!-- channel-options -->" in source and "| `channel_sparsity` |" not in source  # not retyped
+    page = (site / "api" / "index.html").read_text()
+    for name, option in flat_options().items():
+        assert f"<code>{name}</code>" in page, f"option {name} is not in the generated table"
+        words = " ".join(re.split(r"[`(:;]", option.help)[0].split()[:4])  # the help's plain start
+        assert html.escape(words, quote=False) in page, name
+
+
 # ---------------------------------------------------------------------------------------------- the API
 def test_every_public_name_is_documented_in_the_api_reference(site):
     griffe = pytest.importorskip("griffe")

@@ -22,18 +22,19 @@ ALLOWED: dict[str, set[str]] = {
     "sparse": {"graph"},
     "surgery": {"graph"},
     "slim": {"graph", "io", "surgery"},
-    "sparsifier": {"graph", "sparse", "surgery", "slim", "io", "flops"},
+    "sparsifier": {"nested", "graph", "sparse", "surgery", "slim", "io", "flops"},
     "flops": {"graph", "sparse"},
     "analysis": {"graph", "sparse", "sparsifier"},
     "check": {"graph", "flops", "slim", "sparsifier"},
     "onnx": {"timing"},
-    "bench": {"timing", "onnx"},
+    "deploy": {"nested", "onnx"},
+    "bench": {"timing", "onnx", "deploy"},
     "integrations": {"sparsifier"},
-    "profile": {"graph", "sparse", "sparsifier", "surgery", "timing", "bench"},
+    "profile": {"graph", "sparse", "sparsifier", "surgery", "timing", "bench", "deploy"},
     "pretrained": {"graph", "io", "slim", "surgery", "models"},
 }
 _TRAINER = {"graph", "sparse", "surgery", "slim", "sparsifier", "io", "timing", "plots", "flops", "analysis"}
-ALLOWED["train"] = _TRAINER | {"models", "onnx", "profile", "pretrained", "bench"}
+ALLOWED["train"] = _TRAINER | {"models", "onnx", "profile", "pretrained", "bench", "deploy"}
 ALLOWED["cli"] = ALLOWED["train"] | {"bench", "check", "train"}
 #: Model classes belong to chase.models (and to the user): the library works on any model, so its code
 #: (identifiers and strings other than docstrings) never names one.

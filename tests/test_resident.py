@@ -92,7 +92,13 @@ def _image_folder(root: pathlib.Path, sizes=((8, 8),)) -> None:
 
 def _cfg(root: pathlib.Path, **kw) -> TrainConfig:
     base = dict(
-        dataset="cifar10", data_dir=str(root), image_size=8, batch_size=4, num_workers=0, augment="none"
+        dataset="cifar10",
+        data_dir=str(root),
+        image_size=8,
+        batch_size=4,
+        num_workers=0,
+        augment="none",
+        method="dense",  # a data test: no sparsifier (its schedule would not fit 20 steps)
     )
     return TrainConfig(**{**base, **kw}).validate()
 

@@ -186,8 +186,8 @@ def test_quickstart_config_on_synthetic_data(tmp_path, capsys):
             "epochs=1",
             "update_every=1",
             "channel_every=1",
-            "channel_end_epoch=0.5",
-            "soft_bound_end_epoch=0.75",
+            "channel_end=0.5",
+            "soft_bound_end_epoch=0.75",  # an epoch replaces the config file's fraction (later wins)
             "speedup_batch=8",
             "bn_recalibrate=2",
             "threads=1",
@@ -200,13 +200,18 @@ def test_quickstart_config_on_synthetic_data(tmp_path, capsys):
 
 
 def test_shipped_configs_load():
-    from chase.train.config import load_config
+    from chase.train.config import ConfigError, load_config
 
     recipes = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
     methods = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
     assert len(recipes) >= 5 and len(methods) >= 11
     for r in recipes:
         for m in methods:
+            if r.stem.startswith("finetune") and m.stem == "static":
+                # Dense-to-sparse needs exploration updates: refused when the config is read.
+                with pytest.raises(ConfigError, match="cannot prune gradually"):
+                    load_config([r, m])
+                continue
             cfg = load_config([r, m])
             assert cfg.method == m.stem.split("_")[0]
     cfg = load_config(

@@ -8,7 +8,10 @@ from chase.slim import load_slim
 from chase.sparsifier import (
     MEST,
     SET,
+    Budget,
+    ChannelSpec,
     Chase,
+    LatencyTable,
     PrunedChannels,
     RigL,
     Sparsifier,
@@ -25,9 +28,12 @@ CITATION.cff (docs/release.md)."""
 __all__ = [
     "MEST",
     "SET",
+    "Budget",
+    "ChannelSpec",
     "ChannelStats",
     "Chase",
     "FlopReport",
+    "LatencyTable",
     "PrunedChannels",
     "RigL",
     "Sparsifier",

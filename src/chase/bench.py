@@ -1,33 +1,31 @@
-"""Throughput and latency of inference models (dense vs slim) over batch sizes, dtypes and layouts.
+"""Throughput and latency of inference models (dense vs slim) over batch sizes, dtypes, layouts and
+backends.
 
-Every configuration is timed honestly or skipped with a note (fp16 on CPU, bf16 on a GPU without it,
-a failed ``torch.compile``, out of memory): never substituted by another one. Optionally the same models,
-exported to ONNX, are timed with onnxruntime on the CPU next to PyTorch (rows with backend
-"onnxruntime"; PyTorch's rows have backend "torch").
+Every model is deployed as it would be served (:func:`chase.deploy.deploy`: eager PyTorch, Inductor,
+onnxruntime, OpenVINO; BatchNorm folded; outputs checked against the eager model), and every
+configuration is timed honestly or skipped with a note (fp16 on CPU, bf16 on a GPU without it, a backend
+that cannot run the model, out of memory): never substituted by another one. Every row names its
+backend, device, dtype, batch, layout and whether TF32 was on; dense and slim run under the same backend.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import datetime
 import logging
-import os
 import platform
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from chase.deploy import BACKENDS, DTYPES, Deployed, DeployError, deploy, tf32_enabled
 from chase.timing import time_forward
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "benchmark", "format_table", "time_forward"]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _device_name(device: torch.device) -> str:
@@ -43,16 +41,6 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _skip_reason(dtype: str, device: torch.device, channels_last: bool, ndim: int) -> Optional[str]:
-    if dtype == "fp16" and device.type != "cuda":
-        return "fp16 is benchmarked on CUDA only (CPU half-precision convolutions are not a deployment path)"
-    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "this GPU has no bf16 support"
-    if channels_last and ndim != 4:
-        return "channels_last needs 4-D (N, C, H, W) inputs"
-    return None
-
-
 def benchmark(
     models: Mapping[str, nn.Module],
     input_shape: Sequence[int],
@@ -61,48 +49,57 @@ def benchmark(
     dtypes: Sequence[str] = ("fp32",),
     device: str | torch.device = "cpu",
     channels_last: Sequence[bool] = (False,),
-    compiled: Sequence[bool] = (False,),
+    backends: Sequence[str] = ("eager",),
+    compiled: Optional[Sequence[bool]] = None,
+    onnx: Optional[Mapping[str, Any]] = None,
     warmup: int = 3,
     repeats: int = 10,
     macs: Optional[Mapping[str, int]] = None,
     meta: Optional[Mapping[str, Any]] = None,
-    onnx: Optional[Mapping[str, str | os.PathLike]] = None,
+    inductor_mode: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time every model of ``models`` ({label: model}, e.g. ``{"dense": m, "slim": s}``) on random inputs
-    of shape ``(batch, *input_shape)`` for every combination of the options; the models are copied, not
-    changed. Models are timed alternately within a configuration so that machine load affects them alike.
+    of shape ``(batch, *input_shape)`` for every combination of dtype, layout and backend, each model
+    deployed as a user would serve it (:func:`chase.deploy.deploy`); the models are not changed. Within a
+    configuration the models run under the same backend and are timed alternately, so that machine load
+    affects them alike.
 
-    Returns ``{"meta": ..., "results": [row, ...], "skipped": [...]}``; a row has model, device, dtype,
-    batch_size, channels_last, compiled, latency_ms (median), latency_ms_min, throughput (images/s at the
-    median), and for every model but the first ``speedup`` (its throughput over the first model's) and,
-    when ``macs`` ({label: MACs per image}) is given, ``flops_ratio`` (first model's MACs over its own:
-    the speedup the FLOPs predict). Every row has ``backend`` "torch". ``compiled`` configurations use
-    ``torch.compile`` with Inductor's inference freezing (weights constant, BatchNorm folded).
-
-    ``onnx`` ({label: ONNX file of that model}, see :func:`chase.onnx.export_onnx`): also time those files
-    with onnxruntime, on the same inputs, with as many threads as PyTorch uses: after PyTorch's models,
-    alternately among themselves.
-    Their rows have backend "onnxruntime", ``speedup`` over the first model under PyTorch and
-    ``backend_speedup`` over the same model under PyTorch. Only fp32, eager, contiguous configurations on
-    the CPU get them; every other configuration records an onnxruntime skip with its reason (an empty
-    mapping asks for those notes only).
+    Returns ``{"meta": ..., "results": [row, ...], "skipped": [...]}``. A row has model, backend, device,
+    dtype, batch_size, channels_last, compiled (backend inductor), tf32, max_relative_diff (the deployed
+    model against eager fp32), latency_ms (median), latency_ms_min, latency_ms_max, throughput (images/s
+    at the median); every model but the first has ``speedup`` (the first model's median time over its own,
+    same backend) with ``speedup_spread`` (the least and largest of that ratio over the alternating
+    repeats) and, with ``macs`` ({label: MACs per image}), ``flops_ratio`` (the speedup the FLOPs predict);
+    a backend other than eager also ``backend_speedup`` (over the same model in eager). A configuration a
+    backend cannot run is a skip with its reason. ``compiled`` (``[False, True]``: eager and inductor) and
+    ``onnx`` (also onnxruntime; the files are exported by :func:`~chase.deploy.deploy`) are the options
+    of earlier releases. ``inductor_mode``: :func:`~chase.deploy.deploy`'s ``mode`` for the inductor rows.
     """
     dev = torch.device(device)
     labels = list(models)
+    chosen = list(backends)
+    if compiled is not None:
+        chosen = ["inductor" if c else "eager" for c in compiled]
+    if onnx is not None and "onnxruntime" not in chosen:
+        chosen.append("onnxruntime")
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     out: dict[str, Any] = {
         "meta": {
             "device": dev.type,
             "device_name": _device_name(dev),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
+            "tf32": tf32_enabled() if dev.type == "cuda" else False,
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "input_shape": list(input_shape),
+            "backends": chosen,
             "warmup": warmup,
             "repeats": repeats,
             "macs": dict(macs or {}),
-            **(_onnx_meta() if onnx else {}),
             **(meta or {}),
         },
         "results": [],
@@ -110,94 +107,23 @@ def benchmark(
     }
     for dtype in dtypes:
         for cl in channels_last:
-            for comp in compiled:
-                cfg = {"dtype": dtype, "channels_last": cl, "compiled": comp}
-                reason = _skip_reason(dtype, dev, cl, len(input_shape) + 1)
-                if reason is not None:
-                    out["skipped"].append({**cfg, "reason": reason})
-                    log.info("skipped %s: %s", cfg, reason)
+            eager: dict[tuple[str, int], dict[str, Any]] = {}
+            for backend in chosen:
+                cfg = {
+                    "dtype": dtype,
+                    "channels_last": cl,
+                    "backend": backend,
+                    "compiled": backend == "inductor",
+                }
+                if backend == "inductor" and inductor_mode is not None:
+                    cfg["mode"] = inductor_mode
+                if cl and len(input_shape) != 3:
+                    out["skipped"].append({**cfg, "reason": "channels_last needs 4-D (N, C, H, W) inputs"})
                     continue
-                runners = {}
-                if onnx is not None:
-                    why = _onnx_skip_reason(dev, cfg)
-                    if why is not None:
-                        out["skipped"].append({**cfg, "backend": "onnxruntime", "reason": why})
-                    else:
-                        runners = _onnx_runners(onnx)
                 _run_config(
-                    models, labels, input_shape, batch_sizes, dev, cfg, warmup, repeats, macs, out, runners
+                    models, labels, input_shape, batch_sizes, dev, cfg, (warmup, repeats), macs, out, eager
                 )
     return out
-
-
-def _onnx_meta() -> dict[str, Any]:
-    import onnxruntime
-
-    return {"onnxruntime": onnxruntime.__version__, "onnxruntime_threads": torch.get_num_threads()}
-
-
-def _onnx_skip_reason(dev: torch.device, cfg: Mapping[str, Any]) -> Optional[str]:
-    if dev.type != "cpu":
-        return "onnxruntime is timed on the CPU only (CPUExecutionProvider)"
-    if cfg["dtype"] != "fp32":
-        return "the ONNX files are exported in fp32; onnxruntime rows are for fp32 only"
-    if cfg["channels_last"]:
-        return "onnxruntime chooses its own memory layout; timed with the contiguous configuration only"
-    if cfg["compiled"]:
-        return "torch.compile applies to PyTorch only; onnxruntime is timed next to eager"
-    return None
-
-
-def _onnx_runners(onnx: Mapping[str, str | os.PathLike]) -> dict[str, Callable[[torch.Tensor], Any]]:
-    from chase.onnx import onnx_runner
-
-    # Same thread count as PyTorch, so the two backends compete on equal terms. No spinning: the sessions
-    # take turns, and each one's idle pool spinning beside the running one halved onnxruntime's
-    # throughput at 2 threads on a 2-core machine and made its timings erratic.
-    threads = torch.get_num_threads()
-    return {k: onnx_runner(p, threads=threads, spinning=False) for k, p in onnx.items()}
-
-
-def _prepare(model: nn.Module, dev: torch.device, cfg: dict[str, Any]) -> nn.Module:
-    m = copy.deepcopy(model).eval().to(dev, DTYPES[cfg["dtype"]])
-    if cfg["channels_last"]:
-        m = m.to(memory_format=torch.channels_last)
-    return torch.compile(m) if cfg["compiled"] else m
-
-
-#: how many compiled entries of one model's forward code one timing process may hold (Dynamo's default: 8).
-COMPILED_MODELS_LIMIT = 1024
-
-
-def _compile_scope(cfg: Mapping[str, Any]) -> contextlib.AbstractContextManager:
-    """Where the models of ``cfg`` run (and, compiled, are compiled at their first call): with Inductor's
-    inference freezing for compiled ones -- the weights become constants, so BatchNorm is folded into the
-    convolutions and weights are pre-packed for the CPU's convolution library, as a model is compiled for
-    serving. (``torch.compile(options={"freezing": True})`` does not reach the freezing pass.)
-
-    Every model compiled in one process adds an entry to the cache of the same ``forward`` code; past
-    Dynamo's recompile limit (8) the next model would silently run eager. The limit is raised for the
-    timing, and a model that still hits it fails (and is recorded as skipped) instead of being timed
-    eager under a "compiled" label."""
-    if not cfg["compiled"]:
-        return contextlib.nullcontext()
-    import torch._dynamo.config as dynamo_config
-    import torch._inductor.config as inductor_config
-
-    limits = {"recompile_limit": COMPILED_MODELS_LIMIT, "accumulated_recompile_limit": COMPILED_MODELS_LIMIT}
-    limits = {k: max(v, getattr(dynamo_config, k)) for k, v in limits.items()}
-    stack = contextlib.ExitStack()
-    stack.enter_context(inductor_config.patch(freezing=True))
-    stack.enter_context(dynamo_config.patch(fail_on_recompile_limit_hit=True, **limits))
-    return stack
-
-
-def _backend_groups(keys: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    """``keys`` ((label, backend) pairs) grouped by backend, in order of first appearance."""
-    groups: dict[str, list[tuple[str, str]]] = {}
-    for key in keys:
-        groups.setdefault(key[1], []).append(key)
-    return list(groups.values())
 
 
 def _run_config(
@@ -207,66 +133,100 @@ def _run_config(
     batch_sizes: Sequence[int],
     dev: torch.device,
     cfg: dict[str, Any],
-    warmup: int,
-    repeats: int,
+    timing: tuple[int, int],
     macs: Optional[Mapping[str, int]],
     out: dict[str, Any],
-    runners: Mapping[str, Callable[[torch.Tensor], Any]],
+    eager: dict[tuple[str, int], dict[str, Any]],
 ) -> None:
-    prepared: dict[tuple[str, str], Any] = {(k, "torch"): _prepare(m, dev, cfg) for k, m in models.items()}
-    prepared.update({(k, "onnxruntime"): r for k, r in runners.items()})
-    keys = [(k, "torch") for k in labels] + [(k, "onnxruntime") for k in labels if k in runners]
-    for bs in batch_sizes:
-        x = torch.randn(bs, *input_shape, device=dev, dtype=DTYPES[cfg["dtype"]])
-        if cfg["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    """Every batch size of one configuration: the models deployed (once; per batch size under inductor,
+    which compiles, and captures CUDA graphs, for the batch it serves), then timed alternately."""
+    warmup, repeats = timing
+    deployed: dict[str, Deployed] = {}
+    per_batch = cfg["backend"] == "inductor"
+    for i, bs in enumerate(batch_sizes):
+        x = torch.randn(bs, *input_shape, device=dev)
         try:
-            with _compile_scope(cfg):
-                # One backend after the other, its models alternately: PyTorch's and onnxruntime's
-                # thread pools spin after each forward, so interleaving the two backends made each
-                # one's first model wait for the other's spinning threads.
-                for group in _backend_groups(keys):
-                    for k in group:  # warm-up of each model first; a compiled one compiles here, untimed
-                        time_forward(
-                            prepared[k], x, warmup=max(warmup, 1 if cfg["compiled"] else 0), repeats=0
-                        )
-                    for _ in range(repeats):  # then one timed forward of each, alternately
-                        for k in group:
-                            times[k] += time_forward(prepared[k], x, warmup=0, repeats=1)
-        except Exception as e:  # OOM, a compiler error: record it, never fake a number
+            if per_batch or not deployed:
+                deployed = {k: _deployed(m, x, dev, cfg) for k, m in models.items()}
+            for d in deployed.values():  # warm-up of each model first (a compiled one compiled in deploy)
+                time_forward(d, x, warmup=max(warmup, 1), repeats=0)
+            times: dict[str, list[float]] = {k: [] for k in labels}
+            for _ in range(repeats):  # then one timed forward of each, alternately
+                for k in labels:
+                    times[k] += time_forward(deployed[k], x, warmup=0, repeats=1)
+        except ImportError:
+            raise  # an optional package to install: the caller's error
+        except Exception as e:  # a backend that cannot run it, out of memory: a skip, never a made-up number
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            out["skipped"].append({**cfg, "batch_size": bs, "reason": reason})
-            log.warning("batch %d %s failed: %s", bs, cfg, reason)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log.warning("batch %d %s skipped: %s", bs, cfg, reason)
+            rest = batch_sizes[i:] if isinstance(e, DeployError) and not per_batch else [bs]
+            out["skipped"] += [{**cfg, "batch_size": b, "reason": reason} for b in rest]
+            if len(rest) > 1:
+                return
+            deployed = {}
             continue
-        rows: dict[tuple[str, str], dict[str, Any]] = {}
-        for key in keys:
-            k, backend = key
-            med = statistics.median(times[key])
-            row = {"model": k, "backend": backend, "device": dev.type, "batch_size": bs, **cfg}
-            row.update(latency_ms=1e3 * med, latency_ms_min=1e3 * min(times[key]), throughput=bs / med)
-            base = rows.get((labels[0], "torch"))
-            if base is not None:
-                row["speedup"] = row["throughput"] / base["throughput"]
-                if backend != "torch":
-                    row["backend_speedup"] = row["throughput"] / rows[(k, "torch")]["throughput"]
-                if k != labels[0] and macs and k in macs and labels[0] in macs and macs[k]:
-                    row["flops_ratio"] = macs[labels[0]] / macs[k]
-            rows[key] = row
+        for k in labels:
+            row = _row(k, bs, dev, cfg, times, labels[0], deployed[k].info, macs)
+            if cfg["backend"] == "eager":
+                eager[(k, bs)] = row
+            elif (k, bs) in eager:
+                row["backend_speedup"] = row["throughput"] / eager[(k, bs)]["throughput"]
             out["results"].append(row)
             log.debug("%s", _fmt_row(row))
 
 
+def _deployed(model: nn.Module, x: torch.Tensor, dev: torch.device, cfg: Mapping[str, Any]) -> Deployed:
+    return deploy(
+        model,
+        x,
+        backend=cfg["backend"],
+        dtype=cfg["dtype"],
+        device=dev,
+        channels_last=cfg["channels_last"],
+        mode=cfg.get("mode"),
+    )
+
+
+def _row(
+    k: str,
+    bs: int,
+    dev: torch.device,
+    cfg: Mapping[str, Any],
+    times: Mapping[str, list[float]],
+    first: str,
+    info: Mapping[str, Any],
+    macs: Optional[Mapping[str, int]],
+) -> dict[str, Any]:
+    med = statistics.median(times[k])
+    row: dict[str, Any] = {"model": k, "device": dev.type, "batch_size": bs, **cfg}
+    row.update(tf32=info["tf32"], max_relative_diff=info.get("max_relative_diff"))
+    if cfg["backend"] == "inductor":
+        row["cuda_graphs"] = info["cuda_graphs"]
+    row.update(
+        latency_ms=1e3 * med,
+        latency_ms_min=1e3 * min(times[k]),
+        latency_ms_max=1e3 * max(times[k]),
+        throughput=bs / med,
+    )
+    if k != first:
+        row["speedup"] = statistics.median(times[first]) / med
+        ratios = [b / t for b, t in zip(times[first], times[k])]
+        row["speedup_spread"] = [min(ratios), max(ratios)]
+        if macs and k in macs and first in macs and macs[k]:
+            row["flops_ratio"] = macs[first] / macs[k]
+    return row
+
+
 def _fmt_row(r: Mapping[str, Any]) -> str:
     speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+    spread = "{:.2f}-{:.2f}".format(*r["speedup_spread"]) if "speedup_spread" in r else ""
     ratio = f"{r['flops_ratio']:.2f}x" if "flops_ratio" in r else ""
     return (
-        f"{r['model']:<8} {r.get('backend', 'torch'):<11} {r['device']:<5} {r['dtype']:<5} "
-        f"{'cl' if r['channels_last'] else '-':<3} "
-        f"{'compiled' if r['compiled'] else 'eager':<9} {r['batch_size']:>5} {r['latency_ms']:>11.3f} "
-        f"{r['throughput']:>11.1f} {speed:>8} {ratio:>8}"
+        f"{r['model']:<8} {r['backend']:<11} {r['device']:<5} {r['dtype']:<5} "
+        f"{'cl' if r['channels_last'] else '-':<3} {'on' if r.get('tf32') else '-':<4} {r['batch_size']:>5} "
+        f"{r['latency_ms']:>11.3f} {r['throughput']:>11.1f} {speed:>8} {spread:>11} {ratio:>8}"
     )
 
 
@@ -276,19 +236,17 @@ def format_table(result: Mapping[str, Any]) -> str:
     lines = [
         f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, {m['date']}; "
         f"median of {m['repeats']} after {m['warmup']} warm-up",
-        f"{'model':<8} {'backend':<11} {'dev':<5} {'dtype':<5} {'cl':<3} {'mode':<9} {'batch':>5} "
-        f"{'latency ms':>11} "
-        f"{'images/s':>11} {'speedup':>8} {'FLOPs':>8}",
+        f"{'model':<8} {'backend':<11} {'dev':<5} {'dtype':<5} {'cl':<3} {'tf32':<4} {'batch':>5} "
+        f"{'latency ms':>11} {'images/s':>11} {'speedup':>8} {'(min-max)':>11} {'FLOPs':>8}",
     ]
     lines += [_fmt_row(r) for r in result["results"]]
-    if any(r.get("backend", "torch") != "torch" for r in result["results"]):
-        first = result["results"][0]["model"] if result["results"] else "dense"
-        lines.append(f"speedup: images/s over {first} under torch at the same batch, for either backend")
+    if result["results"]:
+        first = result["results"][0]["model"]
+        lines.append(
+            f"speedup: {first}'s median time over the model's, same backend, dtype, layout and batch; "
+            "(min-max): over the alternating repeats"
+        )
     for s in result["skipped"]:
         where = f" batch {s['batch_size']}" if "batch_size" in s else ""
-        who = f"{s['backend']} " if "backend" in s else ""
-        lines.append(
-            f"skipped {who}{s['dtype']} cl={s['channels_last']} compiled={s['compiled']}{where}: "
-            f"{s['reason']}"
-        )
+        lines.append(f"skipped {s['backend']} {s['dtype']} cl={s['channels_last']}{where}: {s['reason']}")
     return "\n".join(lines)

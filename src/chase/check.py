@@ -16,16 +16,17 @@ import pathlib
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from chase.flops import count_flops
 from chase.slim import load_slim
-from chase.sparsifier import Chase
+from chase.sparsifier import Budget, ChannelSpec, Chase
+from chase.sparsifier.specs import resolve_specs
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +110,23 @@ def _random_like(x: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator) 
     return torch.randint(0, int(x.max()) + 1, shape, generator=gen, dtype=x.dtype)
 
 
+#: what ``chase check`` removes unless told otherwise: half of the prunable channels.
+CHECK_CHANNELS = ChannelSpec(channel_sparsity=0.5)
+
+
 def check_model(
     build: Callable[[], nn.Module],
     example_inputs: torch.Tensor,
+    channels: Optional[ChannelSpec] = None,
+    budget: Optional[Budget] = None,
     *,
-    prune_skip: bool = False,
-    prune_heads: bool = False,
-    keep_channels: Sequence[str] = (),
-    channel_sparsity: float = 0.5,
     density: float = 0.2,
     steps: int = 8,
     batch_size: int = 2,
     lr: float = 0.01,
     seed: int = 0,
     tolerance: float = 1e-4,
+    **flat: Any,
 ) -> CheckReport:
     """Run a miniature Chase run on ``build()`` and report (never raises for a model's failure).
 
@@ -130,12 +134,21 @@ def check_model(
         build: returns a freshly initialised model; called twice (the trained one, the reload target)
             with the same global seed, so both start identical.
         example_inputs: one input batch (its shape is reused for the random training batches).
-        prune_skip, prune_heads, keep_channels, channel_sparsity, density: Chase options.
+        channels, budget: Chase's options (default :data:`CHECK_CHANNELS`: half of the prunable channels);
+            the check runs its own schedule, so their schedule fields do not apply. ``**flat``: those
+            options as flat keywords (deprecated).
+        density: Chase's weight density.
         steps: optimizer steps; updates every 2 steps and a channel event every step from step 2 on, so
             the whole channel schedule runs (at least 6 steps).
         batch_size: images per random training batch.
         tolerance: largest allowed ``max |slim - trained| / max |trained|`` in eval mode.
     """
+    if channels is None and flat:
+        flat.setdefault("channel_sparsity", CHECK_CHANNELS.channel_sparsity)
+    elif channels is None:
+        channels = CHECK_CHANNELS
+    channels, budget = resolve_specs(channels, budget, flat, caller="check_model")
+    channels = channels.replace(channel_every=1, channel_end=None)
     if steps < 6:
         raise ValueError(f"steps must be >= 6 for a complete channel schedule, got {steps}")
     rep = CheckReport()
@@ -145,8 +158,7 @@ def check_model(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            options = (prune_skip, prune_heads, keep_channels, channel_sparsity, density)
-            _run(rep, build, example_inputs, *options, steps, batch_size, lr, seed)
+            _run(rep, build, example_inputs, channels, budget, density, steps, batch_size, lr, seed)
         if rep.rel_diff > tolerance:
             rep.status, rep.error_type = "crash", "MismatchError"
             rep.error = f"the reloaded slim model differs from the trained one (relative {rep.rel_diff:.2e})"
@@ -164,10 +176,8 @@ def _run(
     rep: CheckReport,
     build: Callable[[], nn.Module],
     x: torch.Tensor,
-    prune_skip: bool,
-    prune_heads: bool,
-    keep_channels: Sequence[str],
-    channel_sparsity: float,
+    channels: ChannelSpec,
+    budget: Budget,
     density: float,
     steps: int,
     batch_size: int,
@@ -190,12 +200,9 @@ def _run(
         density=density,
         total_steps=steps,
         example_inputs=probe,
-        channel_sparsity=channel_sparsity,
-        prune_skip=prune_skip,
-        prune_heads=prune_heads,
-        keep_channels=keep_channels,
+        channels=channels,
+        budget=budget,
         update_every=2,
-        channel_every=1,
     )
     rep.groups, rep.prunable_groups = len(sp.graph), len(sp.groups)
     rep.prunable_channels = sp.total_channels

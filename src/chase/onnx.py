@@ -211,7 +211,14 @@ def export_onnx(
     return path
 
 
-def _session(path: str | os.PathLike, threads: Optional[int], spinning: bool = True) -> Any:
+def _session(
+    path: str | os.PathLike,
+    threads: Optional[int],
+    spinning: bool = True,
+    provider: str = "CPUExecutionProvider",
+) -> Any:
+    """An onnxruntime session of the ONNX file (``threads`` intra-op threads, idle threads spinning or
+    sleeping, on ``provider``): the one place session options are set."""
     ort = _require("onnxruntime", "running an ONNX model")
     options = ort.SessionOptions()
     if threads:
@@ -220,7 +227,7 @@ def _session(path: str | os.PathLike, threads: Optional[int], spinning: bool = T
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: it warns about e.g. unused initialisers of valid files
-    sess = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
     if len(sess.get_inputs()) != 1:
         raise ValueError(f"{path} has {len(sess.get_inputs())} inputs; only one-input models are supported")
     return sess

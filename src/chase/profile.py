@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from chase.bench import DTYPES
+from chase.deploy import BACKENDS, deploy
 from chase.graph import unwrap_model
 from chase.sparse.targets import find_sparse_params
-from chase.sparsifier.channel_pruning import ChannelPruner
 from chase.sparsifier.latency import LatencyTable
+from chase.sparsifier.pruner import ChannelPruner
+from chase.sparsifier.specs import ChannelSpec, resolve_specs
 from chase.surgery import SurgeryState, remove_channels
-from chase.timing import CallKey, module_self_times, time_forward
+from chase.timing import CallKey, alternate, module_self_times, time_forward
 
 log = logging.getLogger(__name__)
 
@@ -41,51 +43,62 @@ def _changed_time(
     return total
 
 
-def _ms(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
+def _ms(model: Any, x: torch.Tensor, warmup: int, repeats: int) -> float:
     return 1e3 * statistics.median(time_forward(model, x, warmup=warmup, repeats=repeats))
+
+
+def _whole_difference(dense: Any, narrow: Any, x: torch.Tensor, warmup: int, repeats: int) -> float:
+    """Seconds ``narrow`` takes more than ``dense`` (both deployed), timed alternately: the median of the
+    per-repeat differences."""
+    time_forward(narrow, x, warmup=max(warmup, 1), repeats=0)
+    times = alternate(
+        {"dense": lambda: dense(x), "narrow": lambda: narrow(x)}, repeats=repeats, device=x.device
+    )
+    return statistics.median(n - d for n, d in zip(times["narrow"], times["dense"]))
 
 
 @torch.no_grad()
 def profile_latency(
     model: nn.Module,
     example_inputs: torch.Tensor,
+    channels: Optional[ChannelSpec] = None,
     *,
-    prune_skip: bool = False,
-    prune_heads: bool = False,
-    keep_channels: Sequence[str] = (),
     fractions: Sequence[float] = (0.25, 0.5, 0.75),
     dtype: str = "fp32",
     channels_last: bool = False,
     warmup: int = 2,
     repeats: int = 5,
     meta: Optional[dict[str, Any]] = None,
+    backend: str = "eager",
+    **flat: Any,
 ) -> LatencyTable:
     """Time ``model`` on ``example_inputs`` (their batch size and device) dense, then with each prunable
     group alone narrowed to ``fractions`` of its width (the group's last channels removed: the time does
-    not depend on which). The groups are Chase's for the same ``prune_skip``/``prune_heads``/
-    ``keep_channels``.
+    not depend on which). The groups are Chase's for the same ``channels`` (its ``prune_skip``,
+    ``prune_heads`` and ``keep_channels``; ``**flat``: those as keywords, deprecated).
 
     A point is the dense forward time plus the change in self time (:func:`chase.timing.module_self_times`)
     of the module calls whose work the narrowing changed, each timed next to the same call of the dense
     model. The rest of the model is left out: timing the whole forward again, its run-to-run noise on a
     CPU (a few %) swamps the saving of one small group. Work that a module's own code does on tensors
-    whose shapes stay the same is not seen."""
+    whose shapes stay the same is not seen.
+
+    Under another ``backend`` (:data:`chase.deploy.BACKENDS`: ``inductor``, on CUDA with CUDA graphs up to
+    batch 32; ``onnxruntime``; ``openvino``) a compiled model has no module calls to hook: every point is
+    the narrowed model deployed as it would be served and timed whole, alternately with the dense model
+    deployed the same way, and the point is the dense time plus the median difference. One deployment
+    (a compile) per point: minutes per group for a large model on a CPU."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
     if not fractions or not all(0.0 < f < 1.0 for f in fractions):
         raise ValueError(f"fractions must be in (0, 1), got {list(fractions)}")
     device = example_inputs.device
     base = copy.deepcopy(unwrap_model(model)).eval().to(device)
     probe = example_inputs[:1].float()
-    pruner = ChannelPruner(
-        base,
-        probe,
-        find_sparse_params(base),
-        channel_sparsity=0.0,
-        prune_skip=prune_skip,
-        prune_heads=prune_heads,
-        keep_channels=keep_channels,
-    )
+    channels, _ = resolve_specs(channels, None, flat, caller="profile_latency")
+    pruner = ChannelPruner(base, probe, find_sparse_params(base), channels)
     x = example_inputs.to(DTYPES[dtype])
 
     def prepared(m: nn.Module) -> nn.Module:
@@ -94,21 +107,30 @@ def profile_latency(
 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    dense = prepared(copy.deepcopy(base))
-    dense_ms = _ms(dense, x, warmup, repeats)  # the whole forward, without hooks
+    if backend == "eager":
+        dense = prepared(copy.deepcopy(base))
+        dense_ms = _ms(dense, x, warmup, repeats)  # the whole forward, without hooks
+    else:
+        served = deploy(base, example_inputs, backend=backend, dtype=dtype, channels_last=channels_last)
+        dense_ms = _ms(served, example_inputs, warmup, repeats)
     groups: dict[str, tuple[list[int], list[float]]] = {}
     for i, g in enumerate(pruner.groups, 1):
         widths, ms = [], []
-        # The dense calls again next to each group's points: the machine drifts over a long profile.
-        dense_self = module_self_times(dense, x, min(warmup, 1), repeats)
+        if backend == "eager":  # the dense calls again next to each group's points: the machine drifts
+            dense_self = module_self_times(dense, x, min(warmup, 1), repeats)
         for n in sorted({max(1, round(g.width * f)) for f in fractions}):
             if n >= g.width:
                 continue
             narrow = copy.deepcopy(base)
             remove_channels(narrow, SurgeryState(narrow, [g]), {g.name: torch.arange(n, g.width)})
-            changed = _changed_time(
-                dense_self, module_self_times(prepared(narrow), x, min(warmup, 1), repeats)
-            )
+            if backend == "eager":
+                narrow_self = module_self_times(prepared(narrow), x, min(warmup, 1), repeats)
+                changed = _changed_time(dense_self, narrow_self)
+            else:
+                point = deploy(
+                    narrow, example_inputs, backend=backend, dtype=dtype, channels_last=channels_last
+                )
+                changed = _whole_difference(served, point, example_inputs, warmup, repeats)
             widths.append(n)
             ms.append(dense_ms + 1e3 * changed)
         groups[g.name] = ([*widths, g.width], [*ms, dense_ms])
@@ -121,11 +143,12 @@ def profile_latency(
         "batch_size": int(example_inputs.shape[0]),
         "input": list(example_inputs.shape[1:]),
         "channels_last": channels_last,
-        "prune_skip": prune_skip,
-        "prune_heads": prune_heads,
-        "keep_channels": list(keep_channels),
+        "prune_skip": channels.prune_skip,
+        "prune_heads": channels.prune_heads,
+        "keep_channels": list(channels.keep_channels),
         "repeats": repeats,
-        "method": "module self times",
+        "backend": backend,
+        "method": "module self times" if backend == "eager" else f"whole forward under {backend}",
         # The model's identity for the check at use: another model may share its group names and widths.
         "params": sum(p.numel() for p in base.parameters()),
         **(meta or {}),

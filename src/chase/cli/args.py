@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
-__all__ = ["OneLineParser", "add_model_args", "nonnegative_int", "positive_int", "positive_ints"]
+__all__ = [
+    "OneLineParser",
+    "add_model_args",
+    "add_spec_args",
+    "comma_list",
+    "device_arg",
+    "given_spec_args",
+    "nonnegative_int",
+    "positive_int",
+    "positive_ints",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -41,56 +52,92 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(t.strip()) for t in text.split(",") if t.strip()] or [positive_int(text)]
 
 
+def device_arg(text: str) -> str:
+    """A ``--device`` value as a device string: ``auto`` is CUDA when there is one; an unknown device or
+    CUDA without a GPU is a usage error (ValueError), as the trainer's ``device`` check says."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {text!r} is not a device (auto, cpu, cuda, cuda:1, ...): {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text} but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: only cpu and cuda are supported")
+    return text
+
+
+def comma_list(text: str) -> list[str]:
+    """argparse type: comma-separated names (empty entries dropped)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+#: the roles of channel options a command that builds untrained widths offers.
+WIDTH_ROLES = ("groups", "amount", "ranking", "budget")
+
+
+def add_spec_args(p: argparse.ArgumentParser, roles: Sequence[str]) -> None:
+    """One flag per channel option of ``roles`` (:data:`chase.sparsifier.specs.ROLES`), generated from
+    ``chase.ChannelSpec``, the budget kinds and the cost models, with their help: ``--channel-sparsity``,
+    ``--prune-skip/--no-prune-skip``, ``--keep-channels a,b``, ``--macs-ratio``, ``--latency-table``...
+    Every flag defaults to None (not given: the library's default)."""
+    from chase.sparsifier.specs import ROLES, flat_options
+
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise ValueError(f"unknown option roles {unknown}")
+    for o in flat_options().values():
+        if o.role not in roles:
+            continue
+        default = "" if o.default in (None, (), False) else f" (default {o.default})"
+        kw: dict[str, Any] = {"default": None, "help": o.help + default}
+        if o.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif o.type is list:
+            kw.update(type=comma_list, metavar="A,B")
+        elif o.choices:
+            kw["choices"] = list(o.choices)
+        else:
+            kw.update(type=o.type, metavar=o.metavar or o.type.__name__.upper())
+        p.add_argument("--" + o.name.replace("_", "-"), **kw)
+
+
+def given_spec_args(args: argparse.Namespace, roles: Sequence[str] | None = None) -> dict[str, Any]:
+    """The channel options (of ``roles``, default all) given on the command line (flags left at None are
+    not)."""
+    from chase.sparsifier.specs import flat_options
+
+    options = flat_options()
+    return {
+        k: v
+        for k, v in vars(args).items()
+        if k in options and v is not None and (roles is None or options[k].role in roles)
+    }
+
+
 def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
+    """The model-or-run arguments of flops/bench: a run, or a model name with optional untrained widths
+    (every channel option of :data:`WIDTH_ROLES`)."""
     p.add_argument("source", nargs="?", help=source_help)
     p.add_argument("--model", "-m", help="model name (chase.models.get_model), built untrained")
     p.add_argument("--input", type=positive_int, help="input image size (default: the run's, or 224)")
     p.add_argument(
         "--num-classes", type=positive_int, default=1000, help="classifier size for --model (1000)"
     )
-    p.add_argument(
-        "--channel-sparsity",
-        type=float,
-        metavar="S",
-        help="with --model: also measure a slim model of Chase's final width at S, channels removed at "
-        "once from the untrained model (an UNTRAINED-width model, labelled so)",
+    widths = p.add_argument_group(
+        "untrained widths (with --model)",
+        "Also measure a slim model of Chase's final width: --channel-sparsity S (of the prunable channels) "
+        "or a budget (--macs-ratio R, --params-ratio R, --latency-ratio R with --latency-table), channels "
+        "removed at once from the untrained model (an UNTRAINED-width model, labelled so).",
     )
-    p.add_argument("--prune-skip", action="store_true", help="with --channel-sparsity: prune the skip path")
-    p.add_argument(
-        "--prune-heads", action="store_true", help="with --channel-sparsity: also remove attention heads"
-    )
-    p.add_argument(
-        "--macs-ratio",
-        type=float,
-        metavar="R",
-        help="with --model: like --channel-sparsity, but remove channels until the model's MACs are R of the "
-        "dense model's (Chase's target=macs; --channel-sparsity, if given, sets the floors)",
-    )
-    p.add_argument(
-        "--channel-rank",
-        default="score",
-        help="with --channel-sparsity or --macs-ratio: rank channels by score (the paper; default), "
-        "normalized (score over its group's mean: every group pruned at a similar rate), uniform (the "
-        "same share of every group), latency_weighted (a share growing with the group's time per MAC or "
-        "channel, by --latency-table) or, with --macs-ratio, score_per_cost (score per MAC saved)",
-    )
-    p.add_argument(
-        "--latency-table",
-        metavar="FILE",
-        help="with --channel-rank latency_weighted: the latency table `chase profile` wrote for this model",
-    )
-    p.add_argument(
-        "--channel-multiple",
-        type=positive_int,
-        default=1,
-        metavar="M",
-        help="with --channel-sparsity or --macs-ratio: every pruned group keeps a multiple of M channels (1)",
-    )
-    p.add_argument(
+    add_spec_args(widths, WIDTH_ROLES)
+    widths.add_argument(
         "--density",
         type=float,
-        help="with --channel-sparsity: weight density of the initial masks the channels are ranked on, as "
-        "Chase ranks them at its first event (default: the paper's d, chase.sparsifier.channel_pruning."
-        "INIT_DENSITY)",
+        help="weight density of the initial masks the channels are ranked on, as Chase ranks them at its "
+        "first event (default: the paper's d, chase.sparsifier.one_shot.INIT_DENSITY)",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")

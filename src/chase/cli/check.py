@@ -10,8 +10,13 @@ NAME = "check"
 LOG_PROGRESS = False
 
 
+#: the channel options ``chase check`` offers (its own schedule runs every event; removal and widths are
+#: exercised as given).
+ROLES = ("groups", "amount", "ranking", "removal", "budget")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from chase.cli.args import positive_int
+    from chase.cli.args import add_spec_args, positive_int
 
     p = sub.add_parser(
         NAME,
@@ -24,30 +29,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", "-m", required=True, help="a chase.models name (torchvision, timm:<name>, CIFAR zoo)"
     )
     p.add_argument("--input", type=positive_int, default=64, help="square input size (64)")
-    p.add_argument("--num-classes", type=positive_int, default=10)
-    p.add_argument("--channel-sparsity", type=float, default=0.5)
-    p.add_argument("--prune-skip", action="store_true", help="also prune residual-stream channels")
-    p.add_argument("--prune-heads", action="store_true", help="also remove whole attention heads")
+    p.add_argument("--num-classes", type=positive_int, default=10, help="classifier outputs (10)")
+    add_spec_args(p.add_argument_group("channel options (default: --channel-sparsity 0.5)"), ROLES)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from chase.check import check_model
+    from chase.check import CHECK_CHANNELS, check_model
+    from chase.cli.args import given_spec_args
     from chase.models import get_model
-    from chase.sparsifier.channel_pruning import check_channel_options
+    from chase.sparsifier.specs import specs_from_flat
 
-    check_channel_options(channel_sparsity=args.channel_sparsity, min_channel_ratio=0.2)  # a usage error
+    given = given_spec_args(args)
+    given.setdefault("channel_sparsity", CHECK_CHANNELS.channel_sparsity)
+    channels, budget = specs_from_flat(given)  # a bad option is a usage error
     get_model(args.model, num_classes=args.num_classes)  # an unknown name is a usage error, not a report
     report = check_model(
         lambda: get_model(args.model, num_classes=args.num_classes),
         torch.randn(2, 3, args.input, args.input),
-        prune_skip=args.prune_skip,
-        prune_heads=args.prune_heads,
-        channel_sparsity=args.channel_sparsity,
+        channels,
+        budget,
     )
-    options = f"prune_skip={args.prune_skip}" + (", prune_heads=True" if args.prune_heads else "")
+    options = ", ".join(p for p in (channels.describe(), budget.describe()) if p)
     print(f"{args.model} (input {args.input}, {options}): {report.summary()}")
     for w in report.warnings:
         print(f"  warning: {w}")

@@ -10,7 +10,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from chase.sparsifier.channel_pruning import INIT_DENSITY, untrained_label, untrained_slim
+from chase.cli.args import given_spec_args
+from chase.sparsifier.one_shot import INIT_DENSITY, untrained_label, untrained_slim
+from chase.sparsifier.specs import specs_from_flat
 from chase.train.export import LoadedRun, load_run
 
 __all__ = [
@@ -38,9 +40,11 @@ def models_to_measure(
     from chase.models import get_model
 
     source = getattr(args, "source", None) or getattr(args, "slim_from", None)
-    macs_ratio = getattr(args, "macs_ratio", None)
-    if source and (getattr(args, "channel_sparsity", None) is not None or macs_ratio is not None):
-        raise CommandError("give a checkpoint or --channel-sparsity/--macs-ratio, not both")
+    given = given_spec_args(args)
+    # What sets an amount of channels to remove; every other channel option shapes how.
+    widths = any(k in ("channel_sparsity", "target") or k.endswith("_ratio") for k in given)
+    if source and given:
+        raise CommandError("give a checkpoint or untrained widths (--channel-sparsity, a budget), not both")
     if source:
         run = load_run(source)
         if args.model and args.model != run.model_name:
@@ -51,32 +55,19 @@ def models_to_measure(
         return dense, slim, run, what
     if not args.model:
         raise CommandError("give a model name (--model) or a run folder / checkpoint")
-    widths_given = getattr(args, "channel_sparsity", None) is not None or macs_ratio is not None
-    if not widths_given and getattr(args, "channel_multiple", 1) != 1:
-        raise CommandError("--channel-multiple applies to --channel-sparsity or --macs-ratio")
+    if not widths and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CommandError(
+            f"{flags} applies to untrained widths: give --channel-sparsity or a budget (--macs-ratio, "
+            "--params-ratio, --latency-ratio)"
+        )
     dense = get_model(args.model, num_classes=args.num_classes).eval()
-    if getattr(args, "channel_sparsity", None) is None and macs_ratio is None:
+    if not widths:
         return dense, None, None, ""
-    skip = args.prune_skip
-    # With a MACs budget, S_c only sets the floors: by default those of removing 1 - R of the channels.
-    s = args.channel_sparsity if args.channel_sparsity is not None else round(1.0 - macs_ratio, 6)
-    budget = {} if macs_ratio is None else {"target": "macs", "macs_ratio": macs_ratio}
-    rank = getattr(args, "channel_rank", "score")
-    if rank != "score":  # the library refuses a ranking the target cannot take
-        budget["channel_rank"] = rank
-    if getattr(args, "latency_table", None):  # the library refuses it with a ranking that does not use it
-        budget["latency_table"] = args.latency_table
-    if getattr(args, "prune_heads", False):
-        budget["prune_heads"] = True
+    channels, budget = specs_from_flat(given)
     d = INIT_DENSITY if getattr(args, "density", None) is None else args.density
-    m = getattr(args, "channel_multiple", 1)
-    slim = untrained_slim(dense, example_input(None, args), s, skip, density=d, channel_multiple=m, **budget)
-    label = untrained_label(s, skip, d, m) + (" (attention heads too)" if budget.get("prune_heads") else "")
-    if macs_ratio is not None:
-        label += f"; channels removed until the MACs are {macs_ratio} of the dense model's"
-    if rank != "score":
-        label += f", ranked by {rank}"
-    return dense, slim, None, label
+    slim = untrained_slim(dense, example_input(None, args), density=d, channels=channels, budget=budget)
+    return dense, slim, None, untrained_label(channels, budget, d)
 
 
 #: files of a run folder that a command's output must never replace (the run could not resume).

@@ -40,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also write the exported model as ONNX (default: the output's name with .onnx, e.g. slim.onnx) "
         "and check it against PyTorch with onnxruntime at two batch sizes (needs chase-dst[onnx])",
     )
+    p.add_argument(
+        "--optimize",
+        action="store_true",
+        help="onnx and pt2: export the graph chase.deploy serves (BatchNorm folded into the convolutions, "
+        "checked against the model)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{out} holds other files: give a new or empty folder (or an earlier export)")
     refuse_overwriting(out, path, folder=args.format == "hf-dir")
     refuse_overwriting(onnx, path, out)
-    meta = export_checkpoint(path, out, format=args.format, onnx=onnx)
+    meta = export_checkpoint(path, out, format=args.format, onnx=onnx, optimize=args.optimize)
     load = {
         "pt": f"chase.load_slim(chase.models.get_model({meta['model']!r}, "
         f"num_classes={meta['num_classes']}), {str(out)!r})",
@@ -71,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         "pt2": f"torch.export.load({str(out)!r}).module()",
     }[args.format]
     print(f"wrote {out} ({meta['model']}, {meta['method']}); load it with {load}")
+    if "deploy" in meta:
+        d = meta["deploy"]
+        print(
+            f"optimized: BatchNorm {d['batchnorm']}; outputs within {d['max_relative_diff']:.2g} of the model"
+        )
     if args.format == "onnx":
         onnx = out
     if onnx is not None:

@@ -11,6 +11,8 @@ LOG_PROGRESS = True
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from chase.cli.args import add_spec_args
+    from chase.sparsifier.specs import ROLES
     from chase.train.config import config_help
 
     p = sub.add_parser(
@@ -55,12 +57,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start a new run in a folder that holds an earlier run's outputs but no checkpoint",
     )
+    add_spec_args(
+        p.add_argument_group("channel options (chase; each is the same as --set key=value)"), tuple(ROLES)
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from chase.cli.args import given_spec_args
     from chase.train import ConfigError, load_config, train
 
     sets = [kv for group in args.overrides for kv in group]
+    for key, value in given_spec_args(args).items():  # the channel flags are --set overrides
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, list):
+            value = ",".join(value)
+        sets.append(f"{key}={value}")
     if args.data_dir:
         sets.append(f"data_dir={args.data_dir}")
     if args.out:

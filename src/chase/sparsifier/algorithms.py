@@ -14,7 +14,6 @@ from chase.sparsifier.base import Sparsifier
 
 
 class _Preset(Sparsifier):
-    defaults: ClassVar[dict[str, Any]] = {}
     end_fraction: ClassVar[float] = 0.75  # RigL stops exploring after 75% of training
 
     def __init__(
@@ -27,16 +26,13 @@ class _Preset(Sparsifier):
         **kwargs: Any,
     ) -> None:
         options = {**self.defaults, **kwargs}
-        if isinstance(total_steps, int) and total_steps >= 1:
-            options.setdefault("end_step", max(1, int(self.end_fraction * total_steps)))
         super().__init__(model, optimizer, density=density, total_steps=total_steps, **options)
 
 
 class Static(_Preset):
     """Static sparse training: a fixed random mask (ERK by default), never updated."""
 
-    def is_update_step(self, t: int) -> bool:
-        return False
+    explores = False
 
 
 class SET(_Preset):

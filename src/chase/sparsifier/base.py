@@ -19,6 +19,7 @@ from chase.sparse import exploration, schedules
 from chase.sparse.distribution import DISTRIBUTIONS, layer_counts, random_masks
 from chase.sparse.masks import MaskSet
 from chase.sparse.targets import DEFAULT_SPARSE_TYPES, check_optimizer_holds, find_sparse_params
+from chase.sparsifier.schedule import Schedule, resolve_schedule
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,9 @@ class Sparsifier:
         dense_layers: fnmatch patterns of module or parameter names kept dense (e.g. ``["conv1"]``).
         sparse_types: module types whose ``weight`` is sparse (default all Conv1d/2d/3d and Linear).
         update_every: optimizer steps between exploration updates.
-        end_step: last step at which updates happen (exclusive); default ``total_steps``.
+        end_step: last step at which updates happen (exclusive); default ``total_steps``. Like every
+            schedule point here, an ``int`` is an optimizer step and a ``float`` in [0, 1] a fraction of
+            the run (:mod:`chase.sparsifier.schedule`).
         growth: ``"gradient"`` (RigL: largest |gradient|) or ``"random"`` (SET).
         scope: ``"global"`` (all layers ranked together) or ``"layer"`` (each layer keeps its count).
         swap_fraction: fraction of kept weights pruned and regrown at the first update.
@@ -140,12 +143,13 @@ class Sparsifier:
         swap_horizon: steps over which the cosine decays; default ``end_step``.
         soft_bound: MEST's extra density delta0 held between updates (0 disables); global scope only.
         soft_bound_end: step at which delta(t) has decayed to 0; default the last update step, so that the
-            last update prunes back to the budget. A later one is an error: the run would end above it.
+            last update prunes back to the budget. A later step is an error (the run would end above
+            it); a later fraction is moved back to the last update.
         initial_density: start at this density instead (1.0: a trained dense model) and prune by
             magnitude at every update down to ``density`` on a cubic schedule (gradual pruning, as GraNet),
             while the swap regrows part of the pruned weights by gradient; default ``density``.
-        prune_start, prune_end: steps where that schedule starts and reaches ``density``; default 0 and
-            half of ``end_step``, never after the last update.
+        prune_start, prune_end: steps (or fractions of the run) where that schedule starts and reaches
+            ``density``; default 0 and half of ``end_step``, never after the last update.
         seed: seed of the sparsifier's own generator (initial masks, random growth); the global RNG is
             never touched.
         sync_distributed: under ``torch.distributed``, broadcast masks from rank 0 after every change.
@@ -153,7 +157,13 @@ class Sparsifier:
 
     #: default soft-bound end as a fraction of ``total_steps`` (None: the last update step); never later
     #: than the last update step.
-    soft_bound_end_fraction: float | None = None
+    soft_bound_end_fraction: ClassVar[float | None] = None
+    #: default ``end_step`` as a fraction of ``total_steps`` (None: the whole run).
+    end_fraction: ClassVar[float | None] = None
+    #: whether the algorithm makes exploration updates (a static mask does not).
+    explores: ClassVar[bool] = True
+    #: option defaults of the algorithm over the engine's (the registry reads them too).
+    defaults: ClassVar[dict[str, Any]] = {}
     #: whether the algorithm removes channels, so that :meth:`export` is narrower than the model.
     removes_channels: ClassVar[bool] = False
 
@@ -168,7 +178,7 @@ class Sparsifier:
         dense_layers: Sequence[str] = (),
         sparse_types: Sequence[type[nn.Module]] = DEFAULT_SPARSE_TYPES,
         update_every: int = 100,
-        end_step: int | None = None,
+        end_step: int | float | None = None,
         growth: str = "gradient",
         scope: str = "layer",
         swap_fraction: float = 0.3,
@@ -176,15 +186,13 @@ class Sparsifier:
         swap_floor: float = 0.0,
         swap_horizon: int | None = None,
         soft_bound: float = 0.0,
-        soft_bound_end: int | None = None,
+        soft_bound_end: int | float | None = None,
         initial_density: float | None = None,
-        prune_start: int = 0,
-        prune_end: int | None = None,
+        prune_start: int | float = 0,
+        prune_end: int | float | None = None,
         seed: int = 0,
         sync_distributed: bool = True,
     ) -> None:
-        if not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
         check_options(
             density=density,
             distribution=distribution,
@@ -205,9 +213,23 @@ class Sparsifier:
         self.total_steps = total_steps
         self.distribution = distribution
         self.update_every = int(update_every)
-        self.end_step = total_steps if end_step is None else int(end_step)
-        if self.end_step < 1:
-            raise ValueError(f"end_step must be >= 1 (the step updates stop at), got {end_step}")
+        self.initial_density = self.density if initial_density is None else float(initial_density)
+        if not self.density <= self.initial_density <= 1.0:
+            raise ValueError(
+                f"initial_density must be in [density, 1] = [{self.density}, 1], got {initial_density}"
+            )
+        #: the exploration schedule in optimizer steps (:mod:`chase.sparsifier.schedule`).
+        self.schedule: Schedule = self._resolve_schedule(
+            total_steps,
+            update_every=update_every,
+            end_step=end_step,
+            soft_bound=soft_bound,
+            soft_bound_end=soft_bound_end,
+            gradual=self.initial_density > self.density,
+            prune_start=prune_start,
+            prune_end=prune_end,
+        )
+        self.end_step = self.schedule.end_step
         self.growth = growth
         self.scope = scope
         self.swap_fraction = float(swap_fraction)
@@ -215,41 +237,10 @@ class Sparsifier:
         self.swap_floor = float(swap_floor)
         self.swap_horizon = self.end_step if swap_horizon is None else int(swap_horizon)
         self.soft_bound = float(soft_bound)
-        last = self.last_update_step()
-        if soft_bound_end is None:
-            soft_bound_end = last or self.end_step
-            if self.soft_bound_end_fraction is not None:
-                soft_bound_end = min(soft_bound_end, max(1, int(self.soft_bound_end_fraction * total_steps)))
-        self.soft_bound_end = int(soft_bound_end)
-        if self.soft_bound > 0 and last and self.soft_bound_end > last:
-            raise ValueError(
-                f"soft_bound_end={self.soft_bound_end} is after the last exploration update (step {last}, "
-                f"update_every={self.update_every}, end_step={self.end_step}): the extra density would "
-                f"never be pruned back and the run would end above its budget; use soft_bound_end <= {last}"
-            )
+        self.soft_bound_end = self.schedule.soft_bound_end
         self.sync_distributed = sync_distributed
-        self.initial_density = self.density if initial_density is None else float(initial_density)
-        if not self.density <= self.initial_density <= 1.0:
-            raise ValueError(
-                f"initial_density must be in [density, 1] = [{self.density}, 1], got {initial_density}"
-            )
-        self.prune_start = int(prune_start)
-        self.prune_end = max(1, self.end_step // 2) if prune_end is None else int(prune_end)
-        if self.initial_density > self.density:
-            if not 0 <= self.prune_start < self.prune_end:
-                raise ValueError(
-                    f"prune_start={self.prune_start} must be >= 0 and before prune_end={self.prune_end}"
-                )
-            if not last:
-                raise ValueError(
-                    f"{type(self).__name__} makes no exploration update, so it cannot prune gradually: "
-                    "initial_density must equal density"
-                )
-            if self.prune_end > last:
-                raise ValueError(
-                    f"prune_end={self.prune_end} is after the last exploration update (step {last}): the run "
-                    f"would never reach density {self.density}; end the pruning at or before step {last}"
-                )
+        self.prune_start = self.schedule.prune_start
+        self.prune_end = self.schedule.prune_end
 
         params = find_sparse_params(self.module, dense_layers=dense_layers, sparse_types=sparse_types)
         check_optimizer_holds(optimizer, params)
@@ -331,6 +322,10 @@ class Sparsifier:
         soft-bound extra ``delta(t)`` while it is on."""
         return round((self.density_at(t) + self._extra(t)) * self.total_dense)
 
+    def describe(self) -> str:
+        """The options that decide which channels go, for reports ('' without channel pruning)."""
+        return ""
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(density={self.density}, layers={len(self._masks.names)}, "
@@ -349,14 +344,40 @@ class Sparsifier:
 
     def is_update_step(self, t: int) -> bool:
         """Whether an exploration update is due after optimizer step ``t``."""
-        return t % self.update_every == 0 and t < self.end_step
+        return self.explores and t % self.update_every == 0 and t < self.end_step
 
     def last_update_step(self) -> int:
         """The last step at which :meth:`is_update_step` holds (0: none in the run)."""
-        last = (min(self.end_step, self.total_steps + 1) - 1) // self.update_every * self.update_every
-        while last > 0 and not self.is_update_step(last):  # subclasses may refuse some steps
-            last -= self.update_every
-        return max(0, last)
+        return self.schedule.last_update
+
+    @classmethod
+    def _resolve_schedule(cls, total_steps: int, **options: Any) -> Schedule:
+        """The exploration schedule of ``options`` (the constructor's schedule keywords) under this
+        algorithm's defaults (``end_fraction``, ``soft_bound_end_fraction``, ``explores``)."""
+        return resolve_schedule(
+            total_steps,
+            explores=cls.explores,
+            end_fraction=cls.end_fraction,
+            soft_bound_end_fraction=cls.soft_bound_end_fraction,
+            name=cls.__name__,
+            **options,
+        )
+
+    @classmethod
+    def check_schedule(cls, total_steps: int, options: Mapping[str, Any]) -> Schedule:
+        """The schedule of ``options`` in a run of ``total_steps`` steps, or ``ValueError`` where the
+        constructor would refuse it, without a model (the trainer's config checks this before any data
+        is read). ``options`` are the constructor's keywords, with every default filled in."""
+        return cls._resolve_schedule(
+            total_steps,
+            update_every=options["update_every"],
+            end_step=options.get("end_step"),
+            soft_bound=options.get("soft_bound") or 0.0,
+            soft_bound_end=options.get("soft_bound_end"),
+            gradual=(options.get("initial_density") or options["density"]) > options["density"],
+            prune_start=options.get("prune_start") or 0,
+            prune_end=options.get("prune_end"),
+        )
 
     def step(self) -> StepInfo:
         """Count one optimizer step; run the exploration update (and subclass events) when due."""

@@ -25,7 +25,7 @@ from chase.surgery import SurgeryState, remove_channels
 log = logging.getLogger(__name__)
 
 
-def _meta_copy(module: nn.Module) -> nn.Module:
+def meta_copy(module: nn.Module) -> nn.Module:
     """``module`` with every parameter and buffer replaced by an empty tensor on the meta device."""
     memo: dict[int, Any] = {}
     for p in module.parameters():
@@ -48,7 +48,7 @@ def _forward(module: nn.Module, example_inputs: Any) -> str:
 
 
 def _trial(module: nn.Module, groups: Sequence[ChannelGroup], example_inputs: Any) -> str:
-    work = _meta_copy(module)
+    work = meta_copy(module)
     removable = [g for g in groups if g.width > 1]
     if removable:
         state = SurgeryState(work, removable)

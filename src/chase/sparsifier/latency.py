@@ -91,6 +91,26 @@ class LatencyTable:
                 f"{int(params):,}: it is another model's table; profile this model (chase profile)"
             )
 
+    # ------------------------------------------------------------------ a cost model (sparsifier.costs)
+    def check(self, pruner: Any, example: Any = None) -> None:
+        """Refuse a model the table was not measured on (:meth:`check_groups` with the pruner's groups and
+        its model's parameter count)."""
+        params = sum(p.numel() for p in pruner.module.parameters())
+        self.check_groups({g.name: g.width for g in pruner.groups}, params=params)
+
+    def model_ms(self, pruner: Any, example: Any = None) -> float:
+        """The forward time the table predicts for ``pruner``'s current widths."""
+        return self.predict_ms(pruner.alive_channels())
+
+    def channel_saving_ms(self, pruner: Any, example: Any = None) -> list[float]:
+        """Per prunable group of ``pruner``, what removing one channel at its current width saves."""
+        alive = pruner.alive_channels()
+        return [self.channel_ms(g.name, alive[g.name]) for g in pruner.groups]
+
+    def mean_saving_ms(self, pruner: Any, example: Any = None) -> list[float]:
+        """Per prunable group of ``pruner``, the table's mean slope (:meth:`mean_channel_ms`)."""
+        return [self.mean_channel_ms(g.name) for g in pruner.groups]
+
     # ------------------------------------------------------------------ file
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -7,23 +7,30 @@ lives in one place. An option given as ``None`` means "the algorithm's default".
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from chase.sparse.channels import CHANNEL_SCORES
 from chase.sparse.distribution import DISTRIBUTIONS
 from chase.sparse.schedules import SWAP_SCHEDULES
 from chase.sparsifier.algorithms import MEST, SET, RigL, Static
 from chase.sparsifier.base import GROWTH, SCOPES, Sparsifier, check_options
-from chase.sparsifier.channel_pruning import CHANNEL_RANKS, REMOVAL_MODES, TARGETS, check_channel_options
 from chase.sparsifier.chase import Chase
-from chase.sparsifier.latency import LatencyTable
+from chase.sparsifier.specs import flat_options, specs_from_flat
 
-__all__ = ["ALGORITHMS", "CHANNEL_OPTIONS", "CHOICES", "METHODS", "check", "create", "defaults"]
+__all__ = [
+    "ALGORITHMS",
+    "CHANNEL_OPTIONS",
+    "CHOICES",
+    "METHODS",
+    "check",
+    "create",
+    "defaults",
+    "specs",
+    "takes",
+]
 
 #: name -> class of every sparse training algorithm.
 ALGORITHMS: dict[str, type[Sparsifier]] = {
@@ -35,32 +42,17 @@ ALGORITHMS: dict[str, type[Sparsifier]] = {
 }
 #: every method a trainer offers: dense training (no sparsifier) and the algorithms.
 METHODS: tuple[str, ...] = ("dense", *ALGORITHMS)
+#: the options of channel pruning (:class:`~chase.ChannelSpec`, :class:`~chase.Budget`), by their flat
+#: names: generated from the specs and the tables of rankings, budget kinds and cost models.
+CHANNEL_OPTIONS: tuple[str, ...] = tuple(flat_options())
 #: the allowed values of every option that is a choice.
 CHOICES: dict[str, tuple[str, ...]] = {
     "distribution": tuple(DISTRIBUTIONS),
     "growth": tuple(GROWTH),
     "scope": tuple(SCOPES),
     "swap_schedule": tuple(SWAP_SCHEDULES),
-    "removal": tuple(REMOVAL_MODES),
-    "channel_score": tuple(CHANNEL_SCORES),
-    "target": tuple(TARGETS),
-    "channel_rank": tuple(CHANNEL_RANKS),
+    **{o.name: o.choices for o in flat_options().values() if o.choices},
 }
-#: the options of channel pruning, which only Chase takes.
-CHANNEL_OPTIONS = (
-    "channel_sparsity",
-    "min_channel_ratio",
-    "removal",
-    "channel_score",
-    "channel_every",
-    "channel_multiple",
-    "target",
-    "macs_ratio",
-    "params_ratio",
-    "latency_ratio",
-    "latency_table",
-    "channel_rank",
-)
 
 
 def _algorithm(method: str) -> type[Sparsifier]:
@@ -69,22 +61,28 @@ def _algorithm(method: str) -> type[Sparsifier]:
     return ALGORITHMS[method]
 
 
+def _spec_keywords(cls: type[Sparsifier]) -> dict[str, type]:
+    return dict(getattr(cls, "option_specs", {}))
+
+
 def defaults(method: str) -> dict[str, Any]:
-    """Every keyword option of ``method`` with its default (the class's own keywords, its preset values and
-    the engine's), e.g. ``defaults("chase")["update_every"] == 1000``; ``{}`` for ``"dense"``."""
+    """Every keyword option of ``method`` by its flat name, with its default (the class's own keywords,
+    its preset values and the engine's, and the flat options of the specs it takes), e.g.
+    ``defaults("chase")["update_every"] == 1000``; ``{}`` for ``"dense"``."""
     if method == "dense":
         return {}
     cls = _algorithm(method)
+    specs = _spec_keywords(cls)
     out: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         if "__init__" not in vars(klass):
             continue
         for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind == p.KEYWORD_ONLY and p.default is not p.empty:
+            if p.kind == p.KEYWORD_ONLY and p.default is not p.empty and p.name not in specs:
                 out[p.name] = p.default
-    out.update(getattr(cls, "defaults", {}))
-    if cls is Chase:  # Chase's own setdefaults (global MEST exploration)
-        out.update(scope="global", growth="gradient")
+    if specs:
+        out.update({o.name: o.default for o in flat_options().values()})
+    out.update(cls.defaults)
     return out
 
 
@@ -92,16 +90,35 @@ def defaults(method: str) -> dict[str, Any]:
 REQUIRED = ("density", "total_steps", "example_inputs")
 
 
-def check(method: str, **options: Any) -> None:
+def takes(method: str, keyword: str) -> bool:
+    """Whether ``method``'s constructor takes ``keyword`` (e.g. ``example_inputs``: the algorithms that
+    trace channel groups)."""
+    if method == "dense":
+        return False
+    return keyword in inspect.signature(_algorithm(method).__init__).parameters
+
+
+def specs(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The typed option families ``method`` takes (``{"channels": ChannelSpec, "budget": Budget}`` for
+    Chase, ``{}`` otherwise), built from the flat ``options`` (``None``: the default)."""
+    if method == "dense" or not _spec_keywords(_algorithm(method)):
+        return {}
+    channels, budget = specs_from_flat({k: v for k, v in options.items() if k in CHANNEL_OPTIONS})
+    return {"channels": channels, "budget": budget}
+
+
+def check(method: str, total_steps: Optional[int] = None, **options: Any) -> None:
     """Validate ``options`` of ``method`` without a model (``None`` values take the defaults): unknown
     options, options the method does not take, and values out of range raise ``ValueError`` naming the
-    option, by the same rules the constructors apply (the schedule checks need ``total_steps`` and the
-    model, and run at construction). ``"dense"`` takes no option."""
+    option, by the same rules the constructors apply. With ``total_steps`` the schedule is checked too
+    (an exploration update after the soft bound's end, a channel event that fits, ...). ``"dense"``
+    takes no option."""
     given = {k: v for k, v in options.items() if v is not None}
     if method == "dense":
         if given:
             raise ValueError(f"method 'dense' has no sparsifier, so no option {sorted(given)}")
         return
+    cls = _algorithm(method)
     known = set(defaults(method)) | set(REQUIRED)
     unknown = sorted(set(given) - known)
     if unknown:
@@ -113,18 +130,27 @@ def check(method: str, **options: Any) -> None:
     values = {**defaults(method), **given}
     engine = inspect.signature(check_options).parameters
     check_options(**{k: values[k] for k in engine if k in values})
-    if _algorithm(method) is Chase:
-        check_channel_options(**{k: values[k] for k in CHANNEL_OPTIONS})
-        if values["target"] == "latency" and isinstance(values["latency_table"], (str, os.PathLike)):
-            LatencyTable.load(values["latency_table"])  # a missing or broken file fails here, not later
+    typed = specs(method, given)  # the specs validate themselves (a cost model's file is read here)
+    if total_steps is not None:
+        cls.check_schedule(total_steps, {**values, **typed})
 
 
 def create(
     method: str, model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any
 ) -> Optional[Sparsifier]:
     """The sparsifier ``method`` names on ``model`` (None for ``"dense"``); ``None`` options are left to the
-    algorithm's default."""
+    algorithm's default. Flat channel options (``channel_sparsity=0.5``) are built into the specs the
+    algorithm takes; specs may also be given as they are (``channels=ChannelSpec(...)``)."""
     if method == "dense":
         return None
-    kwargs: Mapping[str, Any] = {k: v for k, v in options.items() if v is not None}
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    flat = {k: kwargs.pop(k) for k in list(kwargs) if k in CHANNEL_OPTIONS}
+    if flat:
+        built = specs(method, flat)
+        if not built:
+            raise ValueError(f"method {method!r} has no option(s) {sorted(flat)} (options of Chase only)")
+        clash = sorted(set(built) & set(kwargs))
+        if clash:
+            raise ValueError(f"give {clash[0]}= or its flat options {sorted(flat)}, not both")
+        kwargs.update(built)
     return _algorithm(method)(model, optimizer, **kwargs)

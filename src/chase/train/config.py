@@ -7,14 +7,17 @@ Only the trainer and the CLI know about YAML; the library itself takes typed key
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import pathlib
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from chase.sparsifier.registry import CHANNEL_OPTIONS, METHODS, check, defaults
 from chase.sparsifier.registry import CHOICES as ALGORITHM_CHOICES
-from chase.sparsifier.registry import METHODS, check, defaults
+from chase.sparsifier.specs import flat_options
 
 __all__ = ["ConfigError", "TrainConfig", "apply_overrides", "config_help", "load_config", "load_yaml"]
 
@@ -27,32 +30,43 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "step", "constant"),
     "amp": ("none", "bf16", "fp16"),
-    **{k: ALGORITHM_CHOICES[k] for k in ("distribution", "removal", "channel_score", "target")},
+    **{k: v for k, v in ALGORITHM_CHOICES.items() if k == "distribution" or k in CHANNEL_OPTIONS},
 }
 DATASETS = CHOICES["dataset"]
+#: training images of the datasets whose size is known before they are read (synthetic: its option).
+KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}
 #: where metric records can go (chase.train.loggers); jsonl, the run's metrics.jsonl, is always written.
 LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
-#: options passed to the sparsifier as they are (None: the algorithm's default, chase.sparsifier.registry).
+#: options passed to the sparsifier as they are (None: the algorithm's default, chase.sparsifier.registry):
+#: the engine's, and every channel-pruning option (generated from chase.ChannelSpec and chase.Budget).
 LIBRARY_OPTIONS = (
     "density",
     "distribution",
     "update_every",
     "swap_fraction",
     "soft_bound",
-    "channel_sparsity",
-    "channel_every",
-    "min_channel_ratio",
-    "removal",
-    "channel_score",
-    "channel_multiple",
-    "target",
-    "macs_ratio",
-    "params_ratio",
-    "latency_ratio",
-    "latency_table",
-    "channel_rank",
     "initial_density",
+    *CHANNEL_OPTIONS,
 )
+#: the engine's schedule points: config key -> (the sparsifier's keyword, what happens there, default).
+ENGINE_POINTS = {
+    "update_end": ("end_step", "no mask updates from here on", "the method's (0.75; chase the end)"),
+    "soft_bound_end": (
+        "soft_bound_end",
+        "the soft bound reaches 0 here (at the last update at the latest)",
+        "the method's (chase 0.8; mest the last update)",
+    ),
+    "prune_start": ("prune_start", "gradual pruning from initial_density starts here", "0"),
+    "prune_end": ("prune_end", "gradual pruning reaches density here", "half the updates"),
+}
+#: schedule points: config key -> the sparsifier's keyword. Each is a fraction of the run (``key``) or an
+#: epoch (``key_epoch``); the channel ones come from chase.ChannelSpec.
+SCHEDULE_POINTS = {
+    **{k: v[0] for k, v in ENGINE_POINTS.items()},
+    **{o.name: o.name for o in flat_options().values() if o.schedule == "point"},
+}
+#: schedule intervals in optimizer steps that may be given in epochs instead (``key_epochs``).
+SCHEDULE_INTERVALS = tuple(o.name for o in flat_options().values() if o.schedule == "interval")
 
 
 class ConfigError(ValueError):
@@ -63,7 +77,49 @@ def _opt(default: Any, help: str) -> Any:  # an immutable default with its help 
     return field(default=default, metadata={"help": help})
 
 
+def _point(name: str, help: str) -> dict[str, tuple[Any, Any]]:
+    """A schedule point's two fields: a fraction of the run, and its epoch."""
+    return {
+        name: (Optional[float], _opt(None, help)),
+        f"{name}_epoch": (float, _opt(0.0, f"{name} in epochs instead (0: {name})")),
+    }
+
+
+def _generated_section(cls: type) -> type:
+    """Insert, after the sparse-training section, the engine's schedule points (a fraction of the run and
+    an epoch each) and the channel-pruning options, generated from chase.ChannelSpec and chase.Budget
+    (their help included): each is null by default (the library's default), but flags (prune_skip) and
+    lists (keep_channels); a channel schedule point also takes an epoch (``_epoch``), an interval epochs
+    (``_epochs``)."""
+    generated: dict[str, tuple[Any, Any]] = {}
+    for name, (_, what, default) in ENGINE_POINTS.items():
+        generated |= _point(name, f"{what}, as a fraction of the run in [0, 1]; null: {default}")
+    for o in flat_options().values():
+        help = f"chase: {o.help}"
+        if o.type is bool:
+            generated[o.name] = (bool, _opt(o.default, help))
+        elif o.type is list:
+            generated[o.name] = (list[str], field(default_factory=list, metadata={"help": help}))
+        elif o.schedule == "point":
+            generated |= _point(o.name, f"{help}; here a fraction of the run in [0, 1]")
+        else:
+            default = "" if o.default is None else f"; null: {o.default}"
+            generated[o.name] = (Optional[o.type], _opt(None, help + default))
+        if o.schedule == "interval":
+            generated[f"{o.name}_epochs"] = (float, _opt(0.0, f"{o.name} in epochs instead (0: {o.name})"))
+    annotations: dict[str, Any] = {}
+    for name, tp in cls.__annotations__.items():
+        annotations[name] = tp
+        if name == "soft_bound":
+            for key, (key_type, default) in generated.items():
+                annotations[key] = key_type
+                setattr(cls, key, default)
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass
+@_generated_section
 class TrainConfig:
     """Every option of ``chase train``. YAML files set them, ``--set key=value`` wins."""
 
@@ -126,8 +182,6 @@ class TrainConfig:
     initial_density: Optional[float] = _opt(
         None, "start at this density (1.0 for a trained model) and prune gradually to density; null: density"
     )
-    prune_start_epoch: float = _opt(0.0, "gradual pruning from initial_density starts at this epoch")
-    prune_end_epoch: float = _opt(0.0, "gradual pruning reaches density at this epoch; 0: half the updates")
     distribution: Optional[str] = _opt(None, "initial per-layer densities: erk, er or uniform; null: erk")
     dense_layers: list[str] = field(
         default_factory=list, metadata={"help": "fnmatch patterns of layers kept dense, e.g. [conv1]"}
@@ -135,57 +189,11 @@ class TrainConfig:
     update_every: Optional[int] = _opt(
         None, "optimizer steps between mask updates (Delta T_p); null: the method's (100; chase 1000)"
     )
-    update_end_epoch: float = _opt(0.0, "no mask updates from this epoch on; 0: the method's default")
     swap_fraction: Optional[float] = _opt(
         None, "fraction of weights swapped at the first update; null: default"
     )
     soft_bound: Optional[float] = _opt(None, "MEST/Chase soft memory bound delta0; null: method default")
-    soft_bound_end_epoch: float = _opt(0.0, "epoch at which the soft bound reaches 0; 0: method default")
-    channel_sparsity: Optional[float] = _opt(
-        None, "chase: final fraction of prunable channels removed (S_c); null: 0.4"
-    )
-    channel_every: Optional[int] = _opt(
-        None, "chase: optimizer steps between channel events (Delta T); null: 1000"
-    )
-    channel_every_epochs: float = _opt(
-        0.0, "chase: channel event interval in epochs, instead of channel_every (0: use channel_every)"
-    )
-    channel_end_epoch: float = _opt(0.0, "chase: epoch at which channel pruning ends (T_chan); 0: default")
-    min_channel_ratio: Optional[float] = _opt(
-        None, "chase: a layer keeps at least C (1 - S_c) beta channels (beta); null: 0.2"
-    )
-    prune_skip: bool = _opt(False, "chase: also prune residual-stream channels")
-    prune_heads: bool = _opt(False, "chase: also remove whole attention heads")
-    keep_channels: list[str] = field(
-        default_factory=list,
-        metadata={"help": "chase: fnmatch patterns of layers whose output channels are never pruned"},
-    )
-    removal: Optional[str] = _opt(
-        None, "chase: physical (slice channels out while training) or mask; null: physical"
-    )
-    channel_score: Optional[str] = _opt(None, "chase: channel score: umm, kept_mean or density; null: umm")
-    channel_multiple: Optional[int] = _opt(
-        None, "chase: every prunable group keeps a multiple of this many channels (8 suits GPUs); null: 1"
-    )
-    target: Optional[str] = _opt(
-        None, "chase: what the schedule counts: channels (channel_sparsity), macs or params; null: channels"
-    )
-    macs_ratio: Optional[float] = _opt(None, "chase, target=macs: final MACs over the dense model's")
-    params_ratio: Optional[float] = _opt(
-        None, "chase, target=params: final parameters over the dense model's"
-    )
-    latency_ratio: Optional[float] = _opt(
-        None, "chase, target=latency: final predicted forward time over the dense model's"
-    )
-    latency_table: Optional[str] = _opt(
-        None, "chase, target=latency or channel_rank=latency_weighted: the JSON file `chase profile` wrote"
-    )
-    channel_rank: Optional[str] = _opt(
-        None,
-        "chase: score; normalized (score over its group's mean); uniform (the same share of every group); "
-        "latency_weighted (uniform, a group's share growing with its time per unit of budget, by "
-        "latency_table); budget targets also score_per_cost (score per unit of budget saved); null: score",
-    )
+    # --- the engine's schedule points, then channel pruning (chase): generated, see _generated_section
     # --- run
     seed: int = _opt(0, "seed of the model, data order and sparsifier")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")
@@ -232,12 +240,8 @@ class TrainConfig:
             "synthetic_train",
             "synthetic_test",
             "warmup_epochs",
-            "update_end_epoch",
-            "soft_bound_end_epoch",
-            "channel_every_epochs",
-            "channel_end_epoch",
-            "prune_start_epoch",
-            "prune_end_epoch",
+            *(f"{k}_epoch" for k in SCHEDULE_POINTS),
+            *(f"{k}_epochs" for k in SCHEDULE_INTERVALS),
             "min_lr",
             "weight_decay",
             "label_smoothing",
@@ -276,18 +280,73 @@ class TrainConfig:
             check_model_name(self.model)
         except (ValueError, ImportError) as e:
             raise ConfigError(f"model={self.model!r}: {e}") from None
-        if (self.prune_start_epoch or self.prune_end_epoch) and self.initial_density is None:
-            raise ConfigError("prune_start_epoch/prune_end_epoch need initial_density (gradual pruning)")
+        for key in SCHEDULE_POINTS:
+            fraction, epoch = getattr(self, key), getattr(self, f"{key}_epoch")
+            if fraction is not None and epoch > 0:
+                raise ConfigError(f"give {key} (a fraction of the run) or {key}_epoch, not both")
+            if fraction is not None and not 0.0 <= fraction <= 1.0:
+                raise ConfigError(
+                    f"{key} is a fraction of the run in [0, 1] ({key}_epoch: an epoch), got {fraction}"
+                )
+        gradual = ("prune_start", "prune_end")
+        given = any(getattr(self, k) is not None or getattr(self, f"{k}_epoch") for k in gradual)
+        if given and self.initial_density is None:
+            raise ConfigError("prune_start/prune_end need initial_density (gradual pruning)")
         options = self.library_options()
         try:  # the library's own rules. Recipes set options for several methods (a recipe file plus a
             # method file), so an option this method does not take is checked by Chase's rules and left
             # out of its sparsifier (the trainer says so), not refused.
             check("chase", **options)
             if self.method != "dense":
-                check(self.method, **{k: v for k, v in options.items() if k in self.method_options()})
+                steps = self.planned_steps_per_epoch()
+                mine = self.sparsifier_options(steps or 1)
+                mine = {k: v for k, v in mine.items() if k in self.method_options()}
+                # The schedule too, when the steps are known before the data is read (CIFAR, synthetic).
+                check(self.method, total_steps=self.epochs * steps if steps else None, **mine)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         return self
+
+    def split_sizes(self, n: int) -> tuple[int, int]:
+        """(training, validation) images out of a training set of ``n`` (``val_split``, ``train_limit``)."""
+        n_val = max(1, round(self.val_split * n)) if self.val_split > 0 else 0
+        train = n - n_val
+        return (min(train, self.train_limit) if self.train_limit else train), n_val
+
+    def steps_per_epoch(self, n: int, world: int = 1) -> int:
+        """Optimizer steps per epoch for a training set of ``n`` images over ``world`` processes (each
+        takes an equal share, padded; a last partial batch is dropped)."""
+        return math.ceil(self.split_sizes(n)[0] / world) // self.batch_size
+
+    def planned_steps_per_epoch(self) -> Optional[int]:
+        """Steps per epoch when the dataset's size is known without reading it (CIFAR, synthetic) and the
+        processes from the environment (``WORLD_SIZE``, as torchrun sets it); None otherwise."""
+        n = self.synthetic_train if self.dataset == "synthetic" else KNOWN_TRAIN_SIZES.get(self.dataset)
+        if n is None:
+            return None
+        return self.steps_per_epoch(n, int(os.environ.get("WORLD_SIZE", "1") or 1)) or None
+
+    def sparsifier_options(self, steps_per_epoch: int) -> dict[str, Any]:
+        """The sparsifier's options: the library options as given, the dense layers and seed, and every
+        schedule point or interval given in epochs converted to optimizer steps (a fraction of the run
+        stays a fraction: the library resolves it)."""
+
+        def steps(epochs: float) -> int:
+            return max(1, round(epochs * steps_per_epoch))
+
+        out: dict[str, Any] = {
+            **self.library_options(),
+            "dense_layers": list(self.dense_layers),
+            "seed": self.seed,
+        }
+        for key, keyword in SCHEDULE_POINTS.items():
+            epoch = getattr(self, f"{key}_epoch")
+            out[keyword] = steps(epoch) if epoch > 0 else getattr(self, key)
+        for key in SCHEDULE_INTERVALS:
+            epochs = getattr(self, f"{key}_epochs")
+            if epochs > 0:
+                out[key] = steps(epochs)
+        return out
 
     def resolved(self, key: str) -> Any:
         """The value of a library option: the config's, or the algorithm's default when it is None."""
@@ -381,10 +440,27 @@ def _unknown(keys: Iterable[str], where: str) -> ConfigError:
     return ConfigError(f"unknown option(s) {', '.join(parts)} in {where}. Valid options: {', '.join(valid)}")
 
 
+#: each schedule option and its form in epochs: one source (a file, --set) giving one of them replaces
+#: the other set by an earlier source (a config's fraction, overridden by an epoch on the command line).
+_PARTNERS = {
+    **{k: f"{k}_epoch" for k in SCHEDULE_POINTS},
+    **{k: f"{k}_epochs" for k in SCHEDULE_INTERVALS},
+}
+_PARTNERS |= {v: k for k, v in _PARTNERS.items()}
+
+
+def _replaced_partners(values: Mapping[str, Any]) -> list[str]:
+    """The schedule options that ``values`` replaces: the other form of each it gives alone."""
+    return [_PARTNERS[k] for k in values if k in _PARTNERS and _PARTNERS[k] not in values]
+
+
 def _merge(cfg: dict[str, Any], values: Mapping[str, Any], where: str, *, from_text: bool) -> None:
     unknown = [k for k in values if k not in _HINTS]
     if unknown:
         raise _unknown(unknown, where)
+    defaults = TrainConfig().to_dict()
+    for k in _replaced_partners(values):
+        cfg[k] = defaults[k]
     for k, v in values.items():
         cfg[k] = _convert(k, v, _HINTS[k], from_text=from_text)
 
@@ -412,6 +488,8 @@ def load_yaml(path: str | pathlib.Path, _seen: tuple[pathlib.Path, ...] = ()) ->
     unknown = [k for k in data if k not in _HINTS]
     if unknown:
         raise _unknown(unknown, str(path))
+    for k in _replaced_partners(data):
+        merged.pop(k, None)
     merged.update(data)
     return merged
 

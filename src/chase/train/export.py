@@ -97,6 +97,7 @@ def export_checkpoint(
     *,
     format: str = "pt",
     onnx: str | os.PathLike | None = None,
+    optimize: bool = False,
 ) -> dict[str, Any]:
     """Rebuild model and sparsifier from the checkpoint's config, load it, write the exported model.
 
@@ -105,9 +106,18 @@ def export_checkpoint(
     (:func:`chase.save_pretrained`; ``chase.from_pretrained`` reads it); ``"onnx"`` an ONNX file checked
     with onnxruntime; ``"pt2"`` a ``torch.export`` program (``torch.export.load``). Returns the meta;
     ONNX exports (``format="onnx"`` or the extra ``onnx`` file) add the onnxruntime check under ``"onnx"``.
+    With ``optimize`` (ONNX and ``pt2`` only) the graph exported is the one :func:`chase.deploy.deploy`
+    serves eagerly: BatchNorm folded into the convolutions, checked against the model (``"deploy"`` in
+    the meta); a slim checkpoint or a folder must reload into the model's own architecture, so they are
+    never folded.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    if optimize and format in ("pt", "hf-dir") and onnx is None:
+        raise ValueError(
+            f"--optimize applies to --format onnx or pt2 (or --onnx): a {format} export reloads into the "
+            "model's own architecture, with its BatchNorm layers"
+        )
     cfg, meta, model, sp = rebuild(path)
     info = {
         "model": cfg.model,
@@ -118,6 +128,13 @@ def export_checkpoint(
     exported = (sp.export() if sp is not None else model).eval()  # what every format holds
     size = meta["image_size"]
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    graph = exported  # what the ONNX and pt2 files hold
+    if optimize:
+        from chase.deploy import deploy
+
+        served = deploy(exported, example, backend="eager", device="cpu")
+        graph = served.fn
+        info["deploy"] = {k: served.info[k] for k in ("batchnorm", "max_relative_diff")}
     if format == "pt":
         save_slim(sp.slim_checkpoint(info) if sp is not None else make_slim(model, masks={}, meta=info), out)
     elif format == "hf-dir":
@@ -133,7 +150,7 @@ def export_checkpoint(
     elif format == "pt2":
         # The batch dimension stays dynamic, as in the ONNX export.
         batch = torch.export.Dim("batch", min=1, max=65536)
-        program = torch.export.export(exported, (example,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(graph, (example,), dynamic_shapes=({0: batch},))
         pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(out))
     else:
@@ -142,5 +159,5 @@ def export_checkpoint(
         return info
     from chase.onnx import check_onnx, export_onnx
 
-    export_onnx(exported, example, onnx)
+    export_onnx(graph, example, onnx)
     return {**info, "onnx": check_onnx(onnx, exported, example)}

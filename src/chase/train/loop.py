@@ -19,7 +19,7 @@ from torch import nn
 
 import chase
 from chase.sparsifier import registry
-from chase.train.config import ConfigError, TrainConfig
+from chase.train.config import SCHEDULE_INTERVALS, ConfigError, TrainConfig
 from chase.train.distributed import Dist, wrap_ddp
 
 log = logging.getLogger(__name__)
@@ -34,55 +34,36 @@ def build_sparsifier(
     steps_per_epoch: int,
     image_size: int,
 ) -> Optional[chase.Sparsifier]:
-    """The sparsifier ``cfg.method`` names (None for dense), with epochs converted to optimizer steps."""
+    """The sparsifier ``cfg.method`` names (None for dense): its typed option specs built from the config,
+    schedule points given in epochs converted to optimizer steps."""
     if cfg.method == "dense":
         return None
-    total = cfg.epochs * steps_per_epoch
-
-    def steps(epochs: float) -> int:
-        return max(1, round(epochs * steps_per_epoch))
-
-    kw: dict[str, Any] = {
-        **cfg.library_options(),
-        "total_steps": total,
-        "dense_layers": list(cfg.dense_layers),
-        "seed": cfg.seed,
-    }
-    if cfg.update_end_epoch > 0:
-        kw["end_step"] = steps(cfg.update_end_epoch)
-    if cfg.soft_bound_end_epoch > 0:
-        kw["soft_bound_end"] = steps(cfg.soft_bound_end_epoch)
-    if cfg.prune_start_epoch > 0:
-        kw["prune_start"] = steps(cfg.prune_start_epoch)
-    if cfg.prune_end_epoch > 0:
-        kw["prune_end"] = steps(cfg.prune_end_epoch)
-    if cfg.method == "chase":
-        if cfg.channel_every_epochs > 0:
-            if cfg.channel_every is not None:
-                log.warning(
-                    "channel_every_epochs=%g (%d steps) is used, not channel_every=%d",
-                    cfg.channel_every_epochs,
-                    steps(cfg.channel_every_epochs),
-                    cfg.channel_every,
-                )
-            kw["channel_every"] = steps(cfg.channel_every_epochs)
-        kw["channel_end"] = steps(cfg.channel_end_epoch) if cfg.channel_end_epoch > 0 else None
-        kw["prune_skip"] = cfg.prune_skip
-        kw["prune_heads"] = cfg.prune_heads
-        kw["keep_channels"] = list(cfg.keep_channels)
-        # Channel groups are traced once from an example input; its values do not matter, and a private
-        # generator keeps the global RNG (data augmentation, dropout) untouched.
-        kw["example_inputs"] = torch.randn(
-            1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
-        )
+    kw = cfg.sparsifier_options(steps_per_epoch)
+    for key in SCHEDULE_INTERVALS:
+        if cfg.library_options().get(key) is not None and getattr(cfg, f"{key}_epochs") > 0:
+            log.warning(
+                "%s_epochs=%g (%d steps) is used, not %s", key, getattr(cfg, f"{key}_epochs"), kw[key], key
+            )
     ignored = sorted(
-        k for k, v in cfg.library_options().items() if v is not None and k not in cfg.method_options()
+        k
+        for k, v in cfg.library_options().items()
+        if v not in (None, False, []) and k not in cfg.method_options()
     )
     if ignored:
         log.info("method %s does not take %s: left out", cfg.method, ", ".join(ignored))
     kw = {k: v for k, v in kw.items() if k in cfg.method_options() or k not in cfg.library_options()}
     try:
-        return registry.create(cfg.method, module, optimizer, **kw)
+        typed = registry.specs(cfg.method, kw)
+        kw = {k: v for k, v in kw.items() if k not in registry.CHANNEL_OPTIONS}
+        if registry.takes(cfg.method, "example_inputs"):
+            # Channel groups are traced once from an example input; its values do not matter, and a
+            # private generator keeps the global RNG (data augmentation, dropout) untouched.
+            kw["example_inputs"] = torch.randn(
+                1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
+            )
+        return registry.create(
+            cfg.method, module, optimizer, total_steps=cfg.epochs * steps_per_epoch, **kw, **typed
+        )
     except ValueError as e:  # the library validates its options; here they came from the config
         raise ConfigError(f"method {cfg.method}: {e}") from e
 

@@ -56,7 +56,8 @@ def finish(
         results.update(training_cost(read_metrics(run_dir), st.step, cfg.batch_size * d.world))
         widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
         before = initial.get("widths", {})
-        write_report(run_dir, cfg, results, before, widths, draw_plots(st, run_dir, before, widths))
+        options = st.sparsifier.describe() if st.sparsifier is not None else ""
+        write_report(run_dir, cfg, results, before, widths, draw_plots(st, run_dir, before, widths), options)
         log.info("report written to %s", run_dir / REPORT_FILE)
     return results
 
@@ -90,7 +91,7 @@ def final_metrics(st: TrainState, data: Data, test: dict[str, float]) -> tuple[d
             macs_sparse=count_flops(exported, example, masks=sp.masks).sparse,
         )
         results["macs_ratio"] = results["macs_slim"] / results["macs_dense"]
-        if getattr(sp.pruner, "latency", None) is not None:  # a table pruned the run: check its prediction
+        if getattr(sp.pruner, "cost", None) is not None:  # a cost model pruned the run: check its prediction
             results.update(latency_check(sp, exported, data.image_size, d))
     if sp is not None:
         from chase.analysis import amenable_record
@@ -123,21 +124,21 @@ def save_model(st: TrainState, exported: nn.Module, run_dir: pathlib.Path, data:
 
 
 def latency_check(sp: Any, exported: nn.Module, size: int, d: Dist) -> dict[str, Any]:
-    """A run pruned by a latency table (``target="latency"``, ``channel_rank="latency_weighted"``): the
-    time the table predicts for the final widths, next to the time measured here at the table's batch
-    size and dtype (when this is the table's kind of device)."""
+    """A run pruned by a cost model (``target="latency"``, ``channel_rank="latency_weighted"``): the time
+    it predicts for the final widths, next to the time measured here at its batch size and dtype (when
+    this is its kind of device)."""
     from chase.bench import DTYPES
     from chase.timing import time_forward
 
-    table = sp.pruner.latency
+    cost = sp.pruner.cost
     out: dict[str, Any] = {
-        "latency_dense_ms_table": table.dense_ms,
-        "latency_predicted_ms": table.predict_ms(sp.alive_channels()),
+        "latency_dense_ms_table": cost.dense_ms,
+        "latency_predicted_ms": sp.predicted_ms(),
     }
-    if torch.device(table.meta.get("device", "cpu")).type != d.device.type:
+    if torch.device(cost.meta.get("device", "cpu")).type != d.device.type:
         return out
-    dtype = DTYPES[table.meta.get("dtype", "fp32")]
-    x = torch.randn(table.meta.get("batch_size", 1), 3, size, size, device=d.device, dtype=dtype)
+    dtype = DTYPES[cost.meta.get("dtype", "fp32")]
+    x = torch.randn(cost.meta.get("batch_size", 1), 3, size, size, device=d.device, dtype=dtype)
     model = copy.deepcopy(exported).to(dtype=dtype).eval()
     out["latency_measured_ms"] = 1e3 * statistics.median(time_forward(model, x, warmup=2, repeats=5))
     return out
@@ -264,17 +265,14 @@ def write_report(
     before: dict[str, int],
     after: dict[str, int],
     plots: Optional[list[str]] = None,
+    options: str = "",
 ) -> None:
-    """``report.md``: results, per-layer widths before/after, and the plots."""
+    """``report.md``: results, per-layer widths before/after, and the plots; ``options``: what decided
+    the channels (``Sparsifier.describe()``)."""
     lines = [
         f"# {cfg.model} / {cfg.dataset} / {cfg.method}",
         "",
-        f"{cfg.epochs} epochs, density {cfg.density}"
-        + (
-            f", channel sparsity {cfg.resolved('channel_sparsity')}, prune_skip={cfg.prune_skip}"
-            if cfg.method == "chase"
-            else ""
-        ),
+        f"{cfg.epochs} epochs, density {cfg.density}" + (f", {options}" if options else ""),
         "",
         "Test accuracy is the final model's on the test split (no selection on it).",
         "",

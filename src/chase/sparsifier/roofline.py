@@ -1,0 +1,480 @@
+"""A roofline cost model: a model's forward time predicted from what each kernel computes and moves, on a
+device described by its peak compute, memory bandwidth and kernel launch overhead.
+
+Chase's widths can then be chosen for a device without the device at hand:
+``Budget.latency(0.5, cost=Roofline("h200", fused=True))``, or ``roofline: h200`` in a config.
+
+How the time is counted. The model runs once on the ``meta`` device (shapes only, no arithmetic) under a
+dispatch mode that records every ATen operation: its FLOPs (PyTorch's own FLOP formulas for convolutions
+and matrix products) and the bytes it reads and writes (every input and output tensor, at the deployed
+dtype's width; parameters counted once per batch, activations per example). A kernel takes
+``max(FLOPs / (peak x efficiency), bytes / (bandwidth x efficiency)) + launch``; the model's time is the
+sum over its kernels, scaled to ``batch_size``. Two ways of running it:
+
+- ``fused=False`` (eager PyTorch): every operation is its own kernel, BatchNorm, ReLU and residual adds
+  included, each reading and writing a whole activation, each paying an eager launch.
+- ``fused=True`` (a fusing runtime: Inductor with freezing, TensorRT-style engines, CUDA graphs): eval
+  BatchNorm folds into the convolution, pointwise operations (activations, residual adds) run in the
+  producing kernel's epilogue and cost only the extra operands they read; launches are cheaper.
+
+A channel's saving is measured the same way: the model with one more channel of a group removed (on a meta
+copy) against the model as it is. What the model does not capture: cache effects, algorithm choice per
+shape, alignment (odd widths leaving tensor-core paths: use ``channel_multiple``, whose default under a
+roofline is the device's tile), overlap of launches with work.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from chase.graph.trace import prepare_inputs
+from chase.sparsifier.dry_run import meta_copy
+from chase.surgery import remove_channels
+
+__all__ = ["DEVICES", "Device", "Roofline", "measure_device"]
+
+ROOFLINE_FORMAT_VERSION = 1
+#: bytes per element of the deployed dtypes.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a roofline needs to know about a device, for one dtype.
+
+    Attributes:
+        name: what it is.
+        kind: ``"cuda"`` or ``"cpu"`` (where the trainer can time a model against the prediction).
+        dtype: the deployed dtype these numbers are for (``fp32``, ``bf16``, ``fp16``).
+        flops: peak dense FLOP/s of convolutions and matrix products in ``dtype``.
+        bandwidth: memory bandwidth, bytes/s.
+        launch_eager: seconds one kernel costs beyond its work in eager PyTorch (dispatch and launch).
+        launch_fused: the same under a fusing runtime (compiled code, CUDA graphs).
+        tile: the channel multiple its fast kernels want (the default ``channel_multiple``).
+        compute_efficiency: the share of ``flops`` real convolutions reach.
+        memory_efficiency: the share of ``bandwidth`` real kernels reach.
+        source: where the numbers come from.
+    """
+
+    name: str
+    kind: str
+    dtype: str
+    flops: float
+    bandwidth: float
+    launch_eager: float
+    launch_fused: float
+    tile: int = 1
+    compute_efficiency: float = 0.6
+    memory_efficiency: float = 0.8
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"device dtype must be one of {tuple(DTYPE_BYTES)}, got {self.dtype!r}")
+        for name in ("flops", "bandwidth", "compute_efficiency", "memory_efficiency"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"device {name} must be a positive number, got {value!r}")
+        for name in ("launch_eager", "launch_fused"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"device {name} must be a number >= 0, got {value!r}")
+
+
+_GPU_LAUNCH = (
+    "launch: ~22 us per eager kernel measured on an H200 (174 kernels, ~3.9 ms floor at batch 1, "
+    "benchmarks/results/gpu_resnet50.md), 3 us under CUDA graphs (assumed)"
+)
+#: device presets: datasheet peaks (dense, no sparsity), the dtype tensor cores run.
+DEVICES: dict[str, Device] = {
+    "h100": Device(
+        "NVIDIA H100 SXM",
+        "cuda",
+        "bf16",
+        989e12,
+        3.35e12,
+        22e-6,
+        3e-6,
+        8,
+        source=f"NVIDIA H100 datasheet (bf16 dense 989 TFLOPS, HBM3 3.35 TB/s); {_GPU_LAUNCH}",
+    ),
+    "h200": Device(
+        "NVIDIA H200",
+        "cuda",
+        "bf16",
+        989e12,
+        4.8e12,
+        22e-6,
+        3e-6,
+        8,
+        source=f"NVIDIA H200 datasheet (bf16 dense 989 TFLOPS, HBM3e 4.8 TB/s); {_GPU_LAUNCH}",
+    ),
+    "a100": Device(
+        "NVIDIA A100 80GB SXM",
+        "cuda",
+        "bf16",
+        312e12,
+        2.04e12,
+        22e-6,
+        3e-6,
+        8,
+        source=f"NVIDIA A100 datasheet (bf16 dense 312 TFLOPS, HBM2e 2.04 TB/s); {_GPU_LAUNCH}",
+    ),
+    "l4": Device(
+        "NVIDIA L4",
+        "cuda",
+        "bf16",
+        121e12,
+        300e9,
+        22e-6,
+        3e-6,
+        8,
+        source=f"NVIDIA L4 datasheet (bf16 dense 121 TFLOPS, GDDR6 300 GB/s); {_GPU_LAUNCH}",
+    ),
+    "t4": Device(
+        "NVIDIA T4",
+        "cuda",
+        "fp16",
+        65e12,
+        320e9,
+        22e-6,
+        3e-6,
+        8,
+        source=f"NVIDIA T4 datasheet (fp16 tensor cores 65 TFLOPS, GDDR6 320 GB/s); {_GPU_LAUNCH}",
+    ),
+    "rtx2080ti": Device(
+        "NVIDIA RTX 2080 Ti (fp32, the paper's Figure 1 setting)",
+        "cuda",
+        "fp32",
+        13.4e12,
+        616e9,
+        22e-6,
+        3e-6,
+        1,
+        source=f"NVIDIA Turing specifications (fp32 13.4 TFLOPS, GDDR6 616 GB/s); {_GPU_LAUNCH}",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """One recorded operation, per example: FLOPs, activation bytes read and written, parameter bytes,
+    and the bytes a fused pointwise epilogue still reads (its operands beyond the kernel's own output)."""
+
+    kind: str  # "matmul", "pointwise", "norm" (foldable eval BatchNorm) or "other"
+    flops: float
+    act_bytes: float
+    weight_bytes: float
+    epilogue_bytes: float
+
+
+_ZERO_COST = {"empty", "empty_like", "zeros", "ones", "full", "detach", "lift_fresh", "_to_copy"}
+_NORMS = {
+    "_native_batch_norm_legit_no_training",
+    "native_batch_norm",
+    "batch_norm",
+    "_native_batch_norm_legit",
+}
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every ATen operation of a forward pass as a :class:`_Kernel`."""
+
+    def __init__(self, params: set[int], elem_bytes: int) -> None:
+        super().__init__()
+        self.params, self.elem_bytes, self.kernels = params, elem_bytes, []
+        self._views: list[torch.Tensor] = []  # views of parameters, held so that their ids stay theirs
+        self._views: list[torch.Tensor] = []  # views of parameters, held so that their ids stay theirs
+
+    def _bytes(self, t: torch.Tensor) -> float:
+        size = self.elem_bytes if t.is_floating_point() else t.element_size()
+        return float(t.numel() * size)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._overloadpacket.__name__
+        inputs = [a for a in _flat(args, kwargs) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in _flat(out, {}) if isinstance(o, torch.Tensor)]
+        # Views and allocations move no data (aliasing outputs are views); a view of a parameter (a
+        # transposed Linear weight) is still the parameter.
+        if name in _ZERO_COST or any(
+            r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns
+        ):
+            if any(id(t) in self.params for t in inputs):
+                self._views.extend(outputs)
+                self.params.update(id(o) for o in outputs)
+            return out
+        weights = sum(self._bytes(t) for t in inputs if id(t) in self.params)
+        acts = sum(self._bytes(t) for t in inputs if id(t) not in self.params)
+        acts += sum(self._bytes(t) for t in outputs)
+        packet = func._overloadpacket
+        if packet in flop_registry:  # PyTorch's own formulas (they take the tensors and the output)
+            flops = float(flop_registry[packet](*args, **kwargs, out_val=out))
+            kind = "matmul"
+        else:
+            flops = float(sum(o.numel() for o in outputs))
+            kind = "pointwise" if torch.Tag.pointwise in func.tags else "norm" if name in _NORMS else "other"
+        # A pointwise op fused into its producer reads only its other operands (a residual add's second
+        # input), not the activation the producer already holds.
+        act_inputs = [t for t in inputs if id(t) not in self.params]
+        epilogue = sum(self._bytes(t) for t in act_inputs[1:]) if kind == "pointwise" else 0.0
+        self.kernels.append(_Kernel(kind, flops, acts, weights, epilogue))
+        return out
+
+
+def _flat(args: Any, kwargs: Any) -> list[Any]:
+    out: list[Any] = []
+    for a in [*(args if isinstance(args, (list, tuple)) else [args]), *kwargs.values()]:
+        if isinstance(a, (list, tuple)):
+            out.extend(_flat(a, {}))
+        else:
+            out.append(a)
+    return out
+
+
+def _trace(module: nn.Module, example_inputs: Any, elem_bytes: int) -> list[_Kernel]:
+    """The kernels of one forward pass of a meta module on a one-example batch."""
+    args, kwargs, _ = prepare_inputs(example_inputs)
+    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    params = {id(t) for t in (*module.parameters(), *module.buffers())}
+    recorder = _Recorder(params, elem_bytes)
+    was_training = module.training
+    module.eval()  # the deployed forward: BatchNorm at its running statistics
+    try:
+        with torch.no_grad(), recorder:
+            module(*[to_meta(a) for a in args], **{k: to_meta(v) for k, v in kwargs.items()})
+    finally:
+        module.train(was_training)
+    return recorder.kernels
+
+
+class Roofline:
+    """A cost model (:mod:`chase.sparsifier.costs`) that predicts time from a roofline of ``device``.
+
+    Args:
+        device: a preset name (:data:`DEVICES`: ``h100``, ``h200``, ``a100``, ``l4``, ``t4``,
+            ``rtx2080ti``), a :class:`Device`, or the JSON file ``chase profile --roofline`` measured
+            (this CPU, say).
+        fused: time the model as a fusing runtime runs it (True, the default) or as eager PyTorch.
+        batch_size: the batch the time is predicted for (launch-bound small batches favour removing
+            kernels' work less than memory-bound large ones).
+    """
+
+    def __init__(self, device: Union[str, os.PathLike, Device], *, fused: bool = True, batch_size: int = 32):
+        self.device = _device(device)
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"roofline batch_size must be an integer >= 1, got {batch_size!r}")
+        self.fused, self.batch_size = fused, batch_size
+        #: the dense model's predicted time (set by :meth:`check`, on the model as it is at the start).
+        self.dense_ms: float = float("nan")
+
+    @classmethod
+    def parse(cls, text: Any) -> Roofline:
+        """A roofline from its option text: ``DEVICE[:fused|:eager][@BATCH]`` (``h200``, ``a100:eager@1``,
+        ``cpu_roofline.json@128``), or a :class:`Roofline` as it is."""
+        if isinstance(text, Roofline):
+            return text
+        if not isinstance(text, (str, os.PathLike)):
+            raise ValueError(f"roofline must be DEVICE[:fused|:eager][@BATCH], got {text!r}")
+        text = str(text)
+        device, _, batch = text.partition("@")
+        device, _, mode = device.partition(":") if not pathlib.Path(device).is_file() else (device, "", "")
+        if mode not in ("", "fused", "eager"):
+            raise ValueError(f"roofline {text!r}: the mode after ':' must be fused or eager, got {mode!r}")
+        try:
+            size = int(batch) if batch else 32
+        except ValueError:
+            raise ValueError(f"roofline {text!r}: the batch size after '@' must be an integer") from None
+        return cls(device, fused=mode != "eager", batch_size=size)
+
+    @property
+    def tile(self) -> int:
+        """The channel multiple the device's kernels want (the default ``channel_multiple``)."""
+        return self.device.tile
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {
+            "device": self.device.kind,
+            "dtype": self.device.dtype,
+            "batch_size": self.batch_size,
+            "fused": self.fused,
+            "name": self.device.name,
+        }
+
+    def __repr__(self) -> str:
+        mode = "fused" if self.fused else "eager"
+        return f"Roofline({self.device.name!r}, {mode}, batch {self.batch_size})"
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.device, self.fused, self.batch_size)
+
+    def __eq__(self, other: object) -> bool:  # the same prediction (the dense time is state, not identity)
+        return isinstance(other, Roofline) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    # ------------------------------------------------------------------ time
+    def seconds(self, kernels: list[_Kernel]) -> float:
+        """The time of ``kernels`` at :attr:`batch_size` on the device."""
+        d, b = self.device, self.batch_size
+        flops, bandwidth = d.flops * d.compute_efficiency, d.bandwidth * d.memory_efficiency
+        launch = d.launch_fused if self.fused else d.launch_eager
+        total = 0.0
+        for k in kernels:
+            if self.fused and k.kind in ("pointwise", "norm"):  # in the producer's epilogue / folded
+                total += k.epilogue_bytes * b / bandwidth
+                continue
+            compute = k.flops * b / flops if k.kind == "matmul" else 0.0
+            total += max(compute, (k.act_bytes * b + k.weight_bytes) / bandwidth) + launch
+        return total
+
+    def predict_ms(self, module: nn.Module, example_inputs: Any) -> float:
+        """The predicted forward time (ms) of ``module`` (any model; a one-example ``example_inputs``)."""
+        return 1e3 * self.seconds(_trace(meta_copy(module), example_inputs, DTYPE_BYTES[self.device.dtype]))
+
+    # ------------------------------------------------------------------ as a cost model
+    def check(self, pruner: Any, example: Any) -> None:
+        """Refuse a model that cannot run on the meta device (the roofline traces it there); record the
+        time of the model as it is (dense, at the start of a run)."""
+        try:
+            self.dense_ms = self.predict_ms(pruner.module, example)
+        except Exception as e:  # data-dependent control flow, an op without a meta kernel, ...
+            raise ValueError(
+                f"the roofline cannot trace this model on the meta device ({type(e).__name__}: {e}); "
+                "measure a latency table instead (chase profile)"
+            ) from None
+
+    def model_ms(self, pruner: Any, example: Any) -> float:
+        return self.predict_ms(pruner.module, example)
+
+    def channel_saving_ms(self, pruner: Any, example: Any) -> list[float]:
+        """Per group, the predicted time with one more channel (unit) of it removed, under the current
+        time: each on a meta copy of the model as it is."""
+        return self._savings(pruner, example, lambda alive: alive[:1])
+
+    def mean_saving_ms(self, pruner: Any, example: Any) -> list[float]:
+        """Per group, what a channel saves on average from the current width down to half of it."""
+        return self._savings(pruner, example, lambda alive: alive[: max(1, alive.numel() // 2)])
+
+    def _savings(self, pruner: Any, example: Any, pick: Any) -> list[float]:
+        elem = DTYPE_BYTES[self.device.dtype]
+        base = meta_copy(pruner.module)
+        now = self.seconds(_trace(base, example, elem))
+        out = []
+        for g in pruner.groups:
+            alive = pruner.surgery.alive_channels(g.name).nonzero().squeeze(1)
+            if alive.numel() <= 1:
+                out.append(0.0)
+                continue
+            ids = pick(alive)
+            work, state = copy.deepcopy(base), copy.deepcopy(pruner.surgery)
+            remove_channels(work, state, {g.name: ids})
+            out.append(max(0.0, 1e3 * (now - self.seconds(_trace(work, example, elem))) / ids.numel()))
+        return out
+
+    # ------------------------------------------------------------------ state
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": ROOFLINE_FORMAT_VERSION,
+            "device": dataclasses.asdict(self.device),
+            "fused": self.fused,
+            "batch_size": self.batch_size,
+            "dense_ms": self.dense_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Roofline:
+        if data.get("format_version") != ROOFLINE_FORMAT_VERSION:
+            raise ValueError(f"unsupported roofline format {data.get('format_version')!r}")
+        out = cls(Device(**data["device"]), fused=bool(data["fused"]), batch_size=int(data["batch_size"]))
+        out.dense_ms = float(data.get("dense_ms", float("nan")))
+        return out
+
+
+def _device(value: Union[str, os.PathLike, Device]) -> Device:
+    if isinstance(value, Device):
+        return value
+    if isinstance(value, str) and value.lower() in DEVICES:
+        return DEVICES[value.lower()]
+    path = pathlib.Path(value)
+    if path.suffix == ".json" or path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return Device(**data.get("device", data))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a roofline device file ({type(e).__name__}: {e})") from None
+    raise ValueError(
+        f"unknown roofline device {str(value)!r}: give one of {', '.join(DEVICES)} or a file "
+        "`chase profile --roofline` wrote"
+    )
+
+
+def measure_device(
+    device: str = "cpu", dtype: str = "fp32", *, repeats: int = 20, name: Optional[str] = None
+) -> Device:
+    """This machine's roofline, measured: the FLOP/s of a convolution of ResNet-like size (3x3, 64
+    channels, 56x56, batch 8), the bandwidth of a large elementwise add, and the time of a tiny operation
+    (the launch overhead), each the median of ``repeats`` timings. Efficiencies are 1: the measured
+    numbers already are what kernels reach."""
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    dev = torch.device(device)
+
+    def median_time(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(dev, dt).eval()
+        x = torch.randn(8, 64, 56, 56, device=dev, dtype=dt)
+        conv_s = median_time(lambda: conv(x))
+        flops = 2 * 8 * 64 * 64 * 9 * 56 * 56 / conv_s
+        a = torch.randn(16 * 1024 * 1024, device=dev, dtype=dt)
+        b = torch.randn_like(a)
+        add_s = median_time(lambda: torch.add(a, b))
+        bandwidth = 3 * a.numel() * a.element_size() / add_s
+        tiny = torch.randn(8, device=dev, dtype=dt)
+        launch = median_time(lambda: torch.add(tiny, tiny))
+    label = name or (torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU")
+    return Device(
+        label,
+        dev.type,
+        dtype,
+        flops,
+        bandwidth,
+        launch,
+        launch / 4,
+        1,
+        1.0,
+        1.0,
+        source=f"measured by chase.sparsifier.roofline.measure_device on {time.strftime('%Y-%m-%d')} "
+        f"({torch.get_num_threads()} threads): conv {flops / 1e9:.1f} GFLOP/s, add "
+        f"{bandwidth / 1e9:.1f} GB/s, tiny op {launch * 1e6:.1f} us (fused launch assumed a quarter of it)",
+    )
