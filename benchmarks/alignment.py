@@ -27,6 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
+import chase
 from chase import count_flops
 from chase.bench import benchmark
 from chase.sparsifier import Chase
@@ -53,8 +54,8 @@ def chase_widths(dense: nn.Module, x: torch.Tensor, s: float, multiple: int) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sp = Chase(
-            work, opt, density=0.1, soft_bound=0.0, total_steps=6, example_inputs=x, channel_sparsity=s,
-            prune_skip=True, update_every=2, channel_every=1, channel_end=2,
+            work, opt, density=0.1, soft_bound=0.0, total_steps=6, example_inputs=x, update_every=2,
+            channels=chase.ChannelSpec(channel_sparsity=s, prune_skip=True, channel_every=1, channel_end=2),
         )  # fmt: skip
     sp.remove_channels_now(sp.last_event)
     if multiple > 1:

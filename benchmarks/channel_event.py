@@ -53,7 +53,11 @@ def event_time(name: str, size: int, prune_skip: bool, events: int) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     # The ImageNet recipe's shape: 40 events (every 2000 steps) up to T_chan = 80% of training.
     sp = _make_chase(
-        model, opt, size, total_steps=100_000, channel_sparsity=0.4, channel_every=2000, prune_skip=prune_skip
+        model,
+        opt,
+        size,
+        total_steps=100_000,
+        channels=chase.ChannelSpec(channel_sparsity=0.4, channel_every=2000, prune_skip=prune_skip),
     )
     x, y = torch.randn(2, 3, size, size), torch.randint(0, 10, (2,))
     _train_step(model, opt, x, y)()
@@ -88,10 +92,9 @@ def step_ratio(name: str, size: int, batch: int, repeats: int) -> dict:
         opt,
         size,
         total_steps=10,
-        channel_sparsity=0.5,
-        min_channel_ratio=0.2,
-        prune_skip=True,
-        channel_every=2,
+        channels=chase.ChannelSpec(
+            channel_sparsity=0.5, min_channel_ratio=0.2, prune_skip=True, channel_every=2
+        ),
         update_every=2,
     )
     sp.remove_channels_now(sp.last_event)

@@ -22,19 +22,17 @@ to the measured one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from chase import count_flops, untrained_slim
+from chase import Budget, ChannelSpec, count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
-from chase.sparsifier import channel_pruning
 from chase.sparsifier.latency import LatencyTable
+from chase.sparsifier.rankings import RANKINGS, LatencyWeighted
 from common import RESULTS, machine, write
 
 MODELS = {"resnet50": (224, 1000), "cifar_resnet18": (32, 10)}
@@ -44,18 +42,6 @@ def widths(model: torch.nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
-@contextlib.contextmanager
-def _exponent(value: float) -> Iterator[None]:
-    """The library's latency_weighted exponent set to ``value`` while widths are chosen (a sweep of what
-    the constant does; the library reads it at each ranking)."""
-    saved = channel_pruning.LATENCY_WEIGHT_EXPONENT
-    channel_pruning.LATENCY_WEIGHT_EXPONENT = value
-    try:
-        yield
-    finally:
-        channel_pruning.LATENCY_WEIGHT_EXPONENT = saved
-
-
 def run(name: str, args: argparse.Namespace) -> dict:
     size, classes = MODELS[name]
     size = args.input or size
@@ -63,25 +49,27 @@ def run(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     dense = get_model(name, num_classes=classes).eval()
     models = {"dense": dense}
-    budgets = {"": {"target": "macs", "macs_ratio": args.macs_ratio}}
     table = LatencyTable.load(args.latency_table) if args.latency_table else None
+    budgets = {"": Budget.macs(args.macs_ratio)}
     if table is not None and args.latency_ratio is not None:
-        budgets["lat-"] = {"target": "latency", "latency_ratio": args.latency_ratio, "latency_table": table}
+        budgets["lat-"] = Budget.latency(args.latency_ratio, table)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for prefix, budget in budgets.items():
             for rank in args.ranks:
                 for m in args.multiples:
                     key = f"{prefix}m{m}" + ("" if rank == "score" else f"-{rank.replace('_', '-')}")
-                    options = {**budget, "channel_multiple": m, "channel_rank": rank}
+                    spec = ChannelSpec(channel_sparsity=0.6, prune_skip=True, channel_multiple=m)
                     if rank != "latency_weighted":
-                        models[key] = untrained_slim(dense, x, 0.6, prune_skip=True, **options)
+                        spec = spec.replace(channel_rank=rank)
+                        models[key] = untrained_slim(dense, x, channels=spec, budget=budget)
                         continue
-                    options["latency_table"] = table  # weighted by the table (the library refuses none)
+                    # Weighted by the table (the library refuses none), at each exponent of the sweep.
+                    weighted = Budget(budget.target, budget.ratio, table)
                     for e in args.exponents:
                         label = key if len(args.exponents) == 1 else f"{key}-{e:g}"
-                        with _exponent(e):
-                            models[label] = untrained_slim(dense, x, 0.6, prune_skip=True, **options)
+                        spec = spec.replace(channel_rank=LatencyWeighted(exponent=e))
+                        models[label] = untrained_slim(dense, x, channels=spec, budget=weighted)
     macs = {k: count_flops(v, x).dense for k, v in models.items()}
     aligned = {k: sum(w % 8 == 0 for w in widths(v)) / len(widths(v)) for k, v in models.items()}
     res = benchmark(
@@ -90,7 +78,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         batch_sizes=args.batch_sizes,
         dtypes=args.dtypes,
         device=args.device,
-        compiled=[False, True] if args.compile else [False],
+        backends=["eager", "inductor"] if args.compile else ["eager"],
         channels_last=args.channels_last,
         warmup=args.warmup,
         repeats=args.repeats,
@@ -124,7 +112,7 @@ def markdown(payload: dict) -> str:
         "(`-score-per-cost`, `-normalized`, `-uniform`, `-latency-weighted`: channel_rank=score_per_cost, "
         "normalized, uniform, latency_weighted by the table named below; a trailing `-E`: built with the "
         "exponent E of the time per MAC instead of the library's "
-        f"{payload.get('exponent', channel_pruning.LATENCY_WEIGHT_EXPONENT):g}"
+        f"{payload.get('exponent', RANKINGS['latency_weighted'].exponent):g}"
         + (
             f"; `lat-`: a latency budget of {payload['latency_ratio']} instead, by the table named below"
             if "latency_ratio" in payload
@@ -188,9 +176,9 @@ def main() -> None:
     ap.add_argument("--latency-ratio", type=float, help="also prune to this latency budget by the table")
     ap.add_argument(
         "--exponents",
-        default=str(channel_pruning.LATENCY_WEIGHT_EXPONENT),
+        default=str(RANKINGS["latency_weighted"].exponent),
         help="latency_weighted: the exponents of the time per MAC to build widths with, comma-separated "
-        "(the library's constant is set while each is built; default: the library's)",
+        "(LatencyWeighted(exponent=e); default: the library's)",
     )
     ap.add_argument("--macs-ratio", type=float, default=0.6)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
@@ -220,7 +208,7 @@ def main() -> None:
     args.channels_last = {"no": [False], "yes": [True], "both": [False, True]}[args.channels_last]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     payload = {"machine": machine(args.device), "macs_ratio": args.macs_ratio, "models": {}}
-    payload["exponent"] = channel_pruning.LATENCY_WEIGHT_EXPONENT  # the library's, which -E replaces
+    payload["exponent"] = RANKINGS["latency_weighted"].exponent  # the library's, which --exponents replaces
     if args.latency_table and args.latency_ratio is not None:
         payload["latency_ratio"] = args.latency_ratio
     for name in args.models.split(","):

@@ -65,6 +65,7 @@ from chase.train.metrics import read_metrics
 from chase.train.run import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 PROTOCOLS = {
     "short": (ROOT / "benchmarks" / "cifar10_cpu.yaml", "cifar10_cpu", "runs/cifar10_cpu"),
     "long": (ROOT / "benchmarks" / "cifar10_cpu_long.yaml", "cifar10_cpu_long", "runs/cifar10_long"),
@@ -176,23 +177,41 @@ def train_method(method: str, seed: int, args: argparse.Namespace) -> dict[str, 
     return row
 
 
+#: the backends each protocol's deployable networks are timed under (chase.deploy).
+BACKENDS = {"latency": ("eager", "inductor")}
+
+
 def measure_throughput(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """Forward throughput of the dense network and every Chase slim network (fp32, CPU)."""
+    """Forward throughput of the dense network and every Chase slim network (fp32, CPU), deployed under
+    the protocol's backends. A protocol without a dense run times an untrained dense network of the same
+    architecture (its speed does not depend on its weights)."""
     models: dict[str, torch.nn.Module] = {}
     macs: dict[str, int] = {}
+    name = "cifar_resnet20"
     for row in rows:
         if row["seed"] != 0:  # one network per method: seed 0's
             continue
         run = load_run(pathlib.Path(args.runs) / row["run"])
+        name = run.model_name
         if row["method"] == "dense" or run.method == "chase":
             models[row["method"]] = run.model if run.method != "chase" else run.slim()
             macs[row["method"]] = row["macs_gpu"]
-    if "dense" not in models:
+    if not models:
         return {}
+    if "dense" not in models:
+        dense = get_model(name, num_classes=10).eval()
+        models["dense"] = dense
+        macs["dense"] = count_flops(dense, torch.zeros(1, 3, 32, 32)).dense
     order = {"dense": models.pop("dense")} | models  # speedups are over the first model
     batches = [1, 8] if args.smoke else [1, args.batch]
     return benchmark(
-        order, (3, 32, 32), batch_sizes=batches, repeats=5 if args.smoke else 20, macs=macs, device="cpu"
+        order,
+        (3, 32, 32),
+        batch_sizes=batches,
+        backends=BACKENDS.get(args.protocol, ("eager",)),
+        repeats=5 if args.smoke else 20,
+        macs=macs,
+        device="cpu",
     )
 
 
@@ -254,17 +273,20 @@ def markdown(payload: dict[str, Any]) -> str:
     if bench:
         lines += [
             "",
-            "Deployable networks (seed 0), forward only, fp32, medians of alternating timings in one process "
-            "(SET/RigL/MEST deploy the dense architecture: unstructured zeros do not speed up dense "
-            "kernels).",
+            "Deployable networks (seed 0), forward only, fp32, medians of alternating timings in one "
+            "process, each deployed with `chase.deploy` (dense and slim under the same backend; "
+            "SET/RigL/MEST deploy the dense architecture: unstructured zeros do not speed up dense "
+            "kernels); (min-max): the speedup over the alternating repeats.",
             "",
-            "| network | batch | latency ms | images/s | speedup | MACs ratio |",
-            "|---|---|---|---|---|---|",
+            "| network | backend | batch | latency ms | images/s | speedup | (min-max) | MACs ratio |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in bench["results"]:
+            spread = "{:.2f}-{:.2f}".format(*r["speedup_spread"]) if "speedup_spread" in r else "-"
             lines.append(
-                f"| {r['model']} | {r['batch_size']} | {r['latency_ms']:.2f} | {r['throughput']:.0f} | "
-                f"{r.get('speedup', 1.0):.2f}x | {r.get('flops_ratio', 1.0):.2f}x |"
+                f"| {r['model']} | {r.get('backend', 'eager')} | {r['batch_size']} | {r['latency_ms']:.2f} | "
+                f"{r['throughput']:.0f} | {r.get('speedup', 1.0):.2f}x | {spread} | "
+                f"{r.get('flops_ratio', 1.0):.2f}x |"
             )
     lines += [
         "",
@@ -357,7 +379,58 @@ def plots(payload: dict[str, Any], out: pathlib.Path, stem: str) -> list[str]:
         ax.set(ylabel="output channels", title="layer widths: dense vs Chase's final network")
         ax.legend()
         save(fig, f"{stem}_widths.png")
+    speed = _accuracy_vs_speed(payload, out, f"{stem}_speed.png")
+    if speed:
+        names.append(speed)
     return names
+
+
+def _accuracy_vs_speed(payload: dict[str, Any], out: pathlib.Path, name: str) -> str:
+    """Mean test accuracy over seeds (min-max bars) against the deployable network's measured speedup
+    over dense (largest batch, every backend timed), with RigL's and dense's accuracy of the long protocol
+    as references. Returns the file name ('' when there is nothing to draw)."""
+    bench = payload.get("throughput") or {}
+    rows = [r for r in bench.get("results", []) if "speedup" in r]
+    if not rows:
+        return ""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    batch = max(r["batch_size"] for r in rows)
+    accs: dict[str, list[float]] = {}
+    for r in payload["rows"]:
+        accs.setdefault(r["method"], []).append(100 * r["test_acc"])
+    fig = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    markers = {"eager": "o", "inductor": "s", "onnxruntime": "^", "openvino": "D"}
+    for r in rows:
+        if r["batch_size"] != batch or r["model"] not in accs:
+            continue
+        a = accs[r["model"]]
+        mean = sum(a) / len(a)
+        ax.errorbar(
+            r["speedup"], mean, yerr=[[mean - min(a)], [max(a) - mean]], fmt=markers.get(r["backend"], "o"),
+            label=f"{r['model']} ({r['backend']})", capsize=3,
+        )  # fmt: skip
+    long = RESULTS_DIR / "cifar10_cpu_long.json"
+    if long.is_file():
+        ref: dict[str, list[float]] = {}
+        for r in json.loads(long.read_text())["rows"]:
+            ref.setdefault(r["method"], []).append(100 * r["test_acc"])
+        for method, style in (("rigl", "--"), ("dense", ":")):
+            if method in ref:
+                v = sum(ref[method]) / len(ref[method])
+                ax.axhline(v, linestyle=style, color="gray", label=f"{method} (long protocol) {v:.2f}%")
+    ax.set(
+        xlabel=f"measured speedup over dense, batch {batch} (deployed, same backend)",
+        ylabel="test accuracy % (mean of seeds, min-max)",
+        title="CIFAR-10 ResNet-20: accuracy against deployable speed (this CPU)",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    return name
 
 
 def main() -> None:

@@ -34,7 +34,9 @@ def run(multiple: int, args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore")
         sp = chase.Chase(
             model, opt, density=0.1, total_steps=args.steps, example_inputs=x[:1], update_every=8,
-            channel_every=args.channel_every, channel_sparsity=0.5, channel_multiple=multiple,
+            channels=chase.ChannelSpec(
+                channel_every=args.channel_every, channel_sparsity=0.5, channel_multiple=multiple
+            ),
         )  # fmt: skip
 
     def compiled():

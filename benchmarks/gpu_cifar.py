@@ -38,6 +38,7 @@ CPU smoke test (tiny, under a minute; never write it into benchmarks/results):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import pathlib
@@ -59,7 +60,9 @@ from chase.train.seeds import epoch_seed
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-METHODS = ("dense", "rigl", "chase0.5", "chase0.3")
+#: ``chase<S>``: Chase at S_c = S; ``chase_lat<R>``: Chase (prune_skip) to a latency budget of R predicted by
+#: this GPU's roofline (fused, batch 256; chase.sparsifier.roofline), channels by score per predicted ms.
+METHODS = ("dense", "rigl", "chase0.5", "chase0.3", "chase_lat0.5")
 FIT_OVERHEAD = (
     1.3  # an estimate of a run's cost per epoch over the probed dense steps; the budget still guards
 )
@@ -115,17 +118,45 @@ def make_sparsifier(method: str, model: nn.Module, opt, total: int, density: flo
         if method == "rigl":
             opts = {"density": density, "total_steps": total, "update_every": every}
             return chase.RigL(model, opt, **opts), opts
+        if method.startswith("chase_lat"):
+            from gpu_deploy import device_roofline
+
+            ratio = float(method[len("chase_lat") :])
+            roof = device_roofline(example.device, "bf16" if example.device.type == "cuda" else "fp32", 256)
+            opts = {
+                "density": density,
+                "total_steps": total,
+                "update_every": every,
+                "channels": chase.ChannelSpec(
+                    channel_sparsity=0.5,
+                    prune_skip=True,
+                    channel_rank="score_per_cost",
+                    channel_every=every,
+                    channel_end=int(0.8 * total),
+                ),
+                "budget": chase.Budget.latency(ratio, roof),
+            }
+            return chase.Chase(model, opt, example_inputs=example, **opts), opts
         if method.startswith("chase"):
             opts = {
                 "density": density,
                 "total_steps": total,
-                "channel_sparsity": float(method[len("chase") :]),
                 "update_every": every,
-                "channel_every": every,
-                "channel_end": int(0.8 * total),
+                "channels": chase.ChannelSpec(
+                    channel_sparsity=float(method[len("chase") :]),
+                    channel_every=every,
+                    channel_end=int(0.8 * total),
+                ),
             }
             return chase.Chase(model, opt, example_inputs=example, **opts), opts
     raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _plain(value: Any) -> Any:
+    """An option as JSON: a spec's fields, a budget's description."""
+    if isinstance(value, chase.Budget):
+        return value.describe()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def train_one(
@@ -152,7 +183,7 @@ def train_one(
     sp, sp_opts = make_sparsifier(method, model, opt, total, args.density, example)
     row: dict[str, Any] = {
         "method": method,
-        "options": sp_opts,
+        "options": {k: _plain(v) for k, v in sp_opts.items()},
         "total_steps": total,
         "epochs_planned": args.epochs,
     }
@@ -359,6 +390,9 @@ def main() -> None:
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--bench-batch-sizes", default=None, help="default 1,32,256,1024 (--quick: 1,8)")
     ap.add_argument("--bench-dtypes", default="fp32,bf16")
+    ap.add_argument(
+        "--bench-backends", default="eager", help="chase.deploy backends to time (eager,inductor)"
+    )
     ap.add_argument("--bench-repeats", type=int, default=None, help="default 30 (--quick: 2)")
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--bench-reserve-s", type=float, default=None, help="kept for the throughput part (45)")
@@ -457,6 +491,7 @@ def main() -> None:
             dtypes=args.bench_dtypes.split(","),
             device=dev,
             channels_last=(args.channels_last,),
+            backends=args.bench_backends.split(","),
             warmup=3 if args.quick else 10,
             repeats=repeats,
             macs=macs,

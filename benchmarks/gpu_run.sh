@@ -9,13 +9,20 @@
 # Afterwards:    copy the returned gpu_*.json/md into benchmarks/results/.
 #
 # Environment:   TOTAL_S (570) the time this script may take in all; the CIFAR part gets what is left.
-#                PARTS ("tests resnet50 cifar"; also "alignment", "multiple", "latency") which parts run,
-#                in order.
-#                CIFAR_ARGS ("--fit-epochs") extra options of gpu_cifar.py (e.g. "--seeds 1,2").
+#                PARTS ("deploy cifar"; also "tests", "resnet50", "alignment", "multiple", "latency") which
+#                parts run, in order. "deploy" is issue 26's device check: ResNet-50 widths (score,
+#                uniform, latency-weighted, this GPU's roofline, a table profiled here) deployed under
+#                eager and Inductor (max-autotune, CUDA graphs up to batch 32), bf16, batch 1/32/256.
+#                DEPLOY_ARGS ("--budget-s 240") extra options of gpu_deploy.py (e.g. "--inductor-mode
+#                default" when max-autotune's tuning does not fit, "--no-table").
+#                CIFAR_ARGS extra options of gpu_cifar.py; by default the trained networks of issue 26:
+#                dense / RigL / Chase at a latency budget of 0.5 by the device's roofline, timed under
+#                eager and Inductor.
 set -uo pipefail
 TOTAL_S=${TOTAL_S:-570}
-PARTS=${PARTS:-tests resnet50 cifar}
-CIFAR_ARGS=${CIFAR_ARGS:---fit-epochs}
+PARTS=${PARTS:-deploy cifar}
+DEPLOY_ARGS=${DEPLOY_ARGS:---budget-s 240}
+CIFAR_ARGS=${CIFAR_ARGS:---fit-epochs --methods dense,rigl,chase_lat0.5 --bench-backends eager,inductor --bench-batch-sizes 1,32,256}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT" /tmp/data
 export PYTHONUNBUFFERED=1
@@ -26,6 +33,12 @@ nvidia-smi -L
 python3 -c "import torch, torch_pruning, chase; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
+if has deploy; then
+  echo "== ResNet-50 224: Chase widths deployed (eager / inductor), bf16 (issue 26)"
+  python3 -c "import torch; print('TF32 matmul', torch.backends.cuda.matmul.allow_tf32, 'cudnn', torch.backends.cudnn.allow_tf32)"
+  # shellcheck disable=SC2086
+  timeout 300 python3 benchmarks/gpu_deploy.py --device cuda --out "$OUT" $DEPLOY_ARGS
+fi
 if has tests; then
   echo "== CUDA tests"
   timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25

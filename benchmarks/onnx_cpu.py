@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from chase import count_flops, untrained_slim
+from chase import ChannelSpec, count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
 from chase.onnx import check_onnx, export_onnx
@@ -47,7 +47,10 @@ def measure(name: str, size: int, batches, repeats: int, warmup: int, folder: Pa
     torch.manual_seed(0)
     dense = get_model(name, num_classes=10).eval()
     x = torch.zeros(1, 3, size, size)
-    models = {"dense": dense, "slim": untrained_slim(dense, x, CHANNEL_SPARSITY)}
+    models = {
+        "dense": dense,
+        "slim": untrained_slim(dense, x, channels=ChannelSpec(channel_sparsity=CHANNEL_SPARSITY)),
+    }
     macs = {k: count_flops(m, x).dense for k, m in models.items()}
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     files, checks = {}, {}
@@ -64,12 +67,12 @@ def measure(name: str, size: int, batches, repeats: int, warmup: int, folder: Pa
         warmup=warmup,
         repeats=repeats,
         macs=macs,
-        onnx=files,
+        backends=("eager", "onnxruntime"),
     )
     by = {(r["model"], r["backend"], r["batch_size"]): r for r in res["results"]}
     rows = []
     for b in batches:
-        keys = [(m, be, b) for be in ("torch", "onnxruntime") for m in ("dense", "slim")]
+        keys = [(m, be, b) for be in ("eager", "onnxruntime") for m in ("dense", "slim")]
         if not all(k in by for k in keys):
             continue  # recorded in res["skipped"] with its reason
         t_d, t_s, o_d, o_s = (by[k] for k in keys)

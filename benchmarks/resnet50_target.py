@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from chase import count_flops, untrained_slim
+from chase import ChannelSpec, count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
 from chase.onnx import check_onnx, export_onnx
@@ -85,7 +85,7 @@ def main() -> None:
     torch.manual_seed(0)
     dense = get_model(name, num_classes=1000).eval()
     x1 = torch.zeros(1, 3, size, size)
-    slim = untrained_slim(dense, x1, 0.4, prune_skip=True)
+    slim = untrained_slim(dense, x1, channels=ChannelSpec(channel_sparsity=0.4, prune_skip=True))
     macs = {"dense": count_flops(dense, x1).dense, "slim": count_flops(slim, x1).dense}
     import onnxruntime
 
@@ -114,36 +114,35 @@ def main() -> None:
             (3, size, size),
             batch_sizes=(batch,),
             channels_last=(False, True),
-            compiled=(False, True),
+            backends=("eager", "inductor", "onnxruntime"),
             warmup=args.warmup,
             repeats=repeats,
             macs=macs,
-            onnx=files,
         )
     payload["bench"] = bench
     payload["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     rows = bench["results"]
 
-    def rate(model: str, backend: str, cl: bool, comp: bool) -> float | None:
+    def rate(model: str, backend: str, cl: bool) -> float | None:
         return next(
             (
                 r["throughput"]
                 for r in rows
-                if (r["model"], r["backend"], r["channels_last"], r["compiled"]) == (model, backend, cl, comp)
+                if (r["model"], r["backend"], r["channels_last"]) == (model, backend, cl)
             ),
             None,
         )
 
     runtimes = (
-        ("PyTorch eager", "torch", False, False),
-        ("PyTorch eager, channels_last", "torch", True, False),
-        ("torch.compile, freezing", "torch", False, True),
-        ("torch.compile, freezing, channels_last", "torch", True, True),
-        ("onnxruntime", "onnxruntime", False, False),
+        ("PyTorch eager", "eager", False),
+        ("PyTorch eager, channels_last", "eager", True),
+        ("torch.compile, freezing", "inductor", False),
+        ("torch.compile, freezing, channels_last", "inductor", True),
+        ("onnxruntime", "onnxruntime", False),
     )
     payload["summary"] = []
-    for rt, be, cl, comp in runtimes:  # a configuration that failed (see bench["skipped"]) has no row
-        d, s = rate("dense", be, cl, comp), rate("slim", be, cl, comp)
+    for rt, be, cl in runtimes:  # a configuration that failed (see bench["skipped"]) has no row
+        d, s = rate("dense", be, cl), rate("slim", be, cl)
         if d is not None and s is not None:
             payload["summary"].append({"runtime": rt, "dense": d, "slim": s})
     for r in payload["summary"]:

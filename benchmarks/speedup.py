@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from chase import count_flops, untrained_slim
+from chase import ChannelSpec, count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
 from common import RESULTS, machine, write
@@ -77,7 +77,9 @@ def measure(
     configs = {}
     for s in sparsities:
         for skip in (False, True):
-            models[_label(s, skip)] = untrained_slim(dense, x, s, prune_skip=skip, prune_heads=prune_heads)
+            models[_label(s, skip)] = untrained_slim(
+                dense, x, channels=ChannelSpec(channel_sparsity=s, prune_skip=skip, prune_heads=prune_heads)
+            )
             configs[_label(s, skip)] = (s, skip)
     macs = {k: count_flops(m, x).dense for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
