@@ -28,6 +28,7 @@ from chase import Budget, ChannelSpec, count_flops, untrained_slim
 from chase.bench import benchmark
 from chase.models import get_model
 from chase.profile import profile_latency
+from chase.sparsifier.latency import LatencyTable
 from chase.sparsifier.roofline import Roofline, measure_device
 from common import RESULTS, machine, write
 
@@ -45,10 +46,10 @@ def device_roofline(dev: torch.device, dtype: str, batch: int) -> Roofline:
 def build(args: argparse.Namespace, dev: torch.device) -> tuple[dict, dict]:
     size = 32 if args.quick else 224
     torch.manual_seed(0)
-    dense = get_model("resnet18" if args.quick else "resnet50", num_classes=1000).eval()
+    dense = get_model(args.model or ("resnet18" if args.quick else "resnet50"), num_classes=1000).eval()
     x = torch.zeros(1, 3, size, size)
     base = ChannelSpec(channel_sparsity=0.4, prune_skip=True, channel_multiple=8)
-    info: dict = {}
+    info: dict = {"model": args.model or ("resnet18" if args.quick else "resnet50"), "input": size}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = {"dense": dense, "score": untrained_slim(dense, x, channels=base)}
@@ -66,7 +67,14 @@ def build(args: argparse.Namespace, dev: torch.device) -> tuple[dict, dict]:
         )
         by_roof = base.replace(channel_rank="score_per_cost")
         models["roofline"] = untrained_slim(dense, x, channels=by_roof, budget=Budget.latency(0.5, roof))
-        if not args.no_table:
+        if args.table:  # a table measured earlier (a CPU profile takes long)
+            table = LatencyTable.load(args.table)
+            info["table"] = {"path": args.table, "meta": table.meta}
+            models["table"] = untrained_slim(dense, x, channels=by_roof, budget=Budget.latency(0.5, table))
+            models["latency-weighted-table"] = untrained_slim(
+                dense, x, channels=weighted, budget=Budget.macs(0.5, table)
+            )
+        elif not args.no_table:
             t0 = time.time()
             table = profile_latency(
                 dense.to(dev),
@@ -105,6 +113,14 @@ def main() -> None:
         "--no-table", action="store_true", help="skip the latency table (its profile takes minutes)"
     )
     ap.add_argument(
+        "--table",
+        default="",
+        help="a latency table measured earlier (chase profile) instead of profiling one: widths 'table' "
+        "(latency 0.5 by it) and 'latency-weighted-table' (MACs 0.5, weighed by it)",
+    )
+    ap.add_argument("--widths", default="", help="comma-separated width sets to time (default: all built)")
+    ap.add_argument("--model", default="", help="default resnet50 (--quick: resnet18)")
+    ap.add_argument(
         "--quick", action="store_true", help="ResNet-18 at 32 px, batch 1 and 4, fp32 (smoke test)"
     )
     ap.add_argument("--out", default=str(RESULTS))
@@ -123,7 +139,8 @@ def main() -> None:
     payload = {"machine": machine(str(dev)), "info": info, "macs": macs, "results": [], "skipped": []}
     payload["build_s"] = time.time() - start
     for backend in args.backends.split(","):
-        for label in [k for k in models if k != "dense"]:
+        wanted = args.widths.split(",") if args.widths else list(models)
+        for label in [k for k in models if k != "dense" and k in wanted]:
             if time.time() - start > args.budget_s:
                 payload["skipped"].append({"backend": backend, "reason": f"{label}: time budget spent"})
                 continue
@@ -151,7 +168,7 @@ def main() -> None:
 def markdown(p: dict) -> str:
     m = p.get("meta", {})
     lines = [
-        "# Deployable speed of Chase's widths (ResNet-50 224, untrained widths)",
+        f"# Deployable speed of Chase's widths ({p['info']['model']} {p['info']['input']}, untrained widths)",
         "",
         f"{m.get('device_name', '?')}, torch {m.get('torch', '?')}, TF32 {'on' if m.get('tf32') else 'off'}, "
         f"{p['machine']['date']}. Widths: score (S_c 0.4, prune_skip, m 8), uniform and latency-weighted at "
