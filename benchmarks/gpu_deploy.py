@@ -136,6 +136,7 @@ def main() -> None:
     size = 32 if args.quick else 224
     x = torch.zeros(1, 3, size, size)
     macs = {k: count_flops(m, x).dense for k, m in models.items()}
+    info["inductor_mode"] = args.inductor_mode
     payload = {"machine": machine(str(dev)), "info": info, "macs": macs, "results": [], "skipped": []}
     payload["build_s"] = time.time() - start
     for backend in args.backends.split(","):
@@ -165,17 +166,40 @@ def main() -> None:
     print(markdown(payload))
 
 
+#: what each width set is, for the results' text.
+WIDTHS = {
+    "score": "S_c 0.4 by score (the paper's ranking)",
+    "uniform": "the score set's MACs, every group losing the same share",
+    "latency-weighted": "the score set's MACs, latency-weighted by this device's roofline",
+    "roofline": "a latency budget of 0.5 by this device's roofline (fused), ranked by score per predicted ms",
+    "table": "a latency budget of 0.5 by the latency table, ranked by score per predicted ms",
+    "latency-weighted-table": "a MACs budget of 0.5, latency-weighted by the latency table",
+}
+
+
 def markdown(p: dict) -> str:
     m = p.get("meta", {})
+    info = p["info"]
+    timed = list(dict.fromkeys(r["model"] for r in p["results"] if r["model"] != "dense"))
+    table = info.get("table", {})
+    source = (
+        f"the committed table {table['path']}"
+        if "path" in table
+        else "a table profiled here (eager, fractions 0.5)"
+        if table
+        else ""
+    )
     lines = [
-        f"# Deployable speed of Chase's widths ({p['info']['model']} {p['info']['input']}, untrained widths)",
+        f"# Deployable speed of Chase's widths ({info['model']} {info['input']}, untrained widths)",
         "",
-        f"{m.get('device_name', '?')}, torch {m.get('torch', '?')}, TF32 {'on' if m.get('tf32') else 'off'}, "
-        f"{p['machine']['date']}. Widths: score (S_c 0.4, prune_skip, m 8), uniform and latency-weighted at "
-        f"the score set's MACs ({p['info'].get('macs_ratio_of_score', 0):.3f}), roofline (latency 0.5 by "
-        "this device's roofline, score per ms) and table (latency 0.5 by a table profiled here, eager). "
-        "Dense and slim deployed with `chase.deploy` under the same backend, timed alternately; speedup = "
-        "the dense median over the slim median, (min-max) over the alternating repeats.",
+        f"{m.get('device_name', '?')}, torch {m.get('torch', '?')}, {m.get('threads', '?')} threads, TF32 "
+        f"{'on' if m.get('tf32') else 'off'}, {p['machine']['date']}. Untrained widths "
+        "(`chase.untrained_slim`, prune_skip, multiples of 8): "
+        + "; ".join(f"`{k}`: {WIDTHS.get(k, k)}" for k in timed)
+        + (f" (the latency table: {source})" if source else "")
+        + ". Dense and slim deployed with `chase.deploy` under the same backend (Inductor mode "
+        f"{info.get('inductor_mode', 'max-autotune')}), timed alternately; speedup = the dense median over "
+        "the slim median, (min-max) over the alternating repeats.",
         "",
         "| widths | MACs | backend | dtype | batch | CUDA graphs | dense ms | slim ms | speedup "
         "| (min-max) |",
