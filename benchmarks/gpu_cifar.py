@@ -299,18 +299,20 @@ def markdown(p: dict) -> str:
         bm = b["meta"]
         lines += [
             "",
-            f"Throughput ({bm['device_name']}, eager, channels_last, median of {bm['repeats']} after "
-            f"{bm['warmup']} warm-up, models timed alternately; the trained models):",
+            f"Throughput ({bm['device_name']}, TF32 {'on' if bm.get('tf32') else 'off'}, channels_last, "
+            f"median of {bm['repeats']} after {bm['warmup']} warm-up, each model deployed with chase.deploy "
+            "and timed alternately with dense under the same backend; the trained models):",
             "",
-            "| model | dtype | batch | latency ms | images/s | speedup | FLOPs-implied |",
-            "|---|---|---|---|---|---|---|",
+            "| model | backend | dtype | batch | latency ms | images/s | speedup | (min-max) | FLOPs-implied |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in b["results"]:
             sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+            spread = "{:.2f}-{:.2f}".format(*r["speedup_spread"]) if "speedup_spread" in r else ""
             fr = f"{r['flops_ratio']:.2f}x" if "flops_ratio" in r else ""
             lines.append(
-                f"| {r['model']} | {r['dtype']} | {r['batch_size']} | {r['latency_ms']:.3f} | "
-                f"{r['throughput']:.0f} | {sp} | {fr} |"
+                f"| {r['model']} | {r.get('backend', 'eager')} | {r['dtype']} | {r['batch_size']} | "
+                f"{r['latency_ms']:.3f} | {r['throughput']:.0f} | {sp} | {spread} | {fr} |"
             )
         for s in b["skipped"]:
             lines.append(f"\nskipped: {s}")
