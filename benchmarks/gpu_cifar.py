@@ -303,7 +303,8 @@ def markdown(p: dict) -> str:
             f"median of {bm['repeats']} after {bm['warmup']} warm-up, each model deployed with chase.deploy "
             "and timed alternately with dense under the same backend; the trained models):",
             "",
-            "| model | backend | dtype | batch | latency ms | images/s | speedup | (min-max) | FLOPs-implied |",
+            "| model | backend | dtype | batch | latency ms | images/s | speedup | (min-max) "
+            "| FLOPs-implied |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in b["results"]:
