@@ -340,3 +340,48 @@ def test_flops_measures_a_macs_budget(capsys):
         next(line for line in out.splitlines() if line.startswith("GPU-supported (slim)")).split()[-1][:-1]
     )
     assert 0.5 < ratio <= 0.6
+
+
+# ---------------------------------------------------------------- one convention across the CLI
+def test_every_flag_of_every_command_has_help():
+    from chase.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    missing = [
+        f"chase {name} {a.option_strings[0]}"
+        for name, p in sub.choices.items()
+        for a in p._actions
+        if a.option_strings and a.option_strings[0] not in ("-h", "--help") and not a.help
+    ]
+    assert not missing, missing
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    from chase.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"chase-dst {chase.__version__}"
+    out = subprocess.run(
+        [sys.executable, "-m", "chase", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"chase-dst {chase.__version__}"
+
+
+def test_save_slim_sits_next_to_load_slim_and_the_export_hint_runs(tmp_path):
+    model = TinyResNet()
+    chase.save_slim(make_slim(model), tmp_path / "m.pt")
+    assert chase.load_slim(TinyResNet(), tmp_path / "m.pt") is not None
+
+
+@pytest.mark.parametrize("command", ["bench", "profile"])
+def test_a_device_that_is_not_one_is_a_usage_error(command, tmp_path, capsys):
+    from chase.cli import main
+
+    argv = [command, "--model", "cifar_resnet20", "--num-classes", "10", "--device", "tpu"]
+    argv += ["-o", str(tmp_path / "t.json")] if command == "profile" else []
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"chase {command}: error:") and "tpu" in err and "\n" not in err

@@ -335,6 +335,81 @@ def test_bad_commands_are_one_line_and_change_nothing(finished, tmp_path, capsys
         assert _snapshot(run) == before, argv
 
 
+def _output_flags() -> dict[str, list[str]]:
+    """Every command's flags that name a file it writes (from the parser: a flag whose dest is ``out``)."""
+    from chase.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    return {
+        name: sorted(
+            {o for a in p._actions if a.dest == "out" for o in a.option_strings if o.startswith("--")}
+        )
+        for name, p in sub.choices.items()
+    }
+
+
+def _writing_command(command: str, flag: str, run: pathlib.Path, target: pathlib.Path) -> list[str]:
+    model = ["--model", "cifar_resnet20", "--num-classes", "10", "--input", "8"]
+    return {
+        "export": ["export", str(run), flag, str(target)],
+        "flops": ["flops", str(run), flag, str(target)],
+        "bench": ["bench", str(run), "--batch-sizes", "1", "--repeats", "1", flag, str(target)],
+        "analyze": ["analyze", str(run), flag, str(target.with_suffix(".png"))],
+        "check": ["check", *model, flag, str(target)],
+        "profile": [
+            "profile",
+            *model,
+            "--batch",
+            "2",
+            "--fractions",
+            "0.5",
+            "--repeats",
+            "1",
+            flag,
+            str(target),
+        ],
+    }[command]
+
+
+def test_no_command_replaces_a_run_file_or_an_existing_file_without_overwrite(finished, tmp_path, capsys):
+    """Walk every command's output flags: pointed at a run's checkpoint, config, metrics, slim model or
+    report, or at any existing file of the user's, each command refuses in one line and changes nothing;
+    with --overwrite it replaces the user's file but never the run's resume files."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "mine.json").write_text("my notes")
+    (run / "mine.png").write_bytes(b"my picture")
+    flags = _output_flags()
+    # train's --out is the parent of its run folders: a run folder with outputs is refused without
+    # --overwrite and one with a checkpoint always (test_a_folder_with_outputs_but_no_checkpoint_...).
+    del flags["train"]
+    assert {c for c, f in flags.items() if f} == {"export", "flops", "bench", "analyze", "check", "profile"}
+    before = _snapshot(run)
+    for command, options in flags.items():
+        for flag in options:
+            for name in (
+                "checkpoint.pt",
+                "config.yaml",
+                "metrics.jsonl",
+                "slim.pt",
+                "report.md",
+                "mine.json",
+            ):
+                argv = _writing_command(command, flag, run, run / name)
+                if command == "analyze" and name != "mine.json":
+                    continue  # analyze writes PNGs: mine.png below
+                assert main(argv) == 2, argv
+                err = capsys.readouterr().err
+                assert "refusing to write" in err or "exists: give --overwrite" in err, (argv, err)
+                assert _snapshot(run) == before, argv
+    # --overwrite replaces the user's own file, never a run's resume files.
+    assert main(["flops", str(run), "--out", str(run / "mine.json"), "--overwrite"]) == 0
+    assert (run / "mine.json").read_text().startswith("{")
+    assert main(["flops", str(run), "--out", str(run / "config.yaml"), "--overwrite"]) == 2
+    assert "refusing to write" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--out", str(run / "mine.png"), "--overwrite"]) == 0
+
+
 def test_a_folder_with_outputs_but_no_checkpoint_is_refused_unless_overwrite(finished, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished, run)

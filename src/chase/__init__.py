@@ -4,7 +4,7 @@ from chase.analysis import ChannelStats, channel_stats
 from chase.flops import FlopReport, count_flops, training_flops
 from chase.graph import channel_groups
 from chase.pretrained import from_pretrained, save_pretrained
-from chase.slim import load_slim
+from chase.slim import load_slim, save_slim
 from chase.sparsifier import (
     MEST,
     SET,
@@ -47,6 +47,7 @@ __all__ = [
     "load_slim",
     "prune_channels",
     "save_pretrained",
+    "save_slim",
     "training_flops",
     "untrained_slim",
 ]

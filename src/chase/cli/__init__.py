@@ -19,7 +19,10 @@ COMMANDS = {m.NAME: m for m in (train, export, flops, bench, analyze, check, pro
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from chase import __version__
+
     parser = OneLineParser(prog="chase", description="Channel-aware dynamic sparse training.")
+    parser.add_argument("--version", action="version", version=f"chase-dst {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for command in COMMANDS.values():
         command.add_parser(sub)

@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", help="a run folder or its checkpoint.pt")
     p.add_argument("--out", "-o", help="PNG file or folder (default: the run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out's PNG files if they exist")
     p.add_argument(
         "--amenable-ratio",
         type=float,
@@ -28,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from chase.analysis import amenable_curve, channel_stats
-    from chase.cli.common import CommandError, refuse_overwriting
+    from chase.cli.common import CommandError, claim_output
     from chase.plots import plot_amenable_curve, plot_channel_densities
     from chase.train.export import load_run
     from chase.train.metrics import read_metrics
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         if out.is_file():
             raise CommandError(f"--out {out} is a file: give a .png file name or a folder")
         out = out / "channel_density.png"
-    refuse_overwriting(out, args.source)
+    for path in (out, out.with_name("amenable.png")):  # its own plots in the run folder it regenerates
+        claim_output(path, args.source, overwrite=args.overwrite, default=not args.out)
     plot_channel_densities(stats, out, title=title)
     print(f"wrote {out}")
     curve = amenable_curve(read_metrics(loaded.folder))

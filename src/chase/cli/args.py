@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 __all__ = [
     "OneLineParser",
     "add_model_args",
+    "add_out_args",
     "add_spec_args",
     "comma_list",
     "device_arg",
@@ -68,6 +69,35 @@ def device_arg(text: str) -> str:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {text}: only cpu and cuda are supported")
     return text
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of another option: stores into its ``dest`` and says, once, to use the new one."""
+
+    def __init__(self, *args: Any, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        import logging
+
+        logging.getLogger("chase.cli").warning("%s is deprecated: give %s", option_string, self.new)
+        setattr(namespace, self.dest, values)
+
+
+def add_out_args(p: argparse.ArgumentParser, help: str, *, default: str = "") -> None:
+    """The output convention of every command: ``--out/-o`` names what it writes, ``--overwrite`` lets
+    it replace an existing file (a run's checkpoint, config and metrics never: see
+    :func:`chase.cli.common.claim_output`); ``--json`` is the old spelling of ``--out``."""
+    p.add_argument("--out", "-o", metavar="PATH", help=help + (f" (default: {default})" if default else ""))
+    p.add_argument(
+        "--json", dest="out", action=_Deprecated, new="--out", metavar="PATH", help="same as --out"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output if it exists (a run's checkpoint.pt, config.yaml and metrics.jsonl never)",
+    )
 
 
 def comma_list(text: str) -> list[str]:
@@ -140,4 +170,4 @@ def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
         help="weight density of the initial masks the channels are ranked on, as Chase ranks them at its "
         "first event (default: the paper's d, chase.sparsifier.one_shot.INIT_DENSITY)",
     )
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_out_args(p, "also write the results as JSON to this file")

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Time dense vs slim inference (median after warm-up, CUDA synchronised) over batch "
         "sizes, dtypes, layouts and backends, each model deployed as it would be served (chase.deploy: "
         "BatchNorm folded, outputs checked against eager); print a table with the realised speedup and "
-        "its spread next to the FLOPs ratio and write JSON (--json, or bench.json in the run folder). "
+        "its spread next to the FLOPs ratio and write JSON (--out, or bench.json in the run folder). "
         "Unsupported combinations are skipped with a note.",
     )
     add_model_args(p, "a Chase run folder or checkpoint: its exported model is the slim one")
@@ -54,15 +54,15 @@ def run(args: argparse.Namespace) -> int:
     from chase.cli.args import device_arg
     from chase.cli.common import (
         CommandError,
+        claim_output,
         example_input,
         models_to_measure,
-        refuse_overwriting,
         write_json,
     )
     from chase.deploy import BACKENDS
     from chase.flops import count_flops
 
-    refuse_overwriting(args.json, args.source, args.slim_from)
+    claim_output(args.out, args.source, args.slim_from, overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = device_arg(args.device)
@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         meta={"model": run.model_name if run else args.model, "slim": what or None},
     )
     print(format_table(result))
-    out = args.json or (run.folder / "bench.json" if run else None)
+    out = args.out or (run.folder / "bench.json" if run else None)
     if out:
+        claim_output(out, args.source, args.slim_from, overwrite=args.overwrite, default=not args.out)
         write_json(result, out)
     return 0

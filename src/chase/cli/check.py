@@ -16,7 +16,7 @@ ROLES = ("groups", "amount", "ranking", "removal", "budget")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from chase.cli.args import add_spec_args, positive_int
+    from chase.cli.args import add_out_args, add_spec_args, positive_int
 
     p = sub.add_parser(
         NAME,
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=positive_int, default=64, help="square input size (64)")
     p.add_argument("--num-classes", type=positive_int, default=10, help="classifier outputs (10)")
     add_spec_args(p.add_argument_group("channel options (default: --channel-sparsity 0.5)"), ROLES)
-    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    add_out_args(p, "also write the report as JSON to this file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     from chase.check import CHECK_CHANNELS, check_model
     from chase.cli.args import given_spec_args
+    from chase.cli.common import claim_output
     from chase.models import get_model
     from chase.sparsifier.specs import specs_from_flat
 
+    claim_output(args.out, overwrite=args.overwrite)  # before the run, not after it
     given = given_spec_args(args)
     given.setdefault("channel_sparsity", CHECK_CHANNELS.channel_sparsity)
     channels, budget = specs_from_flat(given)  # a bad option is a usage error
@@ -56,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model} (input {args.input}, {options}): {report.summary()}")
     for w in report.warnings:
         print(f"  warning: {w}")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0 if report.ok else 1

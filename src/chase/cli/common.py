@@ -16,10 +16,11 @@ from chase.sparsifier.specs import specs_from_flat
 from chase.train.export import LoadedRun, load_run
 
 __all__ = [
+    "RUN_INPUTS",
     "CommandError",
+    "claim_output",
     "example_input",
     "models_to_measure",
-    "refuse_overwriting",
     "write_json",
 ]
 
@@ -70,15 +71,22 @@ def models_to_measure(
     return dense, slim, None, untrained_label(channels, budget, d)
 
 
-#: files of a run folder that a command's output must never replace (the run could not resume).
+#: files of a run folder that no command's output replaces: without them the run cannot resume.
 RUN_INPUTS = ("checkpoint.pt", "config.yaml", "metrics.jsonl")
 
 
-def refuse_overwriting(
-    output: str | pathlib.Path | None, *inputs: str | pathlib.Path | None, folder: bool = False
+def claim_output(
+    output: str | pathlib.Path | None,
+    *inputs: str | pathlib.Path | None,
+    folder: bool = False,
+    overwrite: bool = False,
+    default: bool = False,
 ) -> None:
-    """Refuse an output path that is one of the command's inputs or a run folder's own files (its
-    checkpoint, config or metrics): writing it would lose the run."""
+    """The one check every command runs before it writes ``output``: never one of the command's
+    ``inputs`` or a run folder's checkpoint, config or metrics (the run could no longer resume); an
+    existing file or a non-empty folder only with ``overwrite``, unless it is the command's own
+    ``default`` output, which it regenerates (``chase analyze``'s plots in the run folder). ``folder``:
+    the output is a folder."""
     if output is None:
         return
     out = pathlib.Path(output).expanduser().resolve()
@@ -97,6 +105,9 @@ def refuse_overwriting(
         raise CommandError(f"{output} is a folder; give a file name")
     if out.is_file() and folder:
         raise CommandError(f"{output} is a file; give a folder")
+    exists = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if exists and not (overwrite or default):
+        raise CommandError(f"{output} exists: give --overwrite to replace it (nothing was written)")
 
 
 def write_json(obj: Any, path: str | pathlib.Path) -> None:

@@ -10,6 +10,8 @@ LOG_PROGRESS = True
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from chase.cli.args import _Deprecated
+
     p = sub.add_parser(
         NAME,
         help="write the exported (slim) model of a training checkpoint",
@@ -28,17 +30,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "torch.export program",
     )
     p.add_argument(
-        "--output",
+        "--out",
         "-o",
         help="output file or folder (default next to the checkpoint: slim.pt, hf/, slim.onnx, slim.pt2)",
+    )
+    p.add_argument("--output", dest="out", action=_Deprecated, new="--out", help="same as --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (the default one next to the checkpoint is always regenerated)",
     )
     p.add_argument(
         "--onnx",
         nargs="?",
         const="",
         metavar="PATH",
-        help="also write the exported model as ONNX (default: the output's name with .onnx, e.g. slim.onnx) "
-        "and check it against PyTorch with onnxruntime at two batch sizes (needs chase-dst[onnx])",
+        help="deprecated (a second export: --format onnx): also write the exported model as ONNX and check "
+        "it against PyTorch with onnxruntime",
     )
     p.add_argument(
         "--optimize",
@@ -49,7 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chase.cli.common import CommandError, refuse_overwriting
+    import logging
+
+    from chase.cli.common import CommandError, claim_output
     from chase.train.checkpoint import load_checkpoint
     from chase.train.export import export_checkpoint
 
@@ -59,19 +69,21 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise CommandError(f"{path} does not exist")
     default = {"pt": "slim.pt", "hf-dir": "hf", "onnx": "slim.onnx", "pt2": "slim.pt2"}[args.format]
-    out = pathlib.Path(args.output) if args.output else path.with_name(default)
+    out = pathlib.Path(args.out) if args.out else path.with_name(default)
+    if args.onnx is not None:
+        logging.getLogger("chase.cli").warning("--onnx is deprecated: run a second export with --format onnx")
     onnx = None if args.onnx is None else pathlib.Path(args.onnx or out.with_suffix(".onnx"))
     load_checkpoint(path)  # say what a wrong input is before looking at the output
     if args.format == "pt2" and out.suffix != ".pt2":
         raise CommandError(f"a torch.export program is a .pt2 file: {out} (torch.export.load expects it)")
     if args.format == "hf-dir" and out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
         raise CommandError(f"{out} holds other files: give a new or empty folder (or an earlier export)")
-    refuse_overwriting(out, path, folder=args.format == "hf-dir")
-    refuse_overwriting(onnx, path, out)
+    claim_output(out, path, folder=args.format == "hf-dir", overwrite=args.overwrite, default=not args.out)
+    claim_output(onnx, path, out, overwrite=args.overwrite, default=not args.onnx)
     meta = export_checkpoint(path, out, format=args.format, onnx=onnx, optimize=args.optimize)
     load = {
-        "pt": f"chase.load_slim(chase.models.get_model({meta['model']!r}, "
-        f"num_classes={meta['num_classes']}), {str(out)!r})",
+        "pt": f"chase.load_slim(get_model({meta['model']!r}, num_classes={meta['num_classes']}), "
+        f"{str(out)!r}) after `import chase; from chase.models import get_model`",
         "hf-dir": f"chase.from_pretrained({str(out)!r})",
         "onnx": "onnxruntime.InferenceSession(...)",
         "pt2": f"torch.export.load({str(out)!r}).module()",

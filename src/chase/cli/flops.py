@@ -23,10 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from chase.cli.common import example_input, models_to_measure, refuse_overwriting, write_json
+    from chase.cli.common import claim_output, example_input, models_to_measure, write_json
     from chase.flops import FlopReport, count_flops
 
-    refuse_overwriting(args.json, args.source)
+    claim_output(args.out, args.source, overwrite=args.overwrite)
     dense, slim, run, what = models_to_measure(args)
     x = example_input(run, args)
     ref = count_flops(dense, x)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label:<24} {v / 1e9:>10.4f} {v / ref.dense:>7.3f}x")
     if args.layers:  # the trained model's kept weights when there are masks, else the widths measured
         print((sparse if sparse is not ref else slim_report or ref).table())
-    if args.json:
+    if args.out:
         gpu = slim_report.dense if slim_report else ref.dense
         write_json(
             {
@@ -63,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
                 "layers": sparse.as_dict()["layers"],
                 "slim_layers": slim_report.as_dict()["layers"] if slim_report else None,
             },
-            args.json,
+            args.out,
         )
     return 0

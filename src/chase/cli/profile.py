@@ -28,11 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tiny op's overhead, at --dtype): the file is a roofline device for budgets (--roofline FILE, "
         "roofline: FILE)",
     )
-    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--num-classes", type=positive_int, default=1000, help="classifier outputs (1000)")
     p.add_argument("--input", type=positive_int, default=224, help="square input size (224)")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size timed (32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="the dtype timed (fp32)")
     p.add_argument("--channels-last", action="store_true", help="channels-last inputs and weights")
     p.add_argument(
         "--backend",
@@ -48,20 +48,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=positive_int, default=5, help="timed forwards per point (median)")
     p.add_argument("--threads", type=positive_int, help="torch.set_num_threads for a CPU profile")
     p.add_argument("--out", "-o", required=True, help="JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from chase.cli.args import given_spec_args
-    from chase.cli.common import CommandError, refuse_overwriting
+    from chase.cli.args import device_arg, given_spec_args
+    from chase.cli.common import CommandError, claim_output
     from chase.models import get_model
     from chase.profile import profile_latency
     from chase.sparsifier.specs import ChannelSpec
 
-    refuse_overwriting(args.out)  # before minutes of timing
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError("--device cuda but CUDA is not available")
+    claim_output(args.out, overwrite=args.overwrite)  # before minutes of timing
+    args.device = device_arg(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.roofline:

@@ -1,0 +1,7 @@
+"""``python -m chase``: the ``chase`` command."""
+
+import sys
+
+from chase.cli import main
+
+sys.exit(main())
