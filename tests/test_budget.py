@@ -564,3 +564,51 @@ def test_a_table_of_a_model_with_the_same_groups_is_refused_by_its_parameter_cou
     assert chase.prune_channels(model, EXAMPLE, **options).removed
     without_count = options | {"latency_table": linear_table(TinyResNet(width=32), EXAMPLE)}
     assert chase.prune_channels(TinyResNet(width=32), EXAMPLE, **without_count).removed
+
+
+@pytest.mark.parametrize(
+    "table, words",
+    [
+        ({"format_version": 1, "dense_ms": float("nan"), "groups": {}}, "dense_ms must be a finite time"),
+        (
+            {"format_version": 1, "dense_ms": 10.0, "groups": {"a": {"widths": [2, 4], "ms": [-1, 10]}}},
+            "group 'a': ms",
+        ),
+        (
+            {"format_version": 1, "dense_ms": 10.0, "groups": {"a": {"widths": [2, 4], "ms": [0, 10]}}},
+            "> 0 ms",
+        ),
+        (
+            {"format_version": 1, "dense_ms": 10.0, "groups": {"a": {"widths": [2, 4], "ms": ["x", 10]}}},
+            "a number",
+        ),
+        (
+            {"format_version": 1, "dense_ms": 10.0, "groups": {"a": {"widths": [4, 2], "ms": [9, 10]}}},
+            "ascending",
+        ),
+        (
+            {"format_version": 1, "dense_ms": 10.0, "groups": {"a": {"widths": [2.5, 4], "ms": [9, 10]}}},
+            "integers",
+        ),
+        (
+            {"format_version": 1, "dense_ms": 10.0, "groups": {"a": {"widths": [2, 4], "ms": [30, 10]}}},
+            "not a measurement",
+        ),
+        ({"format_version": 1, "dense_ms": 10.0, "groups": []}, "needs 'groups'"),
+        ([1, 2, 3], "a JSON object"),
+    ],
+)
+def test_a_latency_table_is_checked_when_it_is_read(table, words, tmp_path):
+    """NaN, zero or negative times, unordered widths or a line no measurement draws are refused, naming the
+    file and the entry, before any channel is removed (a NaN table used to remove half the channels by
+    NaN-derived weights; a negative one, none)."""
+    from chase.sparsifier.latency import LatencyTable
+
+    path = tmp_path / "bad.json"
+    path.write_text(__import__("json").dumps(table))  # NaN is written as JSON's NaN, as json.dumps does
+    with pytest.raises(ValueError, match=words) as info:
+        LatencyTable.load(path)
+    assert str(path) in str(info.value)
+    (tmp_path / "bin.json").write_bytes(b"\x00\xff\xfe binary")
+    with pytest.raises(ValueError, match=r"bin\.json is not a latency table"):
+        LatencyTable.load(tmp_path / "bin.json")

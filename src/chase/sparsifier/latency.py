@@ -9,6 +9,7 @@ linearly between the measured widths).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -122,16 +123,35 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
+        """A table from its dict, checked: every time a finite positive number of ms, every group's widths
+        positive integers in ascending order with one time each, and the time not falling by half or more
+        as a group widens (no measurement does that: a corrupted or hand-made table)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a latency table is a JSON object, got {type(data).__name__}")
         if data.get("format_version") != LATENCY_FORMAT_VERSION:
             raise ValueError(
                 f"unsupported latency table format {data.get('format_version')!r} "
                 f"(expected {LATENCY_FORMAT_VERSION})"
             )
-        groups = {g: (list(v["widths"]), [float(x) for x in v["ms"]]) for g, v in data["groups"].items()}
-        for g, (w, m) in groups.items():
-            if len(w) != len(m) or not w or w != sorted(w):
-                raise ValueError(f"latency table: group {g!r} needs ascending widths with one time each")
-        return cls(float(data["dense_ms"]), groups, dict(data.get("meta", {})))
+        dense = _time("dense_ms", data.get("dense_ms"))
+        if not isinstance(data.get("groups"), Mapping):
+            raise ValueError("a latency table needs 'groups': {group: {'widths': [...], 'ms': [...]}}")
+        groups = {}
+        for g, v in data["groups"].items():
+            if not isinstance(v, Mapping) or "widths" not in v or "ms" not in v:
+                raise ValueError(f"group {g!r} needs 'widths' and 'ms' lists")
+            w, m = list(v["widths"]), [_time(f"group {g!r}: ms", x) for x in v["ms"]]
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in w):
+                raise ValueError(f"group {g!r}: widths must be integers >= 1, got {w}")
+            if len(w) != len(m) or not w or w != sorted(set(w)):
+                raise ValueError(f"group {g!r} needs ascending widths with one time each, got {w} and {m}")
+            if m[-1] < 0.5 * m[0]:
+                raise ValueError(
+                    f"group {g!r}: the model takes {m[0]:g} ms at width {w[0]} and {m[-1]:g} ms at {w[-1]}: "
+                    "time falling by half as the group widens is not a measurement"
+                )
+            groups[g] = (w, m)
+        return cls(dense, groups, dict(data.get("meta", {})))
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -145,6 +165,19 @@ class LatencyTable:
             return cls.from_dict(source)
         path = pathlib.Path(source)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not a latency table ({type(e).__name__}: {e})") from None
+        try:
+            return cls.from_dict(data)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a usable latency table: {e}") from None
+
+
+def _time(what: str, value: Any) -> float:
+    """``value`` as a time in ms: a finite number > 0 (ValueError naming ``what`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number of ms, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite time > 0 ms, got {value!r}")
+    return float(value)
