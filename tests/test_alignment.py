@@ -83,3 +83,22 @@ def test_the_trainer_takes_channel_multiple(tmp_path):
     widths = [v.shape[0] for k, v in state.items() if k.endswith("conv1.weight") and v.ndim == 4]
     assert widths and all(w % 4 == 0 for w in widths), widths
     assert any(w not in (16, 32, 64) for w in widths), widths  # channels were removed, in blocks of 4
+
+
+def test_an_alignment_that_leaves_the_sparsity_out_of_reach_says_what_will_go():
+    """channel_multiple larger than every group: S_c 0.5 asked, nothing can go; said once, with the count."""
+    import warnings
+
+    from tests.nets import TinyResNet
+
+    import chase
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = chase.prune_channels(
+            TinyResNet(),
+            torch.randn(1, 3, 16, 16),
+            channels=chase.ChannelSpec(channel_sparsity=0.5, channel_multiple=100_000),
+        )
+    said = [str(w.message) for w in caught if "channel_multiple=100000" in str(w.message)]
+    assert len(said) == 1 and "at most 0 of the" in said[0] and result.channel_sparsity == 0

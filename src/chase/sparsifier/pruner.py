@@ -5,6 +5,7 @@ once."""
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -100,6 +101,27 @@ class ChannelPruner:
         self.floors = [max(1, int(g.width * keep)) for g in self.groups]
         # Filter size of each producer before any input channel was removed: UMM divides by it.
         self.row_numel = {s.tensor: params[s.tensor][0].numel() for g in self.groups for s in g.producers}
+        if self.channel_multiple > 1 and self.groups:
+            self._check_alignment(spec.channel_sparsity)
+
+    def _check_alignment(self, sparsity: float) -> None:
+        """Warn when ``channel_multiple`` leaves fewer channels removable than S_c asks (groups narrower
+        than it keep their width; the others go in whole blocks above their floors)."""
+        m, removable = self.channel_multiple, 0
+        for g, u, floor in zip(self.groups, self.units, self.floors):
+            step = m // math.gcd(m, u)
+            if g.width * u >= m:
+                low = max(-(-floor // step) * step, step)
+                removable += max(0, (g.width - g.width % step) - low + g.width % step) * u
+        wanted = round(self.total_channels * sparsity)
+        if removable < wanted:
+            narrow = sum(g.width * u < m for g, u in zip(self.groups, self.units))
+            warnings.warn(
+                f"channel_multiple={m}: at most {removable} of the {wanted} channels channel_sparsity="
+                f"{sparsity:g} asks can be removed ({narrow} of {len(self.groups)} prunable groups are "
+                f"narrower than {m} and keep their width; the others go in blocks of {m} above their floors)",
+                stacklevel=4,
+            )
 
     # ------------------------------------------------------------------ read-outs
     def alive_channels(self) -> dict[str, int]:
