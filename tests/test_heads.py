@@ -301,3 +301,16 @@ def test_count_flops_counts_multihead_attention_projections_per_weight() -> None
     assert layer.dense == 65 * 3 * 64 * 64  # 64 patches + the class token, q/k/v rows
     assert layer.sparse == 65 * int(sp.masks[name].sum())
     assert "encoder.layers.encoder_layer_0.self_attention.out_proj.weight" in layers
+
+
+def test_prune_heads_on_a_model_without_attention_says_so():
+    import warnings
+
+    from tests.nets import TinyResNet
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chase.prune_channels(
+            TinyResNet(), torch.randn(1, 3, 16, 16), channels=chase.ChannelSpec(prune_heads=True)
+        )
+    assert sum("no attention whose heads" in str(w.message) for w in caught) == 1

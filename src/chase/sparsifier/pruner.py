@@ -65,6 +65,12 @@ class ChannelPruner:
         self.graph: ChannelGraph = channel_groups(
             module, example_inputs, prune_skip=spec.prune_skip, prune_heads=spec.prune_heads
         )
+        if spec.prune_heads and not any(g.kind == "heads" for g in self.graph):
+            warnings.warn(
+                "prune_heads=True, but the model has no attention whose heads can be removed "
+                "(nn.MultiheadAttention, fused qkv or q/k/v/o projections): only channels are pruned",
+                stacklevel=4,
+            )
         groups = [g for g in self.graph.prunable() if any(s.tensor in params for s in g.producers)]
         self.groups = _without_kept(groups, spec.keep_channels)
         inexact = [g.name for g in self.groups if not g.exact]
