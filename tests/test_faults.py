@@ -475,3 +475,43 @@ def test_ddp_resume_mid_epoch_is_exact(tmp_path):
         ]
 
     assert epochs(whole) == epochs(killed) and len(epochs(whole)) == 2
+
+
+# ---------------------------------------------------------------- non-finite losses and weights
+def test_a_channel_event_on_weights_that_are_not_finite_is_skipped_and_said():
+    from tests.nets import tiny_chase
+
+    model, _, sp = tiny_chase(torch.randn(2, 3, 16, 16), channel_sparsity=0.5)
+    with torch.no_grad():
+        model.block_a.weight[0, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="weights are not finite .* channel event skipped"):
+        assert sp.remove_channels_now(sp.last_event) == 0
+    assert sp.channel_sparsity_now() == 0
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The loss turns NaN in the second epoch: the run stops with one line once more than max_bad_steps
+    steps were bad, writes no checkpoint over the first epoch's, and resumes from it."""
+    from chase.train import loop
+
+    real = loop.train_one_epoch
+
+    def poisoned(st, loader, steps, after_step=None):
+        if st.epoch == 1:  # from the second epoch on the model diverges
+            with torch.no_grad():
+                for p in st.module.parameters():
+                    p.fill_(float("nan"))
+        return real(st, loader, steps, after_step)
+
+    monkeypatch.setattr("chase.train.run.train_one_epoch", poisoned)
+    sets = [*TINY, "epochs=2", "log_every=1", "max_bad_steps=1"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *sets]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the loss was not finite" in err and "the last one resumes the run" in err and "\n" not in err.strip()
+    )
+    (run,) = tmp_path.iterdir()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and all(
+        torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()
+    )

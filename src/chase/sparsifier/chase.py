@@ -246,11 +246,21 @@ class Chase(Sparsifier):
         return round(self.dense_target_value * (1.0 - (1.0 - ratio) * ramp))
 
     def remove_channels_now(self, t: int) -> int:
-        """Run the channel event of step ``t``: remove the quota of lowest-ranked channels (water-filling)."""
+        """Run the channel event of step ``t``: remove the quota of lowest-ranked channels (water-filling).
+        Weights that are not finite (a diverged step) score nothing: the event is skipped, and said so; the
+        next event catches up (the schedule counts from the start)."""
+        params = self._masks.params
+        # One sync for all layers: the sum of the weights' norms is finite iff every weight is.
+        if not bool(torch.isfinite(torch.stack([p.detach().float().norm() for p in params.values()]).sum())):
+            warnings.warn(
+                f"step {t}: weights are not finite (NaN/Inf): channel event skipped, no channel removed",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return 0
         masks = {n: m.clone() for n, m in self._masks.masks.items()}
         agree = self._share if self._distributed() else None
         target = self.target_value(t)
-        params = self._masks.params
         if target is not None:
             removed = self.pruner.remove_to_budget(
                 self.channel_budget.kind,

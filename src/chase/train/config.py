@@ -203,6 +203,11 @@ class TrainConfig:
     eval_every: int = _opt(1, "evaluate on the test (and validation) split every this many epochs")
     ckpt_every_steps: int = _opt(0, "also checkpoint every this many optimizer steps (0: at epoch ends only)")
     log_every: int = _opt(50, "write a training metrics line every this many optimizer steps")
+    max_bad_steps: int = _opt(
+        10,
+        "stop the run when more than this many steps had a loss that was not finite (NaN/Inf), checked every "
+        "log_every steps; the last checkpoint is kept to resume from (0: never stop)",
+    )
     bn_recalibrate: int = _opt(0, "slim model: re-estimate BatchNorm statistics on this many train batches")
     speedup_batch: int = _opt(64, "batch size for timing dense vs slim forward (0: skip the timing)")
     tensorboard: bool = _opt(True, "false: leave tensorboard out of loggers")
@@ -231,6 +236,7 @@ class TrainConfig:
         for key in (
             "ckpt_every_steps",
             "log_every",
+            "max_bad_steps",
             "threads",
             "num_workers",
             "bn_recalibrate",

@@ -24,7 +24,7 @@ from chase.train.distributed import Dist, wrap_ddp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainState", "build_sparsifier", "evaluate", "train_one_epoch"]
+__all__ = ["DivergedError", "TrainState", "build_sparsifier", "check_finite", "evaluate", "train_one_epoch"]
 
 
 def build_sparsifier(
@@ -90,9 +90,12 @@ class TrainState:
     sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
     #: what the sparsifier did at the last step (None for dense training)
     last_info: Optional[chase.StepInfo] = None
+    #: optimizer steps of this process whose loss was not finite (a device tensor: counted without a sync)
+    bad_steps: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
 
     def __post_init__(self) -> None:
         self.sums = self.sums.to(self.device)
+        self.bad_steps = self.bad_steps.to(self.device)
         self.wrap()
 
     def wrap(self) -> None:
@@ -171,6 +174,7 @@ def train_one_epoch(
         st.step += 1
         st.batch += 1
         with torch.no_grad():
+            st.bad_steps += (~torch.isfinite(loss.detach())).long()
             sums += torch.stack(
                 [
                     loss.detach().double() * len(y),
@@ -193,10 +197,33 @@ def train_one_epoch(
                 )
         if after_step is not None:
             after_step(st, loss.detach())
+        if cfg.log_every and st.step % cfg.log_every == 0:  # a sync every log_every steps, not every step
+            check_finite(st)
     if bar is not None:
         bar.close()
+    check_finite(st)
     loss_sum, correct, count = st.dist.all_sum(sums.tolist())
     return {"loss": loss_sum / max(1, count), "acc": correct / max(1, count)}
+
+
+class DivergedError(ValueError):
+    """Training stopped: too many steps had a loss that was not finite (a ValueError: the command line
+    prints it in one line, as a run's problem rather than a bug)."""
+
+
+def check_finite(st: TrainState) -> None:
+    """Stop the run (:class:`DivergedError`) once more than ``max_bad_steps`` steps had a loss that was not
+    finite (NaN/Inf: divergence, fp16 overflow); the last checkpoint, written before, is not replaced."""
+    limit = st.cfg.max_bad_steps
+    if not limit:
+        return
+    bad = int(st.dist.all_sum([float(st.bad_steps)])[0]) if st.dist.enabled else int(st.bad_steps)
+    if bad > limit:
+        raise DivergedError(
+            f"the loss was not finite (NaN/Inf) at {bad} optimizer steps, more than max_bad_steps="
+            f"{limit}; stopped at step {st.step} without writing a checkpoint: the last one resumes the "
+            "run. Lower the learning rate, use amp=bf16, or raise max_bad_steps"
+        )
 
 
 @torch.no_grad()

@@ -25,7 +25,14 @@ from chase.train.config import ConfigError, TrainConfig
 from chase.train.data import build_data
 from chase.train.distributed import Dist, init_distributed
 from chase.train.loggers import open_loggers
-from chase.train.loop import TrainState, build_sparsifier, evaluate, train_one_epoch
+from chase.train.loop import (
+    DivergedError,
+    TrainState,
+    build_sparsifier,
+    check_finite,
+    evaluate,
+    train_one_epoch,
+)
 from chase.train.metrics import METRICS_FILE, Metrics, read_metrics
 from chase.train.optim import build_optimizer, build_scheduler
 from chase.train.report import FINAL_FILE, REPORT_FILE, SLIM_FILE
@@ -51,6 +58,7 @@ RESUME_SAFE_KEYS = frozenset(
         "name",
         "device",
         "log_every",
+        "max_bad_steps",
         "speedup_batch",
         "threads",
     }
@@ -267,6 +275,13 @@ def _train(
             metrics.write(channels)
 
     def checkpoint() -> None:
+        # A diverged model is never checkpointed over the last good one: the run resumes from that.
+        check_finite(st)
+        if not all(bool(torch.isfinite(p).all()) for p in st.module.parameters()):
+            raise DivergedError(
+                f"the weights are not finite (NaN/Inf) at step {st.step}: not checkpointed; the last "
+                "checkpoint resumes the run. Lower the learning rate or use amp=bf16"
+            )
         # Every rank's partial epoch sums, added up: rank 0 saves the total and, at a resume, starts
         # from it while the other ranks start from 0 (so the epoch's train loss/accuracy stay exact).
         local = st.sums
