@@ -122,7 +122,12 @@ def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch, loader):
 
     def strip(rs):
         return [
-            {k: v for k, v in r.items() if k not in ("seconds", "dense_ms", "slim_ms", "speedup")} for r in rs
+            {
+                k: v
+                for k, v in r.items()
+                if k not in ("seconds", "dense_ms", "slim_ms") and not k.startswith("speedup")
+            }
+            for r in rs
         ]
 
     assert strip(records(tmp_path / "full")) == strip(records(tmp_path / "killed"))
@@ -353,3 +358,17 @@ def test_run_reports_training_macs(tmp_path):
     assert costs and any(r["update"] for r in costs)
     assert costs[-1]["macs"] < costs[0]["macs"]  # channels were removed
     assert 0 < final["train_macs"] < final["train_macs_dense"]
+
+
+def test_a_run_that_removed_no_channel_reports_no_speedup(tmp_path, capsys):
+    """Timing two identical networks measures noise: a run whose slim network is the dense one says so and
+    reports no speedup; a speedup is reported with its spread over the repeats."""
+    sets = [*TINY, "channel_sparsity=0.001", "speedup_batch=4", "name=none"]  # a quota that rounds to 0
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "speedup_note" in out and "\nspeedup " not in out
+    assert "No speedup: the slim network is the dense one" in (tmp_path / "none" / "report.md").read_text()
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *TINY, "speedup_batch=4", "name=some"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup_min" in out and "speedup_max" in out
+    assert "over the repeats" in (tmp_path / "some" / "report.md").read_text()

@@ -52,7 +52,10 @@ def finish(
         results["model_file"] = save_model(st, exported, run_dir, data)
         if exported is not st.module and cfg.speedup_batch > 0:
             dense = get_model(cfg.model, num_classes=data.num_classes).to(d.device)
-            results.update(measure_speedup(dense, exported, cfg.speedup_batch, data.image_size, cfg))
+            if _same_shapes(dense, exported):  # no channel removed: timing noise is not a speedup
+                results["speedup_note"] = "the slim network is the dense one (no channel was removed)"
+            else:
+                results.update(measure_speedup(dense, exported, cfg.speedup_batch, data.image_size, cfg))
         results.update(training_cost(read_metrics(run_dir), st.step, cfg.batch_size * d.world))
         widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
         before = initial.get("widths", {})
@@ -209,7 +212,20 @@ def measure_speedup(
         dense, slim = dense.to(memory_format=torch.channels_last), slim.to(memory_format=torch.channels_last)
     times = alternate({"dense": lambda: dense(x), "slim": lambda: slim(x)}, repeats=repeats, device=device)
     dense_s, slim_s = statistics.median(times["dense"]), statistics.median(times["slim"])
-    return {"dense_ms": 1e3 * dense_s, "slim_ms": 1e3 * slim_s, "speedup": dense_s / slim_s}
+    ratios = [a / b for a, b in zip(times["dense"], times["slim"])]
+    return {
+        "dense_ms": 1e3 * dense_s,
+        "slim_ms": 1e3 * slim_s,
+        "speedup": dense_s / slim_s,
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
+    }
+
+
+def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models have the same parameter names and shapes (the same architecture)."""
+    sa = {n: tuple(p.shape) for n, p in a.named_parameters()}
+    return sa == {n: tuple(p.shape) for n, p in b.named_parameters()}
 
 
 def _params(model: nn.Module) -> int:
@@ -284,9 +300,12 @@ def write_report(
         lines += [
             "",
             f"Forward of a batch of {cfg.speedup_batch} at {results.get('slim_ms', 0):.2f} ms (slim) vs "
-            f"{results.get('dense_ms', 0):.2f} ms (dense {cfg.model}): **{results['speedup']:.2f}x**, "
-            "medians of alternating timings in one process on the training device.",
+            f"{results.get('dense_ms', 0):.2f} ms (dense {cfg.model}): **{results['speedup']:.2f}x** "
+            f"({results.get('speedup_min', 0):.2f}-{results.get('speedup_max', 0):.2f}x over the repeats), "
+            "medians of alternating timings in one process on the training device (eager PyTorch).",
         ]
+    elif "speedup_note" in results:
+        lines += ["", f"No speedup: {results['speedup_note']}."]
     changed = [n for n in after if before.get(n, after[n]) != after[n]]
     lines += ["", "## Layer widths (output channels)", "", "| layer | before | after |", "|---|---|---|"]
     lines += [f"| {n} | {before.get(n, w)} | {w}{' *' if n in changed else ''} |" for n, w in after.items()]
