@@ -161,3 +161,19 @@ def test_torchvision_cifar_layout_is_read_from_its_array():
     assert torch.equal(x[2].permute(1, 2, 0), torch.as_tensor(ds.data[2]))
     sub_x, sub_y = dataset_tensors(torch.utils.data.Subset(ds, [4, 1]))
     assert torch.equal(sub_x, x[[4, 1]]) and sub_y.tolist() == [4, 1]
+
+
+def test_train_limit_decodes_only_the_images_it_uses(tmp_path, monkeypatch):
+    """train_limit=8 of a 12-image folder decodes 8 training images (and the test split), not all 12."""
+    import chase.train.resident as resident
+
+    _image_folder(tmp_path)
+    real, seen = resident.decode_images, []
+
+    def counting(paths, *args, **kwargs):
+        seen.append(len(paths))
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(resident, "decode_images", counting)
+    data = build_data(_cfg(tmp_path, loader="resident", train_limit=8))
+    assert seen[0] == 8 and len(data.train_sampler) == 8

@@ -306,10 +306,8 @@ def build_data(
     if cfg.val_split > 0 or 0 < cfg.train_limit < n:
         g = torch.Generator().manual_seed(split_seed(cfg.seed))  # fixed split
         perm = torch.randperm(n, generator=g).tolist()
-        n_val = max(1, round(cfg.val_split * n)) if cfg.val_split > 0 else 0
-        train_idx, val_idx = perm[n_val:], perm[:n_val]
-        if cfg.train_limit:
-            train_idx = train_idx[: cfg.train_limit]
+        n_train, n_val = cfg.split_sizes(n)  # the config owns the split (its schedule check uses it too)
+        train_idx, val_idx = perm[n_val:][:n_train], perm[:n_val]
         train_aug = Subset(train_aug, train_idx)
         if val_idx:
             val = Subset(sets.train_plain, val_idx)
@@ -352,18 +350,21 @@ def build_data(
                 rank=rank,
             )
 
-        # The training and validation images come from the same files: decode them once.
+        # The training and validation images come from the same files: decode them once, and only the
+        # ones used (train_limit=2000 decodes 2,000 images, not the whole set).
+        used = None if train_idx is None else [*train_idx, *val_idx]
         try:
-            x_all, y_all = dataset_tensors(sets.train_aug)
+            x_all, y_all = dataset_tensors(sets.train_aug if used is None else Subset(sets.train_aug, used))
             x_test, y_test = dataset_tensors(test)
         except ImageDecodeError as e:  # a corrupt or truncated file: say which, the run cannot start
             raise ConfigError(f"{e}; remove or replace the file (loader=resident decodes every image)") from e
-        x_tr, y_tr = (x_all, y_all) if train_idx is None else (x_all[train_idx], y_all[train_idx])
+        n_train = len(x_all) if train_idx is None else len(train_idx)
+        x_tr, y_tr = x_all[:n_train], y_all[:n_train]
         tr = resident(x_tr, y_tr, sampler, True)
         te = resident(x_test, y_test, evaluation_sampler(test), False)
         va = None
         if val is not None:
-            va = resident(x_all[val_idx], y_all[val_idx], evaluation_sampler(val), False)
+            va = resident(x_all[n_train:], y_all[n_train:], evaluation_sampler(val), False)
         log.info("data held in memory: %r", tr)
         return Data(tr, te, va, classes, size, sampler, steps)
 

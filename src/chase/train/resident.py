@@ -89,6 +89,7 @@ def dataset_tensors(ds: Dataset, workers: int = 0) -> tuple[torch.Tensor, torch.
     if isinstance(ds, Subset):
         if hasattr(ds.dataset, "samples"):  # decode only the chosen files
             samples = [ds.dataset.samples[i] for i in ds.indices]
+            log.info("decoding %d of %d images into memory", len(samples), len(ds.dataset.samples))
             return decode_images([p for p, _ in samples], workers), torch.as_tensor([c for _, c in samples])
         x, y = dataset_tensors(ds.dataset, workers)
         idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
