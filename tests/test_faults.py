@@ -515,3 +515,14 @@ def test_a_diverging_run_stops_and_keeps_its_last_checkpoint(tmp_path, monkeypat
     assert ckpt["epoch"] == 1 and all(
         torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()
     )
+
+
+def test_resuming_a_finished_run_without_its_metrics_says_what_is_lost(finished, tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "metrics.jsonl").unlink()
+    with caplog.at_level("WARNING"):
+        assert main(["train", "-q", "--resume", str(run)]) == 0
+    assert "metrics.jsonl is missing" in caplog.text
+    assert "training_cost_note" in capsys.readouterr().out
+    assert "no start record" in (run / "report.md").read_text()

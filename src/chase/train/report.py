@@ -56,7 +56,13 @@ def finish(
                 results["speedup_note"] = "the slim network is the dense one (no channel was removed)"
             else:
                 results.update(measure_speedup(dense, exported, cfg.speedup_batch, data.image_size, cfg))
-        results.update(training_cost(read_metrics(run_dir), st.step, cfg.batch_size * d.world))
+        cost = training_cost(read_metrics(run_dir), st.step, cfg.batch_size * d.world)
+        if not cost:  # a resumed run whose metrics.jsonl was deleted or emptied: say what is missing
+            results["training_cost_note"] = (
+                "not reported: metrics.jsonl has no start record (deleted or emptied before a resume)"
+            )
+            log.warning("training cost %s", results["training_cost_note"])
+        results.update(cost)
         widths = {n: int(p.shape[0]) for n, p in st.module.named_parameters() if p.ndim > 1}
         before = initial.get("widths", {})
         options = st.sparsifier.describe() if st.sparsifier is not None else ""

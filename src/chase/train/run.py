@@ -145,6 +145,13 @@ def _prepare(
         if not (run_dir / CHECKPOINT).exists():
             raise ConfigError(f"cannot resume: {run_dir / CHECKPOINT} does not exist")
         ckpt = load_checkpoint(run_dir / CHECKPOINT)
+        if not (run_dir / METRICS_FILE).is_file():
+            log.warning(
+                "%s is missing: the run resumes, but its curves and training cost before step %d are lost "
+                "(the report says so)",
+                run_dir / METRICS_FILE,
+                ckpt.get("step", 0),
+            )
         diff = config_diff(ckpt["config"], cfg)
         if diff:
             raise ConfigError(
