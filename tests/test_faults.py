@@ -526,3 +526,55 @@ def test_resuming_a_finished_run_without_its_metrics_says_what_is_lost(finished,
     assert "metrics.jsonl is missing" in caplog.text
     assert "training_cost_note" in capsys.readouterr().out
     assert "no start record" in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9, 0.999])
+def test_a_truncated_checkpoint_is_named_and_said_to_be_truncated(finished, tmp_path, capsys, keep):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: int(len(data) * keep)])
+    for argv in (
+        ["train", "-q", "--resume", str(run)],
+        ["flops", str(run)],
+        ["export", str(run), "-o", str(tmp_path / "s.pt")],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "checkpoint.pt is truncated or damaged" in err and "\n" not in err, (argv, err)
+    sets = [*TINY, "name=warm", f"init_from={run / 'checkpoint.pt'}"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *sets]) == 2
+    assert "truncated or damaged" in capsys.readouterr().err
+    assert not (tmp_path / "warm").exists()
+
+
+def test_more_unclear_inputs_say_what_and_where(finished, tmp_path, capsys, monkeypatch):
+    """A binary config file, a pt2 export its writer cannot write, and a dataset with more classes than the
+    classifier: one line naming the file or the counts, nothing written."""
+    (tmp_path / "bin.yaml").write_bytes(b"\x00\xff\xfe\x80binary")
+    assert main(["train", "-c", str(tmp_path / "bin.yaml")]) == 2
+    assert f"{tmp_path / 'bin.yaml'} is not a text (YAML) config file" in capsys.readouterr().err
+
+    def failing_save(program, f):
+        raise RuntimeError("PytorchStreamWriter failed opening archive")
+
+    monkeypatch.setattr(torch.export, "save", failing_save)
+    out = tmp_path / "m.pt2"
+    assert main(["export", str(finished), "--format", "pt2", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot write {out}" in err and "\n" not in err and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.pt2")]  # no temporary left
+
+
+def test_a_dataset_with_more_classes_than_the_classifier_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(3):
+            folder = tmp_path / "data" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(folder / "0.png")
+    sets = ["dataset=imagefolder", f"data_dir={tmp_path / 'data'}", "num_classes=2", "method=dense", "name=x"]
+    assert main(["train", "-q", "--out", str(tmp_path / "runs"), "--set", *sets, "image_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "num_classes=2, but the data has 3 classes" in err and not (tmp_path / "runs").exists()

@@ -6,6 +6,7 @@ import errno
 import os
 import pathlib
 import pickle
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,9 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
     except (OSError, RuntimeError) as e:
         if _disk_full(e):
             raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}") from e
+        if isinstance(e, (PermissionError, RuntimeError)):  # name the file, not the temporary
+            reason = "permission denied" if isinstance(e, PermissionError) else str(e).splitlines()[0][:200]
+            raise OSError(getattr(e, "errno", None) or errno.EIO, f"cannot write {path}: {reason}") from e
         raise
     finally:
         if tmp.exists():
@@ -49,6 +53,12 @@ def _disk_full(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Write a binary file through ``write(file)`` atomically (see :func:`_atomic`): a failure leaves the
+    previous file intact and raises ``OSError`` naming ``path``."""
+    _atomic(path, write, "wb")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -81,11 +91,18 @@ def load_tensors(path: str | os.PathLike, what: str) -> Any:
     path = pathlib.Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist (expected {what})")
+    truncated = f"{path} is truncated or damaged: not a complete {what} (an interrupted write or copy?)"
+    with open(path, "rb") as f:
+        zipped = f.read(2) == b"PK"
+    if zipped and not zipfile.is_zipfile(path):  # torch's files are zip archives: their index is at the end
+        raise ValueError(truncated)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as e:  # whatever the unpickler trips over in a file that is not a torch file
+        if isinstance(e, OSError) and getattr(e, "errno", None) == errno.EINVAL:
+            raise ValueError(truncated) from None  # a zip whose entries end early
         if isinstance(e, OSError) and not isinstance(e, pickle.UnpicklingError):
             raise  # unreadable (permissions, I/O): the OS's own message says it
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

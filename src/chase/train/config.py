@@ -485,6 +485,8 @@ def load_yaml(path: str | pathlib.Path, _seen: tuple[pathlib.Path, ...] = ()) ->
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text (YAML) config file: it holds binary data") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
     bases = data.pop("base", None) or []

@@ -257,6 +257,11 @@ def _datasets(cfg: TrainConfig) -> _Sets:
                 "(download needs network)"
             ) from e
         classes = NUM_CLASSES[cfg.dataset]
+    if cfg.num_classes and cfg.num_classes < classes:  # a label past the classifier: refused, not a crash
+        raise ConfigError(
+            f"num_classes={cfg.num_classes}, but the data has {classes} classes ({root}): its labels go up "
+            f"to {classes - 1}. Set num_classes={classes} (or 0: from the dataset)"
+        )
     return _Sets(sets[0], sets[1], sets[2], cfg.num_classes or classes, size, kind, stats)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from chase.io import atomic_write
 from chase.models import get_model
 from chase.slim import make_slim, save_slim
 from chase.sparsifier import Sparsifier
@@ -151,8 +152,7 @@ def export_checkpoint(
         # The batch dimension stays dynamic, as in the ONNX export.
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.export.export(graph, (example,), dynamic_shapes=({0: batch},))
-        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(program, str(out))
+        atomic_write(out, lambda f: torch.export.save(program, f))
     else:
         onnx = out
     if onnx is None:
