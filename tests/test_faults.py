@@ -578,3 +578,21 @@ def test_a_dataset_with_more_classes_than_the_classifier_is_refused(tmp_path, ca
     assert main(["train", "-q", "--out", str(tmp_path / "runs"), "--set", *sets, "image_size=8"]) == 2
     err = capsys.readouterr().err
     assert "num_classes=2, but the data has 3 classes" in err and not (tmp_path / "runs").exists()
+
+
+def test_an_optimizer_replaced_after_the_sparsifier_is_detected_and_can_be_handed_over():
+    """A new optimizer stepping the model's weights used to fail at the next shrink ("size of tensor a (6)
+    must match (5)"): the sparsifier refuses at its next step, says what to do, and follows the new one
+    after use_optimizer, through channel events."""
+    from tests.nets import make_optimizer, tiny_chase, train_step
+
+    model, _, sp = tiny_chase(torch.randn(2, 3, 16, 16), channel_sparsity=0.5)
+    other = make_optimizer("adam", model)
+    with pytest.raises(RuntimeError, match=r"another optimizer \(Adam\) stepped .*use_optimizer"):
+        train_step(model, other, sp, 0)
+    sp.use_optimizer(other)
+    for i in range(1, 40):
+        train_step(model, other, sp, i)
+    assert sp.channel_sparsity_now() > 0.3
+    for name, mask in sp.masks.items():
+        assert not model.get_parameter(name)[~mask].any()

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from chase.graph import unwrap_model
 from chase.slim import make_slim
@@ -101,6 +102,23 @@ def _owner(p: torch.Tensor) -> Any:
         return None
     owner = entry[1]()
     return owner if owner is not None and not owner._removed else None
+
+
+def _foreign_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """A global optimizer step post-hook: an optimizer that steps a sparsifier's weights but is not the
+    sparsifier's own (replaced after the sparsifier was built) is recorded on that sparsifier, which
+    refuses to go on at its next ``step()`` (its masks and channel surgery follow its own optimizer)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner = _owner(p)
+            if owner is not None:
+                if owner.optimizer is not optimizer:
+                    owner._foreign = optimizer
+                return  # one owned weight decides; the rest of the model's weights have the same owner
+    return
+
+
+_GLOBAL_HOOK: list[Any] = []  # the global hook's handle, installed with the first sparsifier
 
 
 def _check_not_owned(params: Mapping[str, torch.Tensor]) -> None:
@@ -268,6 +286,9 @@ class Sparsifier:
         self._short_warned = False
         self._hook = optimizer.register_step_post_hook(self._post_step_hook)
         self._removed = False
+        self._foreign: torch.optim.Optimizer | None = None
+        if not _GLOBAL_HOOK:
+            _GLOBAL_HOOK.append(register_optimizer_step_post_hook(_foreign_step))
         for p in params.values():
             _OWNERS[id(p)] = (weakref.ref(p), weakref.ref(self))
         log.info(
@@ -381,6 +402,14 @@ class Sparsifier:
 
     def step(self) -> StepInfo:
         """Count one optimizer step; run the exploration update (and subclass events) when due."""
+        if self._foreign is not None:
+            foreign, self._foreign = self._foreign, None
+            raise RuntimeError(
+                f"another optimizer ({type(foreign).__name__}) stepped this model's sparse weights, not the "
+                f"{type(self.optimizer).__name__} this {type(self).__name__} was built with: the masks and "
+                "channel surgery follow that one. Give the new optimizer to the sparsifier with "
+                "sparsifier.use_optimizer(new_optimizer) (or build the sparsifier with it)"
+            )
         if not self._hook_fired:  # the optimizer skipped its step (GradScaler) or does not run hooks
             self._masks.apply(self.optimizer)
         self._hook_fired = False
@@ -584,6 +613,16 @@ class Sparsifier:
     def channel_sparsity_now(self) -> float:
         """Fraction of prunable channels removed so far (0 for unstructured sparsity)."""
         return 0.0
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Follow ``optimizer`` from now on (one built after the sparsifier, e.g. to change its type or
+        groups): it must hold every sparse weight; its state is masked now and at every step."""
+        check_optimizer_holds(optimizer, self._masks.params)
+        self._hook.remove()
+        self.optimizer = optimizer
+        self._hook = optimizer.register_step_post_hook(self._post_step_hook)
+        self._foreign = None
+        self._masks.apply(optimizer)
 
     def remove(self) -> None:
         """Detach from the optimizer (the masks stop being enforced); another sparsifier may then take the
