@@ -58,3 +58,14 @@ def test_wandb_offline_gets_the_metrics(tmp_path, monkeypatch):
 def test_an_unknown_logger_is_refused(tmp_path, capsys):
     assert _train(tmp_path, "loggers=[jsonl,neptune]") == 2
     assert "unknown logger" in capsys.readouterr().err
+
+
+def test_an_mlflow_uri_it_cannot_use_is_refused_before_anything_is_written(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    from chase.cli import main
+
+    sets = ["dataset=synthetic", "method=dense", "epochs=1", "loggers=jsonl,mlflow", "mlflow_uri=foo://bar"]
+    assert main(["train", "-q", "--out", str(tmp_path), "--set", *sets, "name=r"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mlflow_uri='foo://bar' is not a tracking URI" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()

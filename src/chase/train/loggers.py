@@ -7,6 +7,7 @@ the same TensorBoard folder, W&B run and MLflow run (their ids are kept in the r
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pathlib
@@ -135,3 +136,28 @@ def open_loggers(
             package = {"wandb": "wandb", "mlflow": "mlflow (or mlflow-skinny)"}[name]
             raise ConfigError(f"logger {name} needs {package}: pip install {package.split()[0]} ({e})") from e
     return out
+
+
+def check_loggers(names: list[str], *, mlflow_uri: Optional[str] = None) -> None:
+    """Refuse (``ConfigError``) loggers that cannot start, before the run folder is created: a W&B or
+    MLflow package that is not installed, an MLflow tracking URI that MLflow does not support. (Nothing
+    is contacted: a server's reachability shows when the run starts.)"""
+    packages = {"wandb": "wandb", "mlflow": "mlflow"}
+    for name in names:
+        if name not in packages:
+            continue
+        try:
+            importlib.import_module(packages[name])
+        except ImportError as e:
+            package = {"wandb": "wandb", "mlflow": "mlflow (or mlflow-skinny)"}[name]
+            raise ConfigError(f"logger {name} needs {package}: pip install {package.split()[0]} ({e})") from e
+    if "mlflow" in names and mlflow_uri:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri=mlflow_uri)
+        except Exception as e:  # mlflow's own refusal of the scheme
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"mlflow_uri={mlflow_uri!r} is not a tracking URI mlflow can use: {first}"
+            ) from None

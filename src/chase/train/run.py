@@ -24,7 +24,7 @@ from chase.train.checkpoint import load_checkpoint, restore, save_checkpoint
 from chase.train.config import ConfigError, TrainConfig
 from chase.train.data import build_data
 from chase.train.distributed import Dist, init_distributed
-from chase.train.loggers import open_loggers
+from chase.train.loggers import check_loggers, open_loggers
 from chase.train.loop import (
     DivergedError,
     TrainState,
@@ -229,6 +229,8 @@ def train(
 def _train(
     cfg: TrainConfig, run_dir: Optional[pathlib.Path], resume: bool, d: Dist, overwrite: bool
 ) -> dict[str, Any]:
+    names = [n for n in cfg.loggers if cfg.tensorboard or n != "tensorboard"]
+    check_loggers(names, mlflow_uri=cfg.mlflow_uri or None)  # before anything is written
     run_dir, ckpt = _prepare(cfg, run_dir, resume, d, overwrite)
     data = build_data(cfg, rank=d.rank, world=d.world, device=d.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -261,7 +263,6 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(cfg, run_dir / "config.yaml")
     initial = _sparsity_record(st) if ckpt is None else None
-    names = [n for n in cfg.loggers if cfg.tensorboard or n != "tensorboard"]
     metrics = Metrics(
         run_dir,
         d.main,
