@@ -596,3 +596,28 @@ def test_an_optimizer_replaced_after_the_sparsifier_is_detected_and_can_be_hande
     assert sp.channel_sparsity_now() > 0.3
     for name, mask in sp.masks.items():
         assert not model.get_parameter(name)[~mask].any()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_truncated_jpeg_under_the_workers_loader_is_named_and_leaves_no_folder(tmp_path, capsys, workers):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(2):
+            folder = tmp_path / "data" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (i * 40, c * 90, 7)).save(folder / f"{i}.jpg")
+    bad = tmp_path / "data" / "train" / "c1" / "2.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    sets = [
+        "dataset=imagefolder",
+        f"data_dir={tmp_path / 'data'}",
+        "loader=workers",
+        f"num_workers={workers}",
+    ]
+    sets += ["method=dense", "image_size=8", "batch_size=4", "epochs=1", "name=r", "tensorboard=false"]
+    assert main(["train", "-q", "--out", str(tmp_path / "runs"), "--set", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot decode image {bad}" in err and "\n" not in err, err
+    assert not (tmp_path / "runs" / "r").exists()  # nothing to resume: no half-made folder left behind

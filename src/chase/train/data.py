@@ -145,10 +145,43 @@ class SeededDataset(Dataset):
         np.random.seed(seed % 2**32)
         try:
             return self.dataset[index]
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors do not name the file
+            path = _sample_path(self.dataset, index)
+            if path is None or isinstance(e, ImageDecodeError):
+                raise
+            raise ImageDecodeError(path, e) from None
         finally:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
+
+
+def batches(loader: Any) -> Any:
+    """Iterate ``loader``; a bad image in a worker process (which DataLoader re-raises as a RuntimeError
+    holding the worker's traceback) becomes a one-line ``ConfigError`` naming the file."""
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except ImageDecodeError as e:  # loaded in this process
+            raise ConfigError(f"{e}; remove or replace the file") from None
+        except RuntimeError as e:
+            line = next((ln for ln in str(e).splitlines() if "cannot decode image" in ln), None)
+            if line is None:
+                raise
+            what = line.split("ImageDecodeError: ")[-1].strip()
+            raise ConfigError(f"{what}; remove or replace the file") from None
+        yield item
+
+
+def _sample_path(ds: Any, index: int) -> Optional[str]:
+    """The file behind ``ds[index]`` (an ImageFolder, or a Subset of one), or None."""
+    while isinstance(ds, Subset):
+        ds, index = ds.dataset, ds.indices[index]
+    samples = getattr(ds, "samples", None)
+    return str(samples[index][0]) if samples is not None else None
 
 
 #: what the trainer iterates: batches ``(x, y)``, with a ``generator`` it seeds at each epoch

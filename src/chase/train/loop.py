@@ -20,6 +20,7 @@ from torch import nn
 import chase
 from chase.sparsifier import registry
 from chase.train.config import SCHEDULE_INTERVALS, ConfigError, TrainConfig
+from chase.train.data import batches
 from chase.train.distributed import Dist, wrap_ddp
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def train_one_epoch(
     )
     sums = st.sums
     seen, start = 0, time.perf_counter()
-    for x, y in loader:
+    for x, y in batches(loader):
         if st.batch >= steps_per_epoch:
             break
         x, y = _to(x, y, st)

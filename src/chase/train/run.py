@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, Optional
 
@@ -259,7 +260,8 @@ def _train(
     if ckpt is not None:
         restore(st, ckpt)
         log.info("resumed %s at epoch %d, step %d", run_dir, st.epoch, st.step)
-    elif d.main:
+    created = ckpt is None and d.main and not run_dir.exists()
+    if ckpt is None and d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(cfg, run_dir / "config.yaml")
     initial = _sparsity_record(st) if ckpt is None else None
@@ -322,7 +324,13 @@ def _train(
         data.train_sampler.set_epoch(st.epoch, start=st.batch * cfg.batch_size)
         data.train.generator.manual_seed(epoch_seed(cfg.seed, st.epoch))
         t0 = time.perf_counter()
-        tr = train_one_epoch(st, data.train, data.steps_per_epoch, after_step)
+        try:
+            tr = train_one_epoch(st, data.train, data.steps_per_epoch, after_step)
+        except ConfigError:  # a bad image, say: a folder this call made holds nothing to resume from
+            if created and not (run_dir / CHECKPOINT).exists():
+                metrics.close()
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         st.epoch, st.batch = st.epoch + 1, 0
         st.sums.zero_()
         rec: dict[str, Any] = {
