@@ -117,3 +117,61 @@ def test_export_refuses_a_pt2_name_and_a_foreign_folder(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert ".pt2 file" in err and "holds other files" in err
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "tamper, words",
+    [
+        (
+            lambda i: i["history"]["tensors"][next(iter(i["history"]["tensors"]))]["0"].update(kept=[10**6]),
+            "outside",
+        ),
+        (
+            lambda i: i["history"]["tensors"][next(iter(i["history"]["tensors"]))]["0"].update(size=10**13),
+            "has size",
+        ),
+        (
+            lambda i: i["history"]["channels"][next(iter(i["history"]["channels"]))].update(size=10**13),
+            "larger than",
+        ),
+        (
+            lambda i: i["history"]["tensors"][next(iter(i["history"]["tensors"]))]["0"].update(kept="all"),
+            "list of",
+        ),
+        (lambda i: i.update(model_kwargs=[10]), "model_kwargs must be an object"),
+        (lambda i: i.update(model="cifar_resnet_20"), "cannot build model"),
+    ],
+)
+def test_a_tampered_config_is_refused_before_anything_is_allocated(tmp_path, tamper, words):
+    """A shared model's config.json is untrusted input: every size and index is checked against the built
+    model first (a forged size of 10^13 used to reach the allocator; a kept index past the width was a
+    bare IndexError)."""
+    from chase.models import get_model
+
+    model = get_model("cifar_resnet20", num_classes=10)
+    result = chase.prune_channels(
+        model, torch.randn(1, 3, 32, 32), channels=chase.ChannelSpec(channel_sparsity=0.5)
+    )
+    chase.save_pretrained(
+        model,
+        tmp_path / "m",
+        history=result.history,
+        model_name="cifar_resnet20",
+        model_kwargs={"num_classes": 10},
+    )
+    info = json.loads((tmp_path / "m" / "config.json").read_text())
+    tamper(info)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=words) as raised:
+        chase.from_pretrained(tmp_path / "m")
+    assert "config.json" in str(raised.value)
+
+
+def test_from_pretrained_names_a_pickle_under_the_weights_name_and_a_module_given_as_build(tmp_path):
+    model = TinyResNet(width=16)
+    chase.save_pretrained(model, tmp_path / "m")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "m" / "model.safetensors")  # a pickle, named as weights
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a safetensors file"):
+        chase.from_pretrained(tmp_path / "m", build=lambda: TinyResNet(width=16))
+    with pytest.raises(TypeError, match="build must be a function"):
+        chase.from_pretrained(tmp_path / "m", build=TinyResNet(width=16))

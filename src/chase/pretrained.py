@@ -22,7 +22,7 @@ from chase.graph import unwrap_model
 from chase.io import atomic_write_bytes, atomic_write_text
 from chase.slim import cpu_state_dict
 from chase.surgery import replay
-from chase.surgery.state import STATE_VERSION
+from chase.surgery.state import STATE_VERSION, _lookup_tensor
 
 __all__ = ["CONFIG_FILE", "PRETRAINED_FORMAT", "WEIGHTS_FILE", "from_pretrained", "save_pretrained"]
 
@@ -54,22 +54,67 @@ def _history_to_json(history: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _history_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+def _history_from_json(data: Mapping[str, Any], module: Optional[nn.Module] = None) -> dict[str, Any]:
+    """The channel history a config.json holds, checked against ``module`` (the freshly built model)
+    before anything is allocated: every tensor it names exists with the recorded size along the recorded
+    dim, every size is an integer no larger than the model's tensors, every kept index is an integer
+    inside its size (a tampered file is refused, never handed to the allocator)."""
     if not data:
         return {}
-    if data.get("version") != STATE_VERSION:
-        raise ValueError(f"unsupported channel history version {data.get('version')!r}")
+    if not isinstance(data, Mapping) or data.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"unsupported channel history version {getattr(data, 'get', lambda k: None)('version')!r}"
+        )
+    tensors, channels = data.get("tensors"), data.get("channels")
+    if not isinstance(tensors, Mapping) or not isinstance(channels, Mapping):
+        raise ValueError("the channel history needs 'tensors' and 'channels' objects")
+    bound = 0
+    for name, dims in tensors.items():
+        if not isinstance(dims, Mapping):
+            raise ValueError(f"channel history: {name!r} must map dims to sizes")
+        tensor = _lookup_tensor(module, name) if module is not None else None
+        for d, v in dims.items():
+            size = _size(v, f"{name!r} dim {d}")
+            if tensor is not None and (
+                not str(d).isdigit() or int(d) >= tensor.ndim or tensor.shape[int(d)] != size
+            ):
+                raise ValueError(
+                    f"channel history: {name!r} dim {d} has size {size}, but the model's tensor is "
+                    f"{tuple(tensor.shape)}"
+                )
+            bound = max(bound, size)
+    for g, v in channels.items():
+        size = _size(v, f"group {g!r}")
+        if size > bound:
+            raise ValueError(f"channel history: group {g!r} has size {size}, larger than any tensor it names")
 
-    def dec(v: Mapping[str, Any]) -> torch.Tensor:
-        alive = torch.zeros(int(v["size"]), dtype=torch.bool)
-        alive[torch.as_tensor(v["kept"], dtype=torch.long)] = True
+    def dec(v: Mapping[str, Any], what: str) -> torch.Tensor:
+        size, kept = int(v["size"]), v.get("kept")
+        if not isinstance(kept, list) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in kept
+        ):
+            raise ValueError(f"channel history: {what} kept must be a list of integers")
+        if any(not 0 <= k < size for k in kept) or len(set(kept)) != len(kept):
+            raise ValueError(f"channel history: {what} keeps indices outside 0..{size - 1} or twice")
+        alive = torch.zeros(size, dtype=torch.bool)
+        alive[torch.as_tensor(kept, dtype=torch.long)] = True
         return alive
 
     return {
         "version": data["version"],
-        "channels": {g: dec(v) for g, v in data["channels"].items()},
-        "tensors": {t: {int(d): dec(v) for d, v in dims.items()} for t, dims in data["tensors"].items()},
+        "channels": {g: dec(v, f"group {g!r}") for g, v in channels.items()},
+        "tensors": {
+            t: {int(d): dec(v, f"{t!r} dim {d}") for d, v in dims.items()} for t, dims in tensors.items()
+        },
     }
+
+
+def _size(v: Any, what: str) -> int:
+    if not isinstance(v, Mapping) or not isinstance(v.get("size"), int) or isinstance(v.get("size"), bool):
+        raise ValueError(f"channel history: {what} needs an integer 'size' and a 'kept' list")
+    if v["size"] < 1:
+        raise ValueError(f"channel history: {what} has size {v['size']}")
+    return v["size"]
 
 
 def save_pretrained(
@@ -197,18 +242,40 @@ def from_pretrained(
         raise ValueError(
             f"{folder}: unsupported format {info.get('format')!r} (expected {PRETRAINED_FORMAT})"
         )
+    where = folder / CONFIG_FILE
+    kwargs = info.get("model_kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where}: model_kwargs must be an object of keyword arguments, got {kwargs!r}")
     if build is None:
         if not info.get("model"):
             raise ValueError(f"{folder} was not saved with a model name: pass build=")
-        from chase.models import get_model
+        from chase.models import check_model_name, get_model
 
-        model = get_model(info["model"], **info.get("model_kwargs", {}))
+        try:
+            check_model_name(info["model"])
+            model = get_model(info["model"], **kwargs)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(
+                f"{where}: cannot build model {info['model']!r} with {dict(kwargs)}: {e}"
+            ) from None
     else:
+        if isinstance(build, nn.Module) or not callable(build):
+            raise TypeError(
+                f"build must be a function that returns a freshly built model, got {type(build).__name__} "
+                "(pass build=lambda: MyModel(...), not the model itself)"
+            )
         model = build()
     module = unwrap_model(model)
-    history = _history_from_json(info.get("history") or {})
+    try:
+        history = _history_from_json(info.get("history") or {}, module)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     if history:
         replay(module, history)
-    state = st.load_file(str(folder / WEIGHTS_FILE))
+    try:
+        state = st.load_file(str(folder / WEIGHTS_FILE))
+    except Exception as e:  # a pickle or another file under the safetensors name: name it, never unpickle
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{folder / WEIGHTS_FILE} is not a safetensors file ({first})") from None
     module.load_state_dict(state)
     return model.eval()
