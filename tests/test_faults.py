@@ -318,10 +318,99 @@ def _bad_commands(run: pathlib.Path) -> list[tuple[list[str], str]]:
             "refusing",
         ),
         (["analyze", str(run), "--amenable-ratio", "-1"], "--amenable-ratio must be in"),
+        # the typed channel options, budgets, cost models, backends and schedules (issues 25, 26, 28)
+        (
+            ["flops", "--model", "resnet18", "--macs-ratio", "0.5", "--params-ratio", "0.5"],
+            "one budget at a time",
+        ),
+        (["flops", "--model", "resnet18", "--target", "params", "--macs-ratio", "0.5"], "does not use it"),
+        (["flops", "--model", "resnet18", "--latency-ratio", "0.5"], "needs latency_table"),
+        (
+            ["flops", "--model", "resnet18", "--latency-ratio", "0.5", "--roofline", "h300"],
+            "unknown roofline",
+        ),
+        (
+            ["flops", "--model", "resnet18", "--latency-ratio", "0.5", "--roofline", "h200:lazy"],
+            "fused or eager",
+        ),
+        (
+            ["flops", "--model", "resnet18", "--latency-ratio", "0.5", "--roofline", "h200@x"],
+            "must be an integer",
+        ),
+        (
+            [
+                "flops",
+                "--model",
+                "resnet18",
+                "--macs-ratio",
+                "0.5",
+                "--latency-table",
+                str(run / "config.yaml"),
+            ],
+            "latency_table given, but neither",
+        ),
+        (
+            [
+                "flops",
+                "--model",
+                "resnet18",
+                "--latency-ratio",
+                "0.5",
+                "--latency-table",
+                str(run / "junk.pt"),
+            ],
+            "not a latency table",
+        ),
+        (
+            ["flops", "--model", "resnet18", "--channel-rank", "latency_weighted", "--macs-ratio", "0.5"],
+            "needs",
+        ),
+        (["flops", "--model", "resnet18", "--channel-multiple", "0", "--channel-sparsity", "0.3"], ">= 1"),
+        (
+            ["flops", "--model", "resnet18", "--min-channel-ratio", "2", "--channel-sparsity", "0.3"],
+            "min_channel",
+        ),
+        (["flops", "--model", "resnet18", "--channel-score", "l2"], "invalid choice"),
+        (["flops", "--model", "resnet18", "--channel-multiple", "8"], "applies to untrained widths"),
+        (["flops", str(run), "--channel-sparsity", "0.3"], "not both"),
+        (["bench", "--model", "resnet18", "--backend", "tensorrt"], "unknown backend"),
+        (["bench", "--model", "resnet18", "--device", "tpu"], "not a device"),
+        (["bench", "--model", "resnet18", "--dtypes", "fp8"], "unknown dtype"),
+        (["bench", str(run), "--out", str(run / "config.yaml")], "refusing to write"),
+        (["check", "--model", "resnet18", "--channel-sparsity", "1"], "channel_sparsity must be in"),
+        (["check", "--model", "resnet18", "--removal", "delete"], "invalid choice"),
+        (["check", "--model", "resnet18", "--out", str(run / "metrics.jsonl")], "refusing to write"),
+        (["profile", "--roofline", "--dtype", "fp8", "-o", str(run / "r.json")], "invalid choice"),
+        (["profile", "-o", str(run / "t.json")], "give --model"),
+        (["profile", "-m", "cifar_resnet20", "--backend", "tensorrt", "-o", str(run / "t.json")], "backend"),
+        (["profile", "-m", "cifar_resnet20", "--device", "tpu", "-o", str(run / "t.json")], "not a device"),
+        (["export", str(run), "--optimize", "-o", str(run / "x.pt")], "--optimize applies to"),
+        (["export", str(run), "-o", str(run / "report.md")], "exists: give --overwrite"),
+        (["train", "--set", "channel_end=2"], "fraction of the run"),
+        (["train", "--set", "channel_end=0.5", "channel_end_epoch=1"], "not both"),
+        (["train", "--set", "roofline=h300", "latency_ratio=0.5"], "unknown roofline"),
+        (["train", "--set", "macs_ratio=1.5"], "needs macs_ratio in"),
+        (["train", "--set", "channel_rank=cost"], "is not one of"),
+        (["train", "--set", "dataset=synthetic", "channel_every=1000"], "no channel event fits"),
+        (["train", "--set", "max_bad_steps=-1"], "max_bad_steps must be >= 0"),
+        (["train", "--channel-sparsity", "2"], "channel_sparsity must be in"),
+        (
+            [
+                "train",
+                "--set",
+                "method=rigl",
+                "dataset=synthetic",
+                "initial_density=0.5",
+                "prune_end_epoch=100",
+                "update_every=2",
+            ],
+            "prune_end",
+        ),
     ]
 
 
-def test_bad_commands_are_one_line_and_change_nothing(finished, tmp_path, capsys):
+def test_bad_commands_are_one_line_and_change_nothing(finished, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a command that were not refused would write here, not in the checkout
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "empty.pt").write_bytes(b"")
@@ -333,6 +422,7 @@ def test_bad_commands_are_one_line_and_change_nothing(finished, tmp_path, capsys
         assert err.startswith(f"chase {argv[0]}: error:") and words in err, (argv, err)
         assert "\n" not in err and "weights_only=False" not in err, (argv, err)
         assert _snapshot(run) == before, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside it
 
 
 def _output_flags() -> dict[str, list[str]]:
