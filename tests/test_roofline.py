@@ -82,9 +82,33 @@ def test_a_measured_device_file_is_a_roofline(tmp_path):
     path.write_text(json.dumps({"device": device.__dict__}))
     r = Roofline.parse(f"{path}@16")
     assert r.device == device and r.batch_size == 16
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a roofline device file"):
-        Roofline(tmp_path / "bad.json")
+    bad = {
+        "empty.json": "{}",
+        "list.json": "[1, 2]",
+        "string.json": '"h200"',
+        "negative.json": json.dumps({"device": {**device.__dict__, "flops": -1}}),
+        "tile.json": json.dumps({"device": {**device.__dict__, "tile": -8}}),
+    }
+    for name, text in {**bad, "binary.json": None}.items():
+        path = tmp_path / name
+        path.write_bytes(bytes(range(128, 256))) if text is None else path.write_text(text)
+        with pytest.raises(ValueError, match=rf"{name} is not a (usable )?roofline device file") as e:
+            Roofline(path)
+        assert "\n" not in str(e.value)
+
+
+def test_the_predicted_time_does_not_depend_on_the_examples_batch():
+    """The roofline's batch is its own: an example of 1 or of 8 gives the same time and the same widths."""
+    r = Roofline(TOY, batch_size=8)
+    model = TinyResNet(width=16)
+    assert r.predict_ms(model, EXAMPLE[:1]) == r.predict_ms(model, torch.randn(8, 3, 16, 16))
+    kept = []
+    for batch in (1, 8):
+        torch.manual_seed(0)
+        model = TinyResNet(width=16)
+        chase.prune_channels(model, torch.randn(batch, 3, 16, 16), budget=Budget.latency(0.6, r))
+        kept.append([p.shape for p in model.parameters()])
+    assert kept[0] == kept[1]
 
 
 def test_the_roofline_is_in_the_table_of_cost_models_and_so_everywhere():

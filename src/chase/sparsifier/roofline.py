@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from chase.graph.trace import prepare_inputs
+from chase.nested import map_tensors
 from chase.sparsifier.dry_run import meta_copy
 from chase.surgery import remove_channels
 
@@ -93,6 +94,8 @@ class Device:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"device {name} must be a number >= 0, got {value!r}")
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
+            raise ValueError(f"device tile must be an integer >= 1, got {self.tile!r}")
 
 
 _GPU_LAUNCH = (
@@ -198,7 +201,6 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.params, self.elem_bytes, self.kernels = params, elem_bytes, []
         self._views: list[torch.Tensor] = []  # views of parameters, held so that their ids stay theirs
-        self._views: list[torch.Tensor] = []  # views of parameters, held so that their ids stay theirs
 
     def _bytes(self, t: torch.Tensor) -> float:
         size = self.elem_bytes if t.is_floating_point() else t.element_size()
@@ -248,9 +250,11 @@ def _flat(args: Any, kwargs: Any) -> list[Any]:
 
 
 def _trace(module: nn.Module, example_inputs: Any, elem_bytes: int) -> list[_Kernel]:
-    """The kernels of one forward pass of a meta module on a one-example batch."""
+    """The kernels of one forward pass of a meta module on the first example of ``example_inputs``
+    (costs are per example: the batch a time is predicted for is the roofline's, not the example's)."""
     args, kwargs, _ = prepare_inputs(example_inputs)
-    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    first = lambda t: (t[:1] if t.dim() else t).to("meta")  # noqa: E731
+    to_meta = lambda a: map_tensors(a, first)  # noqa: E731
     params = {id(t) for t in (*module.parameters(), *module.buffers())}
     recorder = _Recorder(params, elem_bytes)
     was_training = module.training
@@ -301,7 +305,10 @@ class Roofline:
         try:
             size = int(batch) if batch else 32
         except ValueError:
-            raise ValueError(f"roofline {text!r}: the batch size after '@' must be an integer") from None
+            raise ValueError(
+                f"roofline {text!r}: the batch size after '@' must be an integer "
+                "(DEVICE[:fused|:eager][@BATCH])"
+            ) from None
         return cls(device, fused=mode != "eager", batch_size=size)
 
     @property
@@ -348,7 +355,8 @@ class Roofline:
         return total
 
     def predict_ms(self, module: nn.Module, example_inputs: Any) -> float:
-        """The predicted forward time (ms) of ``module`` (any model; a one-example ``example_inputs``)."""
+        """The predicted forward time (ms) of ``module`` at the roofline's batch size (any model;
+        ``example_inputs`` of any batch: its first example is traced)."""
         return 1e3 * self.seconds(_trace(meta_copy(module), example_inputs, DTYPE_BYTES[self.device.dtype]))
 
     # ------------------------------------------------------------------ as a cost model
@@ -419,9 +427,15 @@ def _device(value: Union[str, os.PathLike, Device]) -> Device:
     if path.suffix == ".json" or path.is_file():
         try:
             data = json.loads(path.read_text())
-            return Device(**data.get("device", data))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not a roofline device file ({type(e).__name__}: {e})") from None
+        fields = data.get("device", data) if isinstance(data, dict) else data
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path} is not a roofline device file: it holds a {type(fields).__name__}")
+        try:
+            return Device(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a usable roofline device file: {e}") from None
     raise ValueError(
         f"unknown roofline device {str(value)!r}: give one of {', '.join(DEVICES)} or a file "
         "`chase profile --roofline` wrote"
