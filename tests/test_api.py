@@ -342,6 +342,20 @@ def test_flops_measures_a_macs_budget(capsys):
     assert 0.5 < ratio <= 0.6
 
 
+def test_a_library_warning_is_one_line_of_the_commands_output(capsys, caplog):
+    """A budget out of reach warns through Python's warnings: the command says it in one line (no file,
+    line number or source line of the library), and the run still ends with the widths it reached."""
+    from chase.cli import main
+
+    argv = ["flops", "-m", "cifar_resnet20", "--num-classes", "10", "--input", "32", "--prune-skip"]
+    with caplog.at_level("WARNING"):
+        assert main([*argv, "--latency-ratio", "0.05", "--roofline", "h200", "--density", "1.0"]) == 0
+    lines = [r.getMessage() for r in caplog.records if "budget not reached" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("warning: latency budget not reached")
+    assert "roofline (NVIDIA H200, cuda, batch 32, fused)" in capsys.readouterr().out
+    assert "one_shot.py" not in caplog.text and "UserWarning" not in caplog.text
+
+
 # ---------------------------------------------------------------- one convention across the CLI
 def test_every_flag_of_every_command_has_help():
     from chase.cli import build_parser
@@ -354,6 +368,21 @@ def test_every_flag_of_every_command_has_help():
         if a.option_strings and a.option_strings[0] not in ("-h", "--help") and not a.help
     ]
     assert not missing, missing
+
+
+def test_model_commands_build_a_named_model_at_the_same_default_size():
+    """check, flops, bench and profile: one --input and --num-classes default (flops/bench prefer the
+    size of the run they read)."""
+    from chase.cli import build_parser
+    from chase.cli.args import MODEL_CLASSES, MODEL_INPUT
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in ("check", "flops", "bench", "profile"):
+        args = sub.choices[name].parse_args(["-m", "resnet18", "-o", "x.json"])
+        assert args.num_classes == MODEL_CLASSES, name
+        assert args.input == (None if name in ("flops", "bench") else MODEL_INPUT), name
+        helps = {a.dest: a.help for a in sub.choices[name]._actions}
+        assert f"{MODEL_INPUT})" in helps["input"] and f"({MODEL_CLASSES})" in helps["num_classes"], name
 
 
 def test_version_and_python_dash_m(capsys):

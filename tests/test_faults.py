@@ -394,6 +394,15 @@ def _bad_commands(run: pathlib.Path) -> list[tuple[list[str], str]]:
         (["train", "--set", "dataset=synthetic", "channel_every=1000"], "no channel event fits"),
         (["train", "--set", "max_bad_steps=-1"], "max_bad_steps must be >= 0"),
         (["train", "--channel-sparsity", "2"], "channel_sparsity must be in"),
+        (["train", "--set", "channel_every=100", "channel_every_epochs=1"], "not both"),
+        (["export", str(run / "notes.txt")], "not a file torch.save wrote"),
+        (["flops", "--model", "resnet18", "-o", "a.json", "--json", "b.json"], "name the same output"),
+        (["bench", "--model", "resnet18", "--backend", ","], "names no backend"),
+        (["profile", "--roofline", "-m", "resnet18", "-o", str(run / "r.json")], "drop --model"),
+        (
+            ["flops", "--model", "resnet18", "--latency-ratio", "0.5", "--latency-table", "h200"],
+            "h200 roofline",
+        ),
         (
             [
                 "train",
@@ -415,6 +424,7 @@ def test_bad_commands_are_one_line_and_change_nothing(finished, tmp_path, capsys
     shutil.copytree(finished, run)
     (run / "empty.pt").write_bytes(b"")
     (run / "junk.pt").write_bytes(b"\x80\x04not really a pickle")
+    (run / "notes.txt").write_text("hi\n")
     before = _snapshot(run)
     for argv, words in _bad_commands(run):
         assert main(argv) == 2, argv

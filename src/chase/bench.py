@@ -160,7 +160,15 @@ def _run_config(
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            log.warning("batch %d %s skipped: %s", bs, cfg, reason)
+            # the result lists every skip (format_table prints them): progress only here
+            log.info(
+                "skipped %s %s cl=%s batch %d: %s",
+                cfg["backend"],
+                cfg["dtype"],
+                cfg["channels_last"],
+                bs,
+                reason,
+            )
             rest = batch_sizes[i:] if isinstance(e, DeployError) and not per_batch else [bs]
             out["skipped"] += [{**cfg, "batch_size": b, "reason": reason} for b in rest]
             if len(rest) > 1:

@@ -108,4 +108,6 @@ def load_tensors(path: str | os.PathLike, what: str) -> Any:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in first:  # torch's message goes on to suggest weights_only=False
             first = "it holds objects other than tensors and plain containers"
+        elif not any(c.isalpha() for c in first):  # the unpickler's KeyError(105) on a text file, say
+            first = "not a file torch.save wrote" if not zipped else f"{type(e).__name__}: {first}"
         raise ValueError(f"{path} is not {what} ({first[:200]})") from None

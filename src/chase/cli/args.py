@@ -71,7 +71,18 @@ def device_arg(text: str) -> str:
     return text
 
 
-class _Deprecated(argparse.Action):
+class _Single(argparse.Action):
+    """Stores its value, refusing a second, different one for the same ``dest`` (``-o a --json b``: which
+    one was meant?)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is not None and before != values:
+            parser.error(f"{option_string} {values} and an earlier {before} name the same output: give one")
+        setattr(namespace, self.dest, values)
+
+
+class _Deprecated(_Single):
     """An old spelling of another option: stores into its ``dest`` and says, once, to use the new one."""
 
     def __init__(self, *args: Any, new: str = "", **kwargs: Any) -> None:
@@ -82,14 +93,20 @@ class _Deprecated(argparse.Action):
         import logging
 
         logging.getLogger("chase.cli").warning("%s is deprecated: give %s", option_string, self.new)
-        setattr(namespace, self.dest, values)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def add_out_args(p: argparse.ArgumentParser, help: str, *, default: str = "") -> None:
     """The output convention of every command: ``--out/-o`` names what it writes, ``--overwrite`` lets
     it replace an existing file (a run's checkpoint, config and metrics never: see
     :func:`chase.cli.common.claim_output`); ``--json`` is the old spelling of ``--out``."""
-    p.add_argument("--out", "-o", metavar="PATH", help=help + (f" (default: {default})" if default else ""))
+    p.add_argument(
+        "--out",
+        "-o",
+        action=_Single,
+        metavar="PATH",
+        help=help + (f" (default: {default})" if default else ""),
+    )
     p.add_argument(
         "--json", dest="out", action=_Deprecated, new="--out", metavar="PATH", help="same as --out"
     )
@@ -148,20 +165,42 @@ def given_spec_args(args: argparse.Namespace, roles: Sequence[str] | None = None
     }
 
 
+#: the square input size and classifier width a command builds a named model with (check, flops, bench,
+#: profile), unless a run gives its own.
+MODEL_INPUT = 224
+MODEL_CLASSES = 1000
+
+
+def add_size_args(p: argparse.ArgumentParser, *, from_run: bool = False) -> None:
+    """``--input`` and ``--num-classes``, with the same defaults in every command (a run's own size first
+    where the command reads a run)."""
+    where = "the run's, or " if from_run else ""
+    p.add_argument(
+        "--input",
+        type=positive_int,
+        default=None if from_run else MODEL_INPUT,
+        help=f"square input size ({where}{MODEL_INPUT})",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=MODEL_CLASSES,
+        help=f"classifier outputs of --model ({MODEL_CLASSES})",
+    )
+
+
 def add_model_args(p: argparse.ArgumentParser, source_help: str) -> None:
     """The model-or-run arguments of flops/bench: a run, or a model name with optional untrained widths
     (every channel option of :data:`WIDTH_ROLES`)."""
     p.add_argument("source", nargs="?", help=source_help)
     p.add_argument("--model", "-m", help="model name (chase.models.get_model), built untrained")
-    p.add_argument("--input", type=positive_int, help="input image size (default: the run's, or 224)")
-    p.add_argument(
-        "--num-classes", type=positive_int, default=1000, help="classifier size for --model (1000)"
-    )
+    add_size_args(p, from_run=True)
     widths = p.add_argument_group(
         "untrained widths (with --model)",
         "Also measure a slim model of Chase's final width: --channel-sparsity S (of the prunable channels) "
-        "or a budget (--macs-ratio R, --params-ratio R, --latency-ratio R with --latency-table), channels "
-        "removed at once from the untrained model (an UNTRAINED-width model, labelled so).",
+        "or a budget (--macs-ratio R, --params-ratio R, --latency-ratio R with --latency-table or "
+        "--roofline), channels removed at once from the untrained model (an UNTRAINED-width model, "
+        "labelled so).",
     )
     add_spec_args(widths, WIDTH_ROLES)
     widths.add_argument(

@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
             backends += [extra] if extra not in backends else []
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
-        raise CommandError(f"unknown backend {unknown[:1]}; choose from {', '.join(BACKENDS)}")
+        what = (
+            f"unknown backend {unknown[0]!r}" if unknown else f"--backend {args.backend!r} names no backend"
+        )
+        raise CommandError(f"{what}; choose from {', '.join(BACKENDS)}")
     # A full sweep to 256 takes minutes per model on a small CPU.
     default = [1, 8, 32, 64, 128, 256] if device.startswith("cuda") else [1, 8, 32]
     batches = args.batch_sizes or default
@@ -100,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         macs=macs,
         meta={"model": run.model_name if run else args.model, "slim": what or None},
     )
+    if what:
+        print(f"slim = {what}")
     print(format_table(result))
     out = args.out or (run.folder / "bench.json" if run else None)
     if out:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 NAME = "check"
 LOG_PROGRESS = False
@@ -16,7 +14,7 @@ ROLES = ("groups", "amount", "ranking", "removal", "budget")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from chase.cli.args import add_out_args, add_spec_args, positive_int
+    from chase.cli.args import add_out_args, add_size_args, add_spec_args
 
     p = sub.add_parser(
         NAME,
@@ -28,8 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", "-m", required=True, help="a chase.models name (torchvision, timm:<name>, CIFAR zoo)"
     )
-    p.add_argument("--input", type=positive_int, default=64, help="square input size (64)")
-    p.add_argument("--num-classes", type=positive_int, default=10, help="classifier outputs (10)")
+    add_size_args(p)
     add_spec_args(p.add_argument_group("channel options (default: --channel-sparsity 0.5)"), ROLES)
     add_out_args(p, "also write the report as JSON to this file")
 
@@ -39,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from chase.check import CHECK_CHANNELS, check_model
     from chase.cli.args import given_spec_args
-    from chase.cli.common import claim_output
+    from chase.cli.common import claim_output, write_json
     from chase.models import get_model
     from chase.sparsifier.specs import specs_from_flat
 
@@ -59,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
     for w in report.warnings:
         print(f"  warning: {w}")
     if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json(report.to_dict(), args.out)
     return 0 if report.ok else 1

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from chase.cli.args import given_spec_args
+from chase.cli.args import MODEL_INPUT, given_spec_args
+from chase.io import atomic_write_text
 from chase.sparsifier.one_shot import INIT_DENSITY, untrained_label, untrained_slim
 from chase.sparsifier.specs import specs_from_flat
 from chase.train.export import LoadedRun, load_run
@@ -30,7 +32,7 @@ class CommandError(ValueError):
 
 
 def example_input(run: Optional[LoadedRun], args: argparse.Namespace) -> torch.Tensor:
-    size = args.input or (run.image_size if run else 224)
+    size = args.input or (run.image_size if run else MODEL_INPUT)
     return torch.zeros(1, 3, size, size)
 
 
@@ -108,9 +110,17 @@ def claim_output(
     exists = out.is_file() or (out.is_dir() and any(out.iterdir()))
     if exists and not (overwrite or default):
         raise CommandError(f"{output} exists: give --overwrite to replace it (nothing was written)")
+    # The folder is made when the output is written; refuse now, not after the work, if it cannot be.
+    base = out if out.is_dir() else out.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise CommandError(f"cannot write {output}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise CommandError(f"cannot write {output}: {base} is not writable (nothing was written)")
 
 
 def write_json(obj: Any, path: str | pathlib.Path) -> None:
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    """The JSON output of a command, written atomically (its folder made if needed)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
     print(f"wrote {path}")

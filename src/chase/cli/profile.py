@@ -1,4 +1,5 @@
-"""``chase profile``: measure a latency table for ``target="latency"`` on the device it will run on."""
+"""``chase profile``: measure a latency table (or a roofline device file) for a latency budget, on the device
+it will run on."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ LOG_PROGRESS = True
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from chase.cli.args import add_spec_args, positive_int
+    from chase.cli.args import add_size_args, add_spec_args, positive_int
 
     p = sub.add_parser(
         NAME,
@@ -28,8 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tiny op's overhead, at --dtype): the file is a roofline device for budgets (--roofline FILE, "
         "roofline: FILE)",
     )
-    p.add_argument("--num-classes", type=positive_int, default=1000, help="classifier outputs (1000)")
-    p.add_argument("--input", type=positive_int, default=224, help="square input size (224)")
+    add_size_args(p)
     p.add_argument("--batch", type=positive_int, default=32, help="batch size timed (32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="the dtype timed (fp32)")
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.roofline:
+        if args.model:  # a roofline is the device's, whatever runs on it
+            raise CommandError("--roofline measures the device, not a model: drop --model")
         return _roofline(args)
     if not args.model:
         raise CommandError("give --model (or --roofline to measure the device)")
@@ -97,12 +99,12 @@ def _roofline(args: argparse.Namespace) -> int:
     """``chase profile --roofline``: measure this device and write its roofline."""
     import dataclasses
     import json
-    import pathlib
 
+    from chase.io import atomic_write_text
     from chase.sparsifier.roofline import measure_device
 
     device = measure_device(args.device, args.dtype, repeats=max(args.repeats, 10))
-    pathlib.Path(args.out).write_text(json.dumps({"device": dataclasses.asdict(device)}, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps({"device": dataclasses.asdict(device)}, indent=2) + "\n")
     print(
         f"wrote {args.out}: {device.name} ({args.dtype}) conv {device.flops / 1e9:.1f} GFLOP/s, "
         f"bandwidth {device.bandwidth / 1e9:.1f} GB/s, per-op overhead {device.launch_eager * 1e6:.1f} us; "

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from chase.io import atomic_write_text
+
 __all__ = ["LATENCY_FORMAT_VERSION", "LatencyTable"]
 
 LATENCY_FORMAT_VERSION = 1
@@ -154,7 +156,7 @@ class LatencyTable:
         return cls(dense, groups, dict(data.get("meta", {})))
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, source: Union[str, os.PathLike, Mapping[str, Any], LatencyTable]) -> LatencyTable:
