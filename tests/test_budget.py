@@ -382,15 +382,18 @@ def test_work_handed_on_as_a_keyword_is_part_of_the_callers_signature():
 
 
 def test_a_profile_point_counts_only_the_calls_whose_work_changed():
-    from chase.profile import _changed_time
+    from chase.profile import _changed_ratio
 
     dense = {("a", 0): (1, 0.010), ("b", 0): (2, 0.020), ("c", 0): (3, 0.030)}
     # b did the same work (noise: 5 ms slower), a changed (4 ms faster), d is a call only the narrow one made
     narrow = {("a", 0): (9, 0.006), ("b", 0): (2, 0.025), ("c", 0): (3, 0.030), ("d", 0): (4, 0.001)}
-    assert _changed_time(dense, narrow) == pytest.approx(-0.004 + 0.001)
-    assert _changed_time(dense, {k: v for k, v in narrow.items() if k != ("a", 0)}) == pytest.approx(
-        -0.010 + 0.001
+    assert _changed_ratio(dense, narrow) == pytest.approx((0.060 - 0.004 + 0.001) / 0.060)
+    assert _changed_ratio(dense, {k: v for k, v in narrow.items() if k != ("a", 0)}) == pytest.approx(
+        (0.060 - 0.010 + 0.001) / 0.060
     )
+    # a machine that slowed down while the dense calls were timed: the point is still a positive time
+    slow = {k: (s, 10 * t) for k, (s, t) in dense.items()}
+    assert 0 < _changed_ratio(slow, narrow) < 1
 
 
 def test_a_profile_sees_a_dominant_group_narrowed():

@@ -27,34 +27,37 @@ log = logging.getLogger(__name__)
 __all__ = ["profile_latency"]
 
 
-def _changed_time(
+def _changed_ratio(
     dense: Mapping[CallKey, tuple[int, float]], narrow: Mapping[CallKey, tuple[int, float]]
 ) -> float:
-    """Seconds the narrowed model's forward takes more than the dense one's, summed over the module calls
-    whose work changed (a different signature, or a call only one of them makes). The calls that did the
-    same work are left out: their differences are the machine's noise, which summed over a whole model
-    would swamp a small group's saving."""
-    total = 0.0
+    """The narrowed model's forward time over the dense one's: the dense calls' self times, with the calls
+    whose work changed (a different signature, or a call only one of them makes) replaced by the narrowed
+    model's. The calls that did the same work keep their dense time: their differences are the machine's
+    noise, which summed over a whole model would swamp a small group's saving. A ratio of sums of times is
+    never negative, however much the machine drifted between the two timings (a difference from a
+    separately timed whole forward could be)."""
+    total = sum(d[1] for d in dense.values())
+    changed = total
     for key in dense.keys() | narrow.keys():
         d, n = dense.get(key), narrow.get(key)
         if d is not None and n is not None and d[0] == n[0]:
             continue
-        total += (n[1] if n else 0.0) - (d[1] if d else 0.0)
-    return total
+        changed += (n[1] if n else 0.0) - (d[1] if d else 0.0)
+    return changed / total
 
 
 def _ms(model: Any, x: torch.Tensor, warmup: int, repeats: int) -> float:
     return 1e3 * statistics.median(time_forward(model, x, warmup=warmup, repeats=repeats))
 
 
-def _whole_difference(dense: Any, narrow: Any, x: torch.Tensor, warmup: int, repeats: int) -> float:
-    """Seconds ``narrow`` takes more than ``dense`` (both deployed), timed alternately: the median of the
-    per-repeat differences."""
+def _whole_ratio(dense: Any, narrow: Any, x: torch.Tensor, warmup: int, repeats: int) -> float:
+    """``narrow``'s time over ``dense``'s (both deployed), timed alternately: the median of the per-repeat
+    ratios."""
     time_forward(narrow, x, warmup=max(warmup, 1), repeats=0)
     times = alternate(
         {"dense": lambda: dense(x), "narrow": lambda: narrow(x)}, repeats=repeats, device=x.device
     )
-    return statistics.median(n - d for n, d in zip(times["narrow"], times["dense"]))
+    return statistics.median(n / d for n, d in zip(times["narrow"], times["dense"]))
 
 
 @torch.no_grad()
@@ -125,14 +128,14 @@ def profile_latency(
             remove_channels(narrow, SurgeryState(narrow, [g]), {g.name: torch.arange(n, g.width)})
             if backend == "eager":
                 narrow_self = module_self_times(prepared(narrow), x, min(warmup, 1), repeats)
-                changed = _changed_time(dense_self, narrow_self)
+                ratio = _changed_ratio(dense_self, narrow_self)
             else:
                 point = deploy(
                     narrow, example_inputs, backend=backend, dtype=dtype, channels_last=channels_last
                 )
-                changed = _whole_difference(served, point, example_inputs, warmup, repeats)
+                ratio = _whole_ratio(served, point, example_inputs, warmup, repeats)
             widths.append(n)
-            ms.append(dense_ms + 1e3 * changed)
+            ms.append(dense_ms * ratio)
         groups[g.name] = ([*widths, g.width], [*ms, dense_ms])
         # Progress as it goes: a CPU profile of a large model takes minutes.
         points_ms = ", ".join(f"{w}: {t:.2f}" for w, t in zip(*groups[g.name]))
