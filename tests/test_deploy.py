@@ -42,6 +42,16 @@ def test_every_backend_serves_the_eager_models_outputs(backend):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
 
 
+def test_a_tolerance_of_zero_is_a_tolerance_and_a_negative_one_is_refused():
+    model = _model()  # folding the BatchNorms changes the last bits: no fp32 output is identical
+    assert deploy(model, X, tolerance=1e-3).info["max_relative_diff"] > 0
+    with pytest.raises(DeployError, match=r"tolerance 0\)"):
+        deploy(model, X, tolerance=0.0)
+    for bad in (-0.1, float("nan"), "1%"):
+        with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+            deploy(model, X, tolerance=bad)
+
+
 def test_eager_folds_batchnorm_where_the_model_traces():
     model = _model()
     folded, note = fold_batchnorm(copy.deepcopy(model))

@@ -37,6 +37,8 @@ DATA = pathlib.Path(__file__).parent / "data"
         ({"min_channel_ratio": -0.1}, "min_channel_ratio must be in"),
         ({"prune_skip": 1}, "prune_skip must be True or False"),
         ({"keep_channels": "conv1"}, "keep_channels must be a list"),
+        ({"keep_channels": None}, "keep_channels must be a list"),
+        ({"keep_channels": 5}, "keep_channels must be a list"),
         ({"channel_score": "l2"}, "channel_score must be one of"),
         ({"channel_rank": "cost"}, "channel_rank must be one of"),
         ({"channel_multiple": 0}, "channel_multiple must be >= 1"),
@@ -62,11 +64,29 @@ def test_a_channel_spec_refuses_bad_options_on_construction(options, words):
         (lambda: Budget("latency_ms", 0.5), "target must be one of"),
         (lambda: Budget("latency", 0.5), "needs latency_table"),
         (lambda: Budget.macs(0.5, cost=3), "a cost model must be one of"),
+        (lambda: Budget.macs("0.5"), "got '0.5'"),
+        (lambda: Budget.latency(0.5, "h200@256"), r"Roofline.parse\('h200@256'\)"),
     ],
 )
 def test_a_budget_refuses_bad_options_on_construction(build, words):
     with pytest.raises(ValueError, match=words):
         build()
+
+
+def test_the_flat_keywords_warning_names_the_callers_line_through_torch_decorators(monkeypatch):
+    from chase.sparsifier.one_shot import prune_channels  # under @torch.no_grad
+
+    monkeypatch.setattr(specs, "_WARNED", set())
+    with pytest.warns(FutureWarning) as record:
+        prune_channels(TinyResNet(width=8), EXAMPLE, channel_sparsity=0.25)
+    assert [pathlib.Path(w.filename).name for w in record] == ["test_specs.py"]
+
+
+def test_a_budget_names_its_cost_model_and_where_it_holds():
+    from chase.sparsifier.roofline import Roofline
+
+    described = Budget.latency(0.5, Roofline("h200", batch_size=8)).describe()
+    assert described == "target=latency, latency_ratio=0.5, roofline (NVIDIA H200, cuda, batch 8, fused)"
 
 
 def test_specs_are_frozen_values_and_say_what_they_are():

@@ -242,6 +242,8 @@ def deploy(
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if not isinstance(example_inputs, torch.Tensor):
         raise TypeError("deploy takes one input tensor (a model with several inputs is not supported yet)")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 <= tolerance < float("inf")):
+        raise ValueError(f"tolerance must be a finite number >= 0 (a relative difference), got {tolerance!r}")
     dev = torch.device(device) if device is not None else _model_device(model)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeployError("device cuda, but CUDA is not available here")
@@ -286,7 +288,9 @@ def deploy(
         raise DeployError(f"{backend} could not deploy the model: {type(e).__name__}: {first}") from e
     out.fn, out.keep = fn, keep
     if check:
-        info["max_relative_diff"] = _check(out, reference, example_inputs, tolerance or TOLERANCE[dtype])
+        info["max_relative_diff"] = _check(
+            out, reference, example_inputs, TOLERANCE[dtype] if tolerance is None else tolerance
+        )
     log.info("deployed: %s", info)
     return out
 

@@ -83,7 +83,7 @@ COST_SOURCES: dict[str, CostSource] = {
         CostSource(
             "latency_table",
             LatencyTable,
-            LatencyTable.load,
+            lambda value: _load_table(value),  # defined below, with the roofline names it refuses
             "a latency table `chase profile` measured for this model on the target device (JSON file): "
             "for target=latency and channel_rank=latency_weighted",
             "a file `chase profile` wrote, or its dict",
@@ -112,11 +112,27 @@ def cost_model(value: Any) -> CostModel:
     if isinstance(value, CostModel):
         return value
     if isinstance(value, (str, os.PathLike, Mapping)):
-        return LatencyTable.load(value)
+        return _load_table(value)
     raise ValueError(
         f"a cost model must be one of {', '.join(s.type.__name__ for s in COST_SOURCES.values())} (or a "
         f"latency table's JSON file or dict), got {type(value).__name__}"
     )
+
+
+def _preset(value: str) -> str:
+    """The device part of a roofline option's value (``h200`` of ``h200:eager@256``)."""
+    return value.split("@")[0].split(":")[0]
+
+
+def _load_table(value: Any) -> LatencyTable:
+    """A latency table from its file or dict; a roofline's device name given instead is named as one."""
+    if isinstance(value, str) and not os.path.exists(value) and _preset(value) in DEVICES:
+        raise ValueError(
+            f"{value!r} is not a latency table's file: for the {_preset(value)} roofline give "
+            f"Roofline.parse({value!r}) (chase.sparsifier.roofline), roofline={value} in a config or "
+            f"--roofline {value}"
+        )
+    return LatencyTable.load(value)
 
 
 def describe_cost(cost: Any) -> str:

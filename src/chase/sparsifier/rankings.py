@@ -136,8 +136,8 @@ class LatencyWeighted(Uniform):
     name = "latency_weighted"
     help = (
         "as uniform, but a group's share grows with the square root of its time per unit of the budget, "
-        "by the budget's cost model (latency table): layers slow for their cost give more; under a latency "
-        "budget it is uniform"
+        "by the budget's cost model (latency table or roofline): layers slow for their cost give more; "
+        "under a latency budget it is uniform"
     )
     needs_cost = True
     exponent: float = 0.5

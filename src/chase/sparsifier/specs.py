@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -152,8 +154,8 @@ class ChannelSpec:
     channel_end: int | float | None = field(
         default=None,
         metadata=_about(
-            "when channel pruning ends (the paper's T_chan): an optimizer step, or a fraction of the run "
-            "(0.8); default: with the soft bound, and before the last exploration update",
+            "when channel pruning ends (the paper's T_chan); default: with the soft bound, and before the "
+            "last exploration update",
             role="schedule",
             type=float,
             schedule="point",
@@ -171,7 +173,8 @@ class ChannelSpec:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep_channels, str) or not all(isinstance(k, str) for k in self.keep_channels):
+        kept = self.keep_channels
+        if not isinstance(kept, (list, tuple)) or not all(isinstance(k, str) for k in kept):
             raise ValueError(f"keep_channels must be a list of fnmatch patterns, got {self.keep_channels!r}")
         object.__setattr__(self, "keep_channels", tuple(self.keep_channels))
         _number("channel_sparsity", self.channel_sparsity)
@@ -219,7 +222,8 @@ class Budget:
     ``"latency"``), ``ratio`` the final measure over the dense model's, in (0, 1) (none for
     ``"channels"``, whose amount is :attr:`ChannelSpec.channel_sparsity`), and ``cost`` a cost model that
     predicts time (:data:`chase.sparsifier.costs.COST_SOURCES`: a ``LatencyTable`` or its JSON file or
-    dict): needed by ``target="latency"`` and by ``channel_rank="latency_weighted"``.
+    dict, or a :class:`chase.sparsifier.roofline.Roofline` such as ``Roofline("h200")``): needed by
+    ``target="latency"`` and by ``channel_rank="latency_weighted"``.
 
     Build one with :meth:`macs`, :meth:`params`, :meth:`latency` or :meth:`channels`.
     """
@@ -237,7 +241,7 @@ class Budget:
                 isinstance(self.ratio, numbers.Real) and 0.0 < self.ratio < 1.0
             ):
                 raise ValueError(
-                    f"target={self.target!r} needs {self.target}_ratio in (0, 1), got {self.ratio}"
+                    f"target={self.target!r} needs {self.target}_ratio in (0, 1), got {self.ratio!r}"
                 )
         elif self.ratio is not None:
             raise ValueError(
@@ -281,7 +285,11 @@ class Budget:
         if self.ratio is not None:
             parts.append(f"{self.target}_ratio={self.ratio:g}")
         if self.cost is not None:
-            parts.append(_cost_name(self.cost))
+            meta = getattr(self.cost, "meta", None) or {}
+            where = [str(meta[k]) for k in ("name", "device", "dtype") if k in meta][:2]
+            where += [f"batch {meta['batch_size']}"] if "batch_size" in meta else []
+            where += [] if "fused" not in meta else ["fused" if meta["fused"] else "eager"]
+            parts.append(_cost_name(self.cost) + (f" ({', '.join(where)})" if where else ""))
         return ", ".join(parts)
 
 
@@ -395,6 +403,21 @@ def specs_from_flat(values: Mapping[str, Any]) -> tuple[ChannelSpec, Budget]:
 _WARNED: set[str] = set()
 
 
+def _outside_chase() -> int:
+    """The stacklevel of the first caller outside this package and torch's decorators (``@torch.no_grad``
+    wraps some callers), so a warning names the user's line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(package + os.sep) and not name.endswith(
+            os.path.join("torch", "utils", "_contextlib.py")
+        ):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def resolve_specs(
     channels: Optional[ChannelSpec],
     budget: Optional[Budget],
@@ -415,7 +438,7 @@ def resolve_specs(
                 "removed in the next release; pass channels=chase.ChannelSpec(...) and budget=chase.Budget"
                 ".macs(...) (or .params/.latency)",
                 FutureWarning,
-                stacklevel=3,
+                stacklevel=_outside_chase(),
             )
         return specs_from_flat(flat)
     channels = ChannelSpec() if channels is None else channels
@@ -470,6 +493,8 @@ def options_markdown() -> str:
                 else f"`{list(o.default) if isinstance(o.default, tuple) else o.default}`"
             )
             values = ", ".join(f"`{c}`" for c in o.choices) if o.choices else o.type.__name__
+            if o.schedule == "point":  # the unit is the caller's: the trainer takes fractions only
+                values = "optimizer step (int) or fraction of the run (float, e.g. 0.8)"
             lines.append(f"| `{o.name}` | {default} | {values} | {about}: {o.help} |")
     return "\n".join(lines) + "\n"
 

@@ -294,6 +294,9 @@ class TrainConfig:
                 raise ConfigError(
                     f"{key} is a fraction of the run in [0, 1] ({key}_epoch: an epoch), got {fraction}"
                 )
+        for key in SCHEDULE_INTERVALS:
+            if getattr(self, key) is not None and getattr(self, f"{key}_epochs"):
+                raise ConfigError(f"give {key} (optimizer steps) or {key}_epochs, not both")
         gradual = ("prune_start", "prune_end")
         given = any(getattr(self, k) is not None or getattr(self, f"{k}_epoch") for k in gradual)
         if given and self.initial_density is None:
