@@ -1,11 +1,14 @@
-"""Coverage sweep: does Chase work on every torchvision classifier and on common timm families?
+"""Coverage sweep: does Chase work on every torchvision classifier, detector and segmenter and on common
+timm families?
 
-For every model of ``benchmarks/coverage_models.yaml`` (all of torchvision's classification models, and the
-timm models listed there), with ``prune_skip`` False and True, ``chase.check.check_model`` builds it,
-trains a few steps on random data with channel events at S_c 0.5 and physical removal, exports the slim
-model, reloads it into a freshly built model with ``chase.load_slim``, and compares the outputs with the
-trained model's in eval mode. Each run happens in its own process, with a time limit and a memory limit,
-so a model that hangs or exhausts memory is recorded as such and the sweep goes on.
+For every model of ``benchmarks/coverage_models.yaml`` (all of torchvision's classification models, the
+timm models listed there, and the torchvision detectors and segmenters listed there: detectors train
+through their loss dicts on random boxes), with ``prune_skip`` False and True,
+``chase.check.check_model`` builds it, trains a few steps on random data with channel events at S_c 0.5
+and physical removal, exports the slim model, reloads it into a freshly built model with
+``chase.load_slim``, and compares the outputs with the trained model's in eval mode. Each run happens in
+its own process, with a time limit and a memory limit, so a model that hangs or exhausts memory is
+recorded as such and the sweep goes on.
 
 Results: ``benchmarks/results/coverage.{json,md}`` (per model and option: status, channel groups,
 prunable channels, parameter and MAC ratios of the slim model, seconds, error). A status is ``pass``,
@@ -15,6 +18,7 @@ in ``--state`` (JSON lines) and not repeated, so a killed sweep continues where 
 
     python benchmarks/coverage.py                    # everything (an hour or more on 2 cores)
     python benchmarks/coverage.py --only resnet18,timm:resnet18d --out /tmp/cov
+    python benchmarks/coverage.py --only detection:,segmentation: --name coverage_tasks
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ import common
 HERE = pathlib.Path(__file__).resolve().parent
 LIST = HERE / "coverage_models.yaml"
 TIMM = "timm:"
+#: prefixes of torchvision's detection and segmentation models in the sweep (issue 27).
+DETECTION, SEGMENTATION = "detection:", "segmentation:"
+TASKS = (DETECTION, SEGMENTATION)
 
 
 def load_list(path: pathlib.Path = LIST) -> dict[str, Any]:
@@ -55,6 +62,9 @@ def entries(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         for n in sorted(torchvision.models.list_models(module=torchvision.models))
     ]
     out += [(TIMM + n, {**default, **(o or {})}) for n, o in (spec.get("timm") or {}).items()]
+    for prefix in TASKS:
+        task = spec.get(prefix[:-1]) or {}
+        out += [(prefix + n, {**default, **(o or {})}) for n, o in task.items()]
     return out
 
 
@@ -62,19 +72,63 @@ def build_fn(name: str, kwargs: dict[str, Any]):
     """A zero-argument builder of a freshly initialised model (no pretrained weights)."""
     from chase.models import get_model
 
+    if name.startswith(TASKS):  # a torchvision detector or segmenter: no weights, backbone's either
+        import torchvision
+
+        task_name = name.partition(":")[2]
+        return lambda: torchvision.models.get_model(
+            task_name, weights=None, weights_backbone=None, num_classes=3, **kwargs
+        )
     return lambda: get_model(name, num_classes=10, **kwargs)
 
 
-def run_one(name: str, options: dict[str, Any], prune_skip: bool) -> dict[str, Any]:
+def detection_loss(model: Any, inputs: Any) -> Any:
+    """One training step's loss of a torchvision detector on ``inputs`` (``([image, ...],)``): the sum of
+    its loss dict for two random boxes per image (with masks for Mask R-CNN, keypoints for Keypoint
+    R-CNN), the same boxes for the same images."""
+    import torch
+
+    (images,) = inputs
+    gen = torch.Generator().manual_seed(int(sum(im.numel() for im in images)))
+    targets = []
+    for im in images:
+        h, w = im.shape[1:]
+        corner = torch.rand(2, 2, generator=gen) * torch.tensor([w / 2, h / 2])
+        boxes = torch.cat([corner, corner + 4 + torch.rand(2, 2, generator=gen) * min(h, w) / 3], 1)
+        t = {"boxes": boxes, "labels": torch.tensor([1, 2])}
+        masks = torch.zeros(2, h, w, dtype=torch.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[i, y0:y1, x0:x1] = 1
+        t["masks"] = masks
+        xy = (boxes[:, None, :2] + boxes[:, None, 2:]) / 2
+        t["keypoints"] = torch.cat([xy.expand(2, 17, 2), torch.ones(2, 17, 1)], 2)
+        targets.append(t)
+    return sum(model(list(images), targets).values())
+
+
+def example_inputs(name: str, size: int) -> Any:
+    """What a model of the sweep is traced and trained on: two images (a detector: a list of two of
+    different sizes, as detection batches are)."""
+    import torch
+
+    if name.startswith(DETECTION):
+        return ([torch.randn(3, size, size + 16), torch.randn(3, size + 8, size)],)
+    return torch.randn(2, 3, size, size)
+
+
+def run_one(name: str, options: dict[str, Any], prune_skip: bool, steps: int = 8) -> dict[str, Any]:
     """One check in THIS process (the child's body)."""
     import torch
 
-    from chase.check import check_model
+    from chase.check import CHECK_CHANNELS, check_model, output_loss
 
     torch.set_num_threads(int(os.environ.get("COVERAGE_THREADS", "2")))
-    size = int(options["input"])
     report = check_model(
-        build_fn(name, options.get("kwargs") or {}), torch.randn(2, 3, size, size), prune_skip=prune_skip
+        build_fn(name, options.get("kwargs") or {}),
+        example_inputs(name, int(options["input"])),
+        CHECK_CHANNELS.replace(prune_skip=prune_skip),
+        loss=detection_loss if name.startswith(DETECTION) else output_loss,
+        steps=steps,
     )
     return report.to_dict()
 
@@ -129,7 +183,7 @@ def markdown(payload: dict[str, Any]) -> str:
     passed = sum(r["status"] == "pass" for r in done)
     tally = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
     lines = [
-        "# Coverage sweep: Chase on torchvision and timm classifiers",
+        "# Coverage sweep: Chase on torchvision and timm models",
         "",
         f"{m['cpu']} ({m['torch_threads']} threads per run), torch {m['torch']}, {m['date']}. Every "
         "model with prune_skip off and on: build, 8 steps on random data with channel events at S_c 0.5 "
@@ -158,8 +212,13 @@ def markdown(payload: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="comma-separated model names (default: the whole list)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated model names, or prefixes such as detection:,segmentation: (default: all)",
+    )
     ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--name", default="coverage", help="result files' name (NAME.json, NAME.md)")
     ap.add_argument(
         "--state", default=None, help="JSON-lines file of finished runs (default OUT/coverage_state.jsonl)"
     )
@@ -175,14 +234,15 @@ def main() -> None:
         return
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = pathlib.Path(args.state) if args.state else out / "coverage_state.jsonl"
+    state = pathlib.Path(args.state) if args.state else out / f"{args.name}_state.jsonl"
     done = {}
     if state.exists():
         for line in state.read_text().splitlines():
             r = json.loads(line)
             done[(r["model"], r["prune_skip"])] = r
     wanted = set(filter(None, args.only.split(",")))
-    todo = [(n, o) for n, o in entries(load_list()) if not wanted or n in wanted]
+    prefixes = tuple(w for w in wanted if w.endswith(":"))  # detection: -> every detector
+    todo = [(n, o) for n, o in entries(load_list()) if not wanted or n in wanted or n.startswith(prefixes)]
     payload: dict[str, Any] = {
         "machine": common.machine("cpu"),
         "list": str(LIST.relative_to(HERE.parent)),
@@ -202,8 +262,8 @@ def main() -> None:
                 done[key] = row
                 print(f"{name} prune_skip={skip}: {row['status']} {row.get('error', '')[:120]}", flush=True)
             payload["rows"].append(done[key])
-        common.write("coverage", payload, markdown(payload), folder=out)
-    common.write("coverage", payload, markdown(payload), folder=out)
+        common.write(args.name, payload, markdown(payload), folder=out)
+    common.write(args.name, payload, markdown(payload), folder=out)
     print(markdown(payload).split("\n\n")[1])
 
 

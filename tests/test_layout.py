@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "sparsifier": {"nested", "graph", "sparse", "surgery", "slim", "io", "flops"},
     "flops": {"graph", "sparse"},
     "analysis": {"graph", "sparse", "sparsifier"},
-    "check": {"graph", "flops", "slim", "sparsifier"},
+    "check": {"nested", "graph", "flops", "slim", "sparsifier"},
     "onnx": {"timing"},
     "deploy": {"nested", "onnx"},
     "bench": {"timing", "onnx", "deploy"},

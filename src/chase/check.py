@@ -24,13 +24,14 @@ import torch
 from torch import nn
 
 from chase.flops import count_flops
+from chase.nested import map_tensors
 from chase.slim import load_slim
 from chase.sparsifier import Budget, ChannelSpec, Chase
 from chase.sparsifier.specs import resolve_specs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckReport", "check_model"]
+__all__ = ["CheckReport", "check_model", "output_loss"]
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 
@@ -110,16 +111,41 @@ def _random_like(x: torch.Tensor, shape: tuple[int, ...], gen: torch.Generator) 
     return torch.randint(0, int(x.max()) + 1, shape, generator=gen, dtype=x.dtype)
 
 
+def _random_batch(example: Any, batch_size: int, gen: torch.Generator) -> Any:
+    """Random inputs like ``example``: a tensor's batch of ``batch_size``; for the nested arguments of a
+    model that takes more than one tensor (a detector's list of images), each tensor at its own shape."""
+    if isinstance(example, torch.Tensor):
+        return _random_like(example, (batch_size, *example.shape[1:]), gen)
+    return map_tensors(example, lambda t: _random_like(t, tuple(t.shape), gen))
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on ``inputs`` as :func:`chase.channel_groups` takes them: a tensor, a tuple of positional
+    arguments or a dict of keyword arguments."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def output_loss(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """The default training loss of :func:`check_model`: any model, no labels, no assumption of a
+    classifier; the mean square of every floating output, so that every output's layers get gradients."""
+    return sum(o.float().pow(2).mean() for o in _tensors(_forward(model, inputs)))
+
+
 #: what ``chase check`` removes unless told otherwise: half of the prunable channels.
 CHECK_CHANNELS = ChannelSpec(channel_sparsity=0.5)
 
 
 def check_model(
     build: Callable[[], nn.Module],
-    example_inputs: torch.Tensor,
+    example_inputs: Any,
     channels: Optional[ChannelSpec] = None,
     budget: Optional[Budget] = None,
     *,
+    loss: Callable[[nn.Module, Any], torch.Tensor] = output_loss,
     density: float = 0.2,
     steps: int = 8,
     batch_size: int = 2,
@@ -133,7 +159,12 @@ def check_model(
     Args:
         build: returns a freshly initialised model; called twice (the trained one, the reload target)
             with the same global seed, so both start identical.
-        example_inputs: one input batch (its shape is reused for the random training batches).
+        example_inputs: one input batch (its shape is reused for the random training batches), or the
+            nested arguments of a model that takes several (a tuple of positional arguments, a dict of
+            keyword arguments: a detector's ``([image, ...],)``), each tensor at the shape to train on.
+        loss: ``loss(model, inputs)`` of one training step on random ``inputs`` like the example; the
+            default, :func:`output_loss`, reaches every output. A detector's: its loss dict's sum for
+            random targets (the model is in train mode; outputs are compared in eval mode).
         channels, budget: Chase's options (default :data:`CHECK_CHANNELS`: half of the prunable channels);
             the check runs its own schedule, so their schedule fields do not apply. ``**flat``: those
             options as flat keywords (deprecated).
@@ -158,7 +189,7 @@ def check_model(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _run(rep, build, example_inputs, channels, budget, density, steps, batch_size, lr, seed)
+            _run(rep, build, example_inputs, channels, budget, loss, density, steps, (batch_size, lr, seed))
         if rep.rel_diff > tolerance:
             rep.status, rep.error_type = "crash", "MismatchError"
             rep.error = f"the reloaded slim model differs from the trained one (relative {rep.rel_diff:.2e})"
@@ -175,20 +206,20 @@ def check_model(
 def _run(
     rep: CheckReport,
     build: Callable[[], nn.Module],
-    x: torch.Tensor,
+    x: Any,
     channels: ChannelSpec,
     budget: Budget,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     density: float,
     steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
+    run: tuple[int, float, int],
 ) -> None:
+    batch_size, lr, seed = run
     t = time.perf_counter()
     torch.manual_seed(seed)
     model = build()
     rep.params_dense = sum(p.numel() for p in model.parameters())
-    probe = x[:1]
+    probe = x[:1] if isinstance(x, torch.Tensor) else x
     model.eval()
     with torch.no_grad():
         rep.macs_dense = count_flops(model, probe).dense
@@ -210,11 +241,8 @@ def _run(
 
     rep.stage, t = "train", time.perf_counter()
     gen = torch.Generator().manual_seed(seed + 1)
-    shape = (batch_size, *x.shape[1:])
     for _ in range(steps):
-        batch = _random_like(x, shape, gen)
-        # Any model: a loss that reaches every output (no labels, no assumption of a classifier).
-        loss = sum(o.float().pow(2).mean() for o in _tensors(model(batch)))
+        loss = loss_fn(model, _random_batch(x, batch_size, gen))
         loss.backward()
         opt.step()
         sp.step()
@@ -236,9 +264,9 @@ def _run(
     rep.stage = "compare"
     with torch.no_grad():
         rep.macs_slim = count_flops(fresh, probe).dense
-        batch = _random_like(x, shape, gen)
-        ref = _tensors(model(batch))
-        for out in (_tensors(slim(batch)), _tensors(fresh(batch))):
+        batch = _random_batch(x, batch_size, gen)
+        ref = _tensors(_forward(model, batch))
+        for out in (_tensors(_forward(slim, batch)), _tensors(_forward(fresh, batch))):
             if len(out) != len(ref) or any(a.shape != b.shape for a, b in zip(out, ref)):
                 raise RuntimeError("the slim model's outputs have other shapes than the trained model's")
             for a, b in zip(out, ref):

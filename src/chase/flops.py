@@ -153,7 +153,15 @@ def count_flops(
     report = FlopReport()
     seen: dict[str, LayerFlops] = {}
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    batch = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]
+    # per example: a tensor argument's batch, or a list of images' length (a detector's input)
+    batch = next(
+        (
+            a.shape[0] if isinstance(a, torch.Tensor) else len(a)
+            for a in args
+            if isinstance(a, (torch.Tensor, list))
+        ),
+        1,
+    )
 
     fired: dict[str, int] = {}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Iterator
 from typing import Union
 
@@ -51,6 +53,19 @@ class ChannelGraph:
         """Groups of the residual stream (channels summed by an elementwise add)."""
         return [g for g in self.groups if g.residual]
 
+    def why_kept(self, most: int = 4) -> str:
+        """Why groups are kept, counted by kind: ``"6 of 14 groups kept: residual stream; pass
+        prune_skip=True (5), channels come from the model input (1)"`` ("" when every group is prunable).
+        A reason's layer names and numbers are left out to count alike reasons together; ``summary()`` and
+        ``chase check --explain`` name them per group."""
+        kept = [g for g in self.groups if not g.prunable]
+        if not kept:
+            return ""
+        kinds = Counter(_reason_kind(g.reason) for g in kept)
+        shown = ", ".join(f"{k} ({n})" for k, n in kinds.most_common(most))
+        more = f", {len(kinds) - most} other reasons" if len(kinds) > most else ""
+        return f"{len(kept)} of {len(self)} groups kept: {shown}{more}"
+
     def slots_of(self, tensor: str) -> list[tuple[ChannelGroup, Slot]]:
         """Every (group, slot) that names parameter or buffer ``tensor``."""
         return [(g, s) for g in self.groups for s in g.slots if s.tensor == tensor]
@@ -89,3 +104,13 @@ class ChannelGraph:
         return (
             f"ChannelGraph({len(self)} groups, {len(self.prunable())} prunable, prune_skip={self.prune_skip})"
         )
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its layer names, numbers and "(+N more)": the same cause in other layers reads
+    the same."""
+    kind = re.sub(r"\s*\(\+\d+ more\)$", "", reason)
+    kind = re.sub(r"'[^']*'", "'…'", kind)
+    kind = re.sub(r"\s*\([^()]*'…'[^()]*\)", "", kind)  # "(a layer's name)": where, not why
+    kind = re.sub(r"\[[^\]]*\]", "[…]", kind)
+    return re.sub(r"\b\d+\b", "N", kind)

@@ -226,6 +226,9 @@ def _translate(
     slots: list[Slot] = []
     for item in g.items:
         slots += _slots(item, modules, reach, problems)
+    for name, st in reach.buffers.items():
+        index = torch.arange(st.start, st.stop).reshape(-1, st.k)
+        slots.append(Slot(name, name.rpartition(".")[0], st.dim, index, "param"))
     width = g.width
     if reach.grouped and not problems:
         slots, width = _grouped_units(g, slots, modules, reach, problems)

@@ -46,7 +46,7 @@ def pointwise(call: Call, port: int, st: ChanState, module: Optional[nn.Module])
             # the walk meets that computation (a reduction over the channels) and refuses it there.
             continue
         ports[q] = replace(st, dim=dq)
-        data += ref.kind in DATA
+        data += ref.kind in DATA and ref.data
     for i, out in enumerate(call.out_shapes):
         ports[-1 - i] = replace(st, dim=len(out) + neg)
     return Effect(ports, residual=call.op in ("add", "sub", "rsub") and data >= 2)

@@ -25,6 +25,9 @@ class Reach:
 
     layers: dict[tuple[str, str], ChanState] = field(default_factory=dict)  # (module, role) -> state
     params: dict[str, ChanState] = field(default_factory=dict)  # free parameter FQN -> state in its dims
+    # buffer FQN -> state: per-channel buffers a module's own code applies (FrozenBatchNorm2d's statistics
+    # and affine terms); Torch-Pruning's autograd graph does not see them, so they are the rules' alone
+    buffers: dict[str, ChanState] = field(default_factory=dict)
     ops: list[str] = field(default_factory=list)
     residual: list[str] = field(default_factory=list)  # where several producers are summed
     mixing: list[str] = field(default_factory=list)
@@ -93,9 +96,11 @@ def propagate(trace: Trace, modules: dict[str, nn.Module], call: int, port: int,
                 todo.append((ref.ref, -1 - ref.out, s))
             elif ref.kind == "input":
                 reach.from_input = True
-            elif ref.kind == "param":
-                if reach.params.setdefault(ref.ref, s) != s:
-                    problem(f"parameter '{ref.ref}' carries the channels twice")
+            elif ref.kind in ("param", "buffer"):
+                found = reach.params if ref.kind == "param" else reach.buffers
+                if found.setdefault(ref.ref, s) != s:
+                    what = "parameter" if ref.kind == "param" else "buffer"
+                    problem(f"{what} '{ref.ref}' carries the channels twice")
             else:
                 problem(
                     f"{rec.where()} combines the channels with a {ref.kind} tensor of shape "

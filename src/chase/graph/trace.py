@@ -35,12 +35,15 @@ class TensorRef:
 
     ``kind`` is ``"call"`` (output ``out`` of call ``ref``), ``"input"`` (example input number ``ref``),
     ``"param"`` / ``"buffer"`` (FQN ``ref``) or ``"const"`` (anything else: created inside forward).
+    ``data``: the tensor depends on the model's inputs (an activation); a call's output computed from
+    parameters, buffers and constants alone (a frozen norm's scale) is not.
     """
 
     kind: str
     ref: Any
     shape: tuple[int, ...]
     out: int = 0
+    data: bool = False
 
 
 @dataclass
@@ -111,6 +114,7 @@ class _Recorder(TorchFunctionMode):
         self.no_grad_out: dict[int, tuple[int, int]] = {}  # id(tensor) -> (call, out), tensors without grad
         self.keep: list[torch.Tensor] = []  # keeps grad-less outputs alive so their ids stay unique
         self.stack: list[str] = [""]
+        self.data_calls: set[int] = set()  # calls whose outputs depend on the model's inputs
 
     def ref(self, t: torch.Tensor) -> TensorRef:
         shape = tuple(t.shape)
@@ -118,17 +122,17 @@ class _Recorder(TorchFunctionMode):
         if fn is not None:
             key = self.out_key.get((fn, t.output_nr))
             if key is not None:
-                return TensorRef("call", key[0], shape, key[1])
+                return TensorRef("call", key[0], shape, key[1], key[0] in self.data_calls)
             if fn in self.input_grad_fns:
-                return TensorRef("input", self.input_grad_fns[fn], shape)
+                return TensorRef("input", self.input_grad_fns[fn], shape, data=True)
         if id(t) in self.input_ids:
-            return TensorRef("input", self.input_ids[id(t)], shape)
+            return TensorRef("input", self.input_ids[id(t)], shape, data=True)
         if id(t) in self.names:
             kind, fqn = self.names[id(t)]
             return TensorRef(kind, fqn, shape)
         key = self.no_grad_out.get(id(t))
         if key is not None and fn is None:
-            return TensorRef("call", key[0], shape, key[1])
+            return TensorRef("call", key[0], shape, key[1], key[0] in self.data_calls)
         return TensorRef("const", None, shape)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -170,6 +174,8 @@ class _Recorder(TorchFunctionMode):
             return  # returned an input unchanged (dropout in eval, contiguous on a contiguous tensor)
         call = Call(len(self.trace.calls), op, func, self.stack[-1], args, kwargs, inputs, [])
         self.trace.calls.append(call)
+        if any(r.data for r in inputs):
+            self.data_calls.add(call.index)
         for i, t in enumerate(outs):
             call.out_shapes.append(tuple(t.shape))
             if not new[i]:
