@@ -741,3 +741,24 @@ def test_per_sample_scaling_keeps_the_channels_prunable() -> None:
     model = Net().train()
     graph = channel_groups(model, torch.randn(1, 3, 8, 8), prune_skip=True)
     assert graph["stem"].prunable and graph["stem"].residual, str(graph)
+
+
+def test_why_groups_are_kept_is_counted_by_cause_and_said_where_nothing_is_prunable(capsys):
+    import torchvision
+
+    import chase
+    from chase.cli import main
+
+    graph = chase.channel_groups(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32))
+    assert graph.why_kept() == (
+        "6 of 14 groups kept: residual stream; pass prune_skip=True (4), channels come from the model "
+        "input (1), channels reach the model output (1)"
+    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())  # one layer: its channels are the output
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"no prunable channel group.*channels reach the model output"):
+        chase.Chase(model, opt, density=0.5, total_steps=10_000, example_inputs=torch.randn(1, 3, 8, 8))
+    argv = ["check", "-m", "cifar_resnet20", "--num-classes", "10", "--input", "16"]
+    assert main([*argv, "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "| kept: residual stream; pass prune_skip=True" in out and "[P  ] layer1.0.conv1" in out

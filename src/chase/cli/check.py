@@ -27,6 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", "-m", required=True, help="a chase.models name (torchvision, timm:<name>, CIFAR zoo)"
     )
     add_size_args(p)
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also list every channel group: its layers, and for a group that is kept, the layer or op "
+        "that keeps it and what would unblock it",
+    )
     add_spec_args(p.add_argument_group("channel options (default: --channel-sparsity 0.5)"), ROLES)
     add_out_args(p, "also write the report as JSON to this file")
 
@@ -34,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    import chase
     from chase.check import CHECK_CHANNELS, check_model
     from chase.cli.args import given_spec_args
     from chase.cli.common import claim_output, write_json
@@ -55,6 +62,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model} (input {args.input}, {options}): {report.summary()}")
     for w in report.warnings:
         print(f"  warning: {w}")
+    graph = chase.channel_groups(
+        get_model(args.model, num_classes=args.num_classes).eval(),
+        torch.randn(1, 3, args.input, args.input),
+        prune_skip=channels.prune_skip,
+        prune_heads=channels.prune_heads,
+    )
+    print(graph.summary() if args.explain else f"  {graph.why_kept() or 'every channel group is prunable'}")
     if args.out:
         write_json(report.to_dict(), args.out)
     return 0 if report.ok else 1

@@ -148,9 +148,16 @@ class Chase(Sparsifier):
             else None
         )
         self._region: torch.Tensor | None = None
+        why = self.graph.why_kept()
         if self.prunes and not self.groups:
-            warnings.warn("Chase found no prunable channel group: only unstructured sparsity", stacklevel=2)
+            warnings.warn(
+                f"Chase found no prunable channel group: only unstructured sparsity ({why or 'no groups'}; "
+                "chase check --explain names the layers)",
+                stacklevel=2,
+            )
         log.info("Chase: %d prunable channel groups, %d channels", len(self.groups), self.total_channels)
+        if why and self.groups:
+            log.info("Chase: %s", why)
 
     @property
     def channel_every(self) -> int:
