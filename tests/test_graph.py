@@ -762,3 +762,41 @@ def test_why_groups_are_kept_is_counted_by_cause_and_said_where_nothing_is_pruna
     assert main([*argv, "--explain"]) == 0
     out = capsys.readouterr().out
     assert "| kept: residual stream; pass prune_skip=True" in out and "[P  ] layer1.0.conv1" in out
+
+
+class _SharedHead(nn.Module):
+    """A head shared over two feature levels (as an FPN's RPN or RetinaNet head is), and a linear layer
+    applied at two positions of a sequence with the same weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head1, self.head2 = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.up, self.back = nn.Linear(4, 12), nn.Linear(12, 4)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.stem(x))
+        b = torch.relu(self.down(a))
+        levels = [self.head2(torch.relu(self.head1(f))).mean((2, 3)) for f in (a, b)]
+        steps = [self.back(torch.relu(self.up(v))) for v in levels]
+        return self.fc(torch.cat(steps, 1))
+
+
+def test_a_layer_run_several_times_is_one_group_across_its_calls():
+    import chase
+    from chase import ChannelSpec
+    from chase.check import check_model
+
+    graph = chase.channel_groups(_SharedHead(), torch.randn(1, 3, 16, 16))
+    assert graph["head1"].prunable and graph["up"].prunable  # a shared conv, a shared linear
+    # stem's channels and down's meet in head1's input columns (one weight, two calls): coupled, and
+    # Torch-Pruning does not see it, so the group is kept rather than pruned half-way
+    assert not graph["stem"].prunable and "disagree" in graph["stem"].reason
+    for skip in (False, True):
+        report = check_model(
+            _SharedHead, torch.randn(2, 3, 16, 16), ChannelSpec(channel_sparsity=0.5, prune_skip=skip)
+        )
+        assert report.status == "pass" and report.rel_diff == 0.0, report.error
+        assert report.params_slim < report.params_dense

@@ -203,7 +203,7 @@ def _root_reach(
     else:
         port, shape = 0, call.inputs[0].shape
     dim = len(shape) - 1 if call.op == "linear" else 1
-    return propagate(trace, modules, call.index, port, ChanState(dim, 0, g.width))
+    return propagate(trace, modules, call.index, port, ChanState(dim, 0, g.width), layer_calls)
 
 
 def _translate(

@@ -10,7 +10,9 @@ Torch-Pruning reports; :mod:`chase.graph.discover` compares the two.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import nn
 
@@ -37,8 +39,19 @@ class Reach:
     grouped: dict[str, int] = field(default_factory=dict)  # grouped conv module -> its groups
 
 
-def propagate(trace: Trace, modules: dict[str, nn.Module], call: int, port: int, state: ChanState) -> Reach:
-    """Walk the channels that sit at ``port`` of call ``call`` in ``state`` through the whole trace."""
+def propagate(
+    trace: Trace,
+    modules: dict[str, nn.Module],
+    call: int,
+    port: int,
+    state: ChanState,
+    layer_calls: Optional[Mapping[str, list[int]]] = None,
+) -> Reach:
+    """Walk the channels that sit at ``port`` of call ``call`` in ``state`` through the whole trace.
+
+    A layer that runs several times per forward (weights shared across FPN levels or refinement steps,
+    ``layer_calls``: its calls) carries the same channels at every call: the walk goes on from each of
+    them, so the group holds what every call reads and writes."""
     reach = Reach()
     seen: dict[tuple[int, int], ChanState] = {}
     todo = deque([(call, port, state)])
@@ -61,11 +74,12 @@ def propagate(trace: Trace, modules: dict[str, nn.Module], call: int, port: int,
             problem(str(e))
             continue
         if eff.role:
-            if trace.module_calls[rec.module] > 1:
-                problem(
-                    f"layer '{rec.module}' runs {trace.module_calls[rec.module]} times per forward "
-                    "(shared weights)"
-                )
+            runs = trace.module_calls[rec.module]
+            others = [c2 for c2 in (layer_calls or {}).get(rec.module, ()) if c2 != c]
+            if runs > 1 and (eff.role == "attention" or len(others) != runs - 1):
+                problem(f"layer '{rec.module}' runs {runs} times per forward (shared weights)")
+            for c2 in others:  # the same weights at every call: the same channels
+                todo.append((c2, p, st))
             side = 0 if eff.role in ("consumer", "norm", "depthwise") else -1
             reach.layers[(rec.module, eff.role)] = eff.ports[side]
             if eff.grouped:
