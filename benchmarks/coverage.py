@@ -244,7 +244,8 @@ def main() -> None:
     prefixes = tuple(w for w in wanted if w.endswith(":"))  # detection: -> every detector
     todo = [(n, o) for n, o in entries(load_list()) if not wanted or n in wanted or n.startswith(prefixes)]
     payload: dict[str, Any] = {
-        "machine": common.machine("cpu"),
+        # each run's threads are its child's (COVERAGE_THREADS), not this process's
+        "machine": {**common.machine("cpu"), "torch_threads": int(os.environ.get("COVERAGE_THREADS", "2"))},
         "list": str(LIST.relative_to(HERE.parent)),
         "rows": [],
     }
