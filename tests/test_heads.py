@@ -314,3 +314,35 @@ def test_prune_heads_on_a_model_without_attention_says_so():
             TinyResNet(), torch.randn(1, 3, 16, 16), channels=chase.ChannelSpec(prune_heads=True)
         )
     assert sum("no attention whose heads" in str(w.message) for w in caught) == 1
+
+
+def test_bert_style_heads_reshaped_with_view_and_permute_are_found_and_removed_exactly():
+    """transformers' BERT/RoBERTa attention: query/key/value in one module, the output projection in its
+    sibling, heads made with view + permute (issue 27)."""
+    transformers = pytest.importorskip("transformers")
+    from chase import ChannelSpec
+    from chase.check import check_model
+    from chase.graph import channel_groups
+    from chase.sparsifier.one_shot import prune_channels
+
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100
+    )
+
+    def build():
+        return transformers.BertModel(config)
+
+    x = (torch.randint(0, 100, (2, 12)),)
+    torch.manual_seed(0)
+    heads = [g for g in channel_groups(build().eval(), x, prune_heads=True) if g.kind == "heads"]
+    assert [(g.name, g.width, g.prunable) for g in heads] == [
+        (f"encoder.layer.{i}.attention:heads", 4, True) for i in (0, 1)
+    ]
+    only_heads = ChannelSpec(channel_sparsity=0.4, prune_heads=True, keep_channels=["*intermediate.dense"])
+    model = build().eval()
+    result = prune_channels(model, x, channels=only_heads)
+    counts = [layer.attention.self.num_attention_heads for layer in model.encoder.layer]
+    assert sum(result.removed.values()) == 16 * (8 - sum(counts)) > 0
+    assert model(*x).last_hidden_state.shape == (2, 12, 64)
+    report = check_model(build, x, only_heads)
+    assert report.status == "pass" and report.heads_removed > 0 and report.rel_diff <= 1e-5, report.error

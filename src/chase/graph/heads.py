@@ -6,7 +6,7 @@ of the query, key and value projections, the matching columns of the output proj
 per-head parameter (a relative position bias table). With grouped-query attention a key/value head and
 the query heads that share it go together. This module recognises the head layout of an attention
 module from its structure (no class names) and turns it into a :class:`ChannelGroup` of ``kind="heads"``
-whose entries are those units. Three layouts are known:
+whose entries are those units. Four layouts are known:
 
 - ``packed``: ``torch.nn.MultiheadAttention`` with one ``in_proj_weight`` (query, key and value rows
   stacked) and an ``out_proj`` (torchvision's ViT);
@@ -16,7 +16,10 @@ whose entries are those units. Three layouts are known:
   ``relative_position_bias_table`` and a ``get_relative_position_bias()`` (torchvision's Swin): its
   forward derives the head size from the embedding width, so surgery gives it one that does not;
 - ``split``: ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (or ``out_proj``) linear layers and an int
-  ``head_dim`` (Llama-style models from ``transformers``, grouped-query attention included).
+  ``head_dim`` (Llama-style models from ``transformers``, grouped-query attention included);
+- ``separate``: ``query``, ``key`` and ``value`` linear layers and an int ``attention_head_size`` in a
+  module whose sibling ``output`` holds the output projection ``dense`` (BERT, RoBERTa and ViT from
+  ``transformers``, which reshape to heads with ``view`` and ``permute``).
 
 Whether the module's forward still runs with fewer heads is not decided here: the sparsifier's shape
 dry run removes one head of every group on a meta copy and keeps the groups whose removal breaks it.
@@ -229,7 +232,46 @@ def _split(name: str, m: nn.Module) -> Optional[HeadLayout]:
     )
 
 
-LAYOUTS: tuple[Callable[[str, nn.Module], Optional[HeadLayout]], ...] = (_packed, _fused, _split)
+def _separate(name: str, m: nn.Module) -> Optional[HeadLayout]:
+    """A child with ``query``, ``key`` and ``value`` linear layers and an int ``attention_head_size``
+    beside ``output`` with a ``dense`` linear layer (BERT, RoBERTa, HF ViT in ``transformers``): the
+    output projection is a sibling of the attention, so the layout is recognised at their parent; its
+    module is the attention child, whose head counts change."""
+    out = getattr(m, "output", None)
+    found = [
+        (child_name, child)
+        for child_name, child in m.named_children()
+        if all(_linear(child, a) is not None for a in ("query", "key", "value"))
+    ]
+    if len(found) != 1 or not isinstance(out, nn.Module):
+        return None
+    (child, attn), p = found[0], _prefix(name)
+    q, k, v, o = _linear(attn, "query"), _linear(attn, "key"), _linear(attn, "value"), _linear(out, "dense")
+    head_dim = getattr(attn, "attention_head_size", None)
+    if q is None or k is None or v is None or o is None or not isinstance(head_dim, int) or head_dim < 1:
+        return None
+    inner = q.out_features
+    if inner % head_dim or k.out_features != inner or v.out_features != inner or o.in_features != inner:
+        return None
+    heads = inner // head_dim
+    blocks = [
+        *(
+            b
+            for a in ("query", "key", "value")
+            for b in _projection(p, f"{child}.{a}", getattr(attn, a), 0, head_dim, "producer")
+        ),
+        *_projection(p, "output.dense", o, 0, head_dim, "consumer"),
+    ]
+    extra = _per_head(f"{p}{child}.", attn, heads, inner)
+    if extra is None:
+        return None
+    module = f"{p}{child}"
+    return HeadLayout(
+        module, "separate", heads, heads, head_dim, (*blocks, *extra), (f"{module}.query.weight", head_dim)
+    )
+
+
+LAYOUTS: tuple[Callable[[str, nn.Module], Optional[HeadLayout]], ...] = (_packed, _fused, _split, _separate)
 
 
 def head_layout(name: str, module: nn.Module) -> Optional[HeadLayout]:

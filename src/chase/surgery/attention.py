@@ -225,6 +225,10 @@ def attention_attributes(module: nn.Module, layout: HeadLayout, shape_of: ShapeO
         attrs["num_key_value_heads"] = kv_heads
     if isinstance(getattr(module, "attn_dim", None), int):
         attrs["attn_dim"] = heads * layout.head_dim
+    if isinstance(getattr(module, "num_attention_heads", None), int):
+        attrs["num_attention_heads"] = heads
+    if isinstance(getattr(module, "all_head_size", None), int):
+        attrs["all_head_size"] = heads * layout.head_dim
     if layout.kind == "window":
         prefix = f"{layout.module}." if layout.module else ""
         embed = shape_of(f"{prefix}qkv.weight")[1]
@@ -253,6 +257,6 @@ def attention_modules(model: nn.Module, tensors: list[str]) -> dict[str, tuple[n
             seen.add(name)
             module = model.get_submodule(name)
             layout = head_layout(name, module)
-            if layout is not None:
-                found[name] = (module, layout)
+            if layout is not None:  # the attention module itself (a "separate" layout's is a child)
+                found[layout.module] = (model.get_submodule(layout.module), layout)
     return found
