@@ -198,7 +198,9 @@ def markdown(payload: dict[str, Any]) -> str:
     for r in rows:
         ok = r["status"] == "pass"
         params = f"{r['params_slim'] / r['params_dense']:.3f}" if ok and r.get("params_dense") else ""
-        macs = f"{r['macs_slim'] / r['macs_dense']:.3f}" if ok and r.get("macs_dense") else ""
+        # a detector's MACs count its RoI heads once per box it detects: not comparable between two models
+        per_box = r["model"].startswith(DETECTION)
+        macs = f"{r['macs_slim'] / r['macs_dense']:.3f}" if ok and r.get("macs_dense") and not per_box else ""
         groups = f"{r.get('groups', '')} ({r.get('prunable_groups', '')})" if r.get("groups") else ""
         err = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:160]
         lines.append(
@@ -206,6 +208,12 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{r.get('prunable_channels', '')} | {params} | {macs} | {r.get('seconds_total', 0):.0f} | "
             f"{err} |"
         )
+    if any(r["model"].startswith(DETECTION) for r in rows):
+        lines += [
+            "",
+            "Detectors' MACs are left out: an eval-mode forward runs the RoI heads once per detected box, "
+            "and an untrained model and its slim copy detect different numbers of boxes.",
+        ]
     lines.append("")
     return "\n".join(lines)
 
