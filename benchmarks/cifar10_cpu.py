@@ -16,7 +16,8 @@ chase_macs0.5_per_cost chase_macs0.5_normalized chase_macs0.5_uniform chase_macs
 ``--protocol latency`` (the long protocol, issue 26): Chase with prune_skip to a predicted-latency budget of
 0.6 by this CPU's CIFAR ResNet-20 latency table, channels ranked by score, by score per millisecond saved
 and uniformly (what latency_weighted is under a latency budget), two seeds each (``--methods chase_lat0.6
-chase_lat0.6_per_cost chase_lat0.6_uniform chase_lat0.6@1 ...``); RigL's accuracy is the long protocol's.
+chase_lat0.6_per_cost chase_lat0.6_uniform chase_lat0.6@1 ...``), and score per millisecond by this
+CPU's roofline (``chase_lat0.6_roofline``); RigL's accuracy is the long protocol's.
 
 Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
 reported accuracy is the FINAL model's on all 10,000 test images (no selection). For every run the script
@@ -90,6 +91,7 @@ METHODS = {
     "chase_lat0.6": "chase_lat0.6_skip",
     "chase_lat0.6_per_cost": "chase_lat0.6_skip_per_cost",
     "chase_lat0.6_uniform": "chase_lat0.6_skip_uniform",
+    "chase_lat0.6_roofline": "chase_lat0.6_skip_roofline",
 }
 SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
 SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]
