@@ -346,3 +346,22 @@ def test_bert_style_heads_reshaped_with_view_and_permute_are_found_and_removed_e
     assert model(*x).last_hidden_state.shape == (2, 12, 64)
     report = check_model(build, x, only_heads)
     assert report.status == "pass" and report.heads_removed > 0 and report.rel_diff <= 1e-5, report.error
+
+
+def test_distilbert_heads_with_their_own_projection_names_are_removed_exactly():
+    transformers = pytest.importorskip("transformers")
+    from chase import ChannelSpec
+    from chase.check import check_model
+    from chase.sparsifier.one_shot import prune_channels
+
+    config = transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=100)
+    x = (torch.randint(0, 100, (2, 12)),)
+    only_heads = ChannelSpec(channel_sparsity=0.4, prune_heads=True, keep_channels=["*ffn.lin1"])
+    torch.manual_seed(0)
+    model = transformers.DistilBertModel(config).eval()
+    result = prune_channels(model, x, channels=only_heads)
+    counts = [layer.attention.n_heads for layer in model.transformer.layer]
+    assert sum(result.removed.values()) == 16 * (8 - sum(counts)) > 0
+    assert model(*x).last_hidden_state.shape == (2, 12, 64)
+    report = check_model(lambda: transformers.DistilBertModel(config), x, only_heads)
+    assert report.status == "pass" and report.heads_removed > 0 and report.rel_diff <= 1e-5, report.error

@@ -16,7 +16,8 @@ whose entries are those units. Four layouts are known:
   ``relative_position_bias_table`` and a ``get_relative_position_bias()`` (torchvision's Swin): its
   forward derives the head size from the embedding width, so surgery gives it one that does not;
 - ``split``: ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (or ``out_proj``) linear layers and an int
-  ``head_dim`` (Llama-style models from ``transformers``, grouped-query attention included);
+  ``head_dim`` (Llama-style models from ``transformers``, grouped-query attention included), or the
+  same under DistilBERT's names (:data:`SPLIT_NAMES`);
 - ``separate``: ``query``, ``key`` and ``value`` linear layers and an int ``attention_head_size`` in a
   module whose sibling ``output`` holds the output projection ``dense`` (BERT, RoBERTa and ViT from
   ``transformers``, which reshape to heads with ``view`` and ``permute``).
@@ -198,10 +199,28 @@ def _window(m: nn.Module) -> bool:
     )
 
 
+#: the names of a ``split`` layout's projections and head size: (query, key, value, outputs, head size).
+SPLIT_NAMES = (
+    ("q_proj", "k_proj", "v_proj", ("o_proj", "out_proj"), "head_dim"),  # Llama-style
+    ("q_lin", "k_lin", "v_lin", ("out_lin",), "attention_head_size"),  # DistilBERT
+)
+
+
 def _split(name: str, m: nn.Module) -> Optional[HeadLayout]:
-    q, k, v = _linear(m, "q_proj"), _linear(m, "k_proj"), _linear(m, "v_proj")
-    out_attr = "o_proj" if _linear(m, "o_proj") is not None else "out_proj"
-    o, head_dim = _linear(m, out_attr), getattr(m, "head_dim", None)
+    for q_attr, k_attr, v_attr, outs, size in SPLIT_NAMES:
+        layout = _split_named(name, m, (q_attr, k_attr, v_attr), outs, size)
+        if layout is not None:
+            return layout
+    return None
+
+
+def _split_named(
+    name: str, m: nn.Module, qkv: tuple[str, str, str], outs: tuple[str, ...], size: str
+) -> Optional[HeadLayout]:
+    q_attr, k_attr, v_attr = qkv
+    q, k, v = _linear(m, q_attr), _linear(m, k_attr), _linear(m, v_attr)
+    out_attr = next((a for a in outs if _linear(m, a) is not None), outs[0])
+    o, head_dim = _linear(m, out_attr), getattr(m, size, None)
     if q is None or k is None or v is None or o is None or not isinstance(head_dim, int) or head_dim < 1:
         return None
     if q.out_features % head_dim or k.out_features % head_dim or v.out_features != k.out_features:
@@ -212,9 +231,9 @@ def _split(name: str, m: nn.Module) -> Optional[HeadLayout]:
     g = heads // kv_heads
     p = _prefix(name)
     blocks = [
-        *_projection(p, "q_proj", q, 0, g * head_dim, "producer"),
-        *_projection(p, "k_proj", k, 0, head_dim, "producer"),
-        *_projection(p, "v_proj", v, 0, head_dim, "producer"),
+        *_projection(p, q_attr, q, 0, g * head_dim, "producer"),
+        *_projection(p, k_attr, k, 0, head_dim, "producer"),
+        *_projection(p, v_attr, v, 0, head_dim, "producer"),
         *_projection(p, out_attr, o, 0, g * head_dim, "consumer"),
     ]
     extra = _per_head(p, m, heads, heads * head_dim)
@@ -227,8 +246,8 @@ def _split(name: str, m: nn.Module) -> Optional[HeadLayout]:
         kv_heads,
         head_dim,
         (*blocks, *extra),
-        (f"{p}q_proj.weight", head_dim),
-        (f"{p}k_proj.weight", head_dim),
+        (f"{p}{q_attr}.weight", head_dim),
+        (f"{p}{k_attr}.weight", head_dim),
     )
 
 

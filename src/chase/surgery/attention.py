@@ -225,6 +225,8 @@ def attention_attributes(module: nn.Module, layout: HeadLayout, shape_of: ShapeO
         attrs["num_key_value_heads"] = kv_heads
     if isinstance(getattr(module, "attn_dim", None), int):
         attrs["attn_dim"] = heads * layout.head_dim
+    if isinstance(getattr(module, "n_heads", None), int):
+        attrs["n_heads"] = heads
     if isinstance(getattr(module, "num_attention_heads", None), int):
         attrs["num_attention_heads"] = heads
     if isinstance(getattr(module, "all_head_size", None), int):
