@@ -14,6 +14,7 @@ relative output difference, seconds.
 
     python benchmarks/heads_models.py                       # about 6 minutes on 2 cores
     python benchmarks/heads_models.py --only timm:deit_tiny_patch16_224 --out /tmp/heads
+    python benchmarks/heads_models.py --only bert,distilbert --name heads_models_encoders
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 import common
+from chase import ChannelSpec
 from chase.check import check_model
 from chase.models import get_model
 
@@ -41,6 +43,9 @@ MODELS = {
     "timm:vit_small_patch16_224": "*mlp.fc1",
     "timm:swin_tiny_patch4_window7_224": "*mlp.fc1",
     "llama_gqa": "*gate_proj",
+    # issue 27: encoders from transformers whose attention reshapes to heads with view + permute
+    "bert": "*intermediate.dense",
+    "distilbert": "*ffn.lin1",
 }
 
 
@@ -67,9 +72,38 @@ class LlamaLogits(nn.Module):
         return self.lm(ids).logits
 
 
+class EncoderStates(nn.Module):
+    """A 4-layer BERT or DistilBERT encoder from ``transformers`` (config only, no weights, width 256, 4
+    heads) returning its last hidden states."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        import transformers
+
+        if kind == "bert":
+            cfg = transformers.BertConfig(
+                vocab_size=512,
+                hidden_size=256,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=1024,
+            )
+            self.encoder = transformers.BertModel(cfg, add_pooling_layer=False)
+        else:
+            cfg = transformers.DistilBertConfig(
+                vocab_size=512, dim=256, n_layers=4, n_heads=4, hidden_dim=1024
+            )
+            self.encoder = transformers.DistilBertModel(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(ids).last_hidden_state
+
+
 def _case(name: str) -> tuple[Callable[[], nn.Module], torch.Tensor]:
     if name == "llama_gqa":
         return LlamaLogits, torch.randint(0, 512, (2, 64))
+    if name in ("bert", "distilbert"):
+        return (lambda: EncoderStates(name)), torch.randint(0, 512, (2, 64))
     return (lambda: get_model(name, num_classes=10)), torch.randn(2, 3, 224, 224)
 
 
@@ -77,7 +111,8 @@ def run_one(name: str, heads_only: bool) -> dict[str, Any]:
     build, x = _case(name)
     keep = [MODELS[name]] if heads_only else []
     t = time.perf_counter()
-    report = check_model(build, x, prune_heads=True, keep_channels=keep, steps=6)
+    channels = ChannelSpec(channel_sparsity=0.5, prune_heads=True, keep_channels=keep)
+    report = check_model(build, x, channels, steps=6)
     row = {"model": name, "pruned": "heads only" if heads_only else "neurons + heads", "keep_channels": keep}
     return {**row, "seconds": time.perf_counter() - t, **report.to_dict()}
 
@@ -117,6 +152,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated model names")
     p.add_argument("--out", default=str(common.RESULTS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default="heads_models", help="result files' name (NAME.json, NAME.md)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     names = [n for n in args.only.split(",") if n] or list(MODELS)
@@ -124,7 +160,7 @@ def main() -> None:
     for name in names:
         for heads_only in (False, True):
             payload["rows"].append(run_one(name, heads_only))
-            common.write("heads_models", payload, markdown(payload), folder=pathlib.Path(args.out))
+            common.write(args.name, payload, markdown(payload), folder=pathlib.Path(args.out))
             print(markdown(payload).splitlines()[-1], flush=True)
 
 
