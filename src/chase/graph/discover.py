@@ -227,8 +227,7 @@ def _translate(
     for item in g.items:
         slots += _slots(item, modules, reach, problems)
     for name, st in reach.buffers.items():
-        index = torch.arange(st.start, st.stop).reshape(-1, st.k)
-        slots.append(Slot(name, name.rpartition(".")[0], st.dim, index, "param"))
+        slots.append(Slot(name, name.rpartition(".")[0], st.dim, _positions(st), "param"))
     width = g.width
     if reach.grouped and not problems:
         slots, width = _grouped_units(g, slots, modules, reach, problems)
@@ -345,8 +344,13 @@ def _param_size(modules: dict[str, nn.Module], fqn: str, dim: int) -> int:
     return t.shape[dim] if -t.dim() <= dim < t.dim() else 0
 
 
+def _positions(st: ChanState) -> torch.Tensor:
+    """``LongTensor[width, k]``: the positions of each of the state's channels along its dim."""
+    return torch.arange(st.start, st.stop).reshape(-1, st.k)
+
+
 def _same(index: torch.Tensor, st: ChanState) -> bool:
-    expect = torch.arange(st.start, st.stop).reshape(-1, st.k)
+    expect = _positions(st)
     return index.shape == expect.shape and torch.equal(index, expect)
 
 

@@ -76,6 +76,22 @@ class CostSource:
     metavar: str = "VALUE"
 
 
+def _preset(value: str) -> str:
+    """The device part of a roofline option's value (``h200`` of ``h200:eager@256``)."""
+    return value.split("@")[0].split(":")[0]
+
+
+def _load_table(value: Any) -> LatencyTable:
+    """A latency table from its file or dict; a roofline's device name given instead is named as one."""
+    if isinstance(value, str) and not os.path.exists(value) and _preset(value) in DEVICES:
+        raise ValueError(
+            f"{value!r} is not a latency table's file: for the {_preset(value)} roofline give "
+            f"Roofline.parse({value!r}) (chase.sparsifier.roofline), roofline={value} in a config or "
+            f"--roofline {value}"
+        )
+    return LatencyTable.load(value)
+
+
 #: every kind of cost model by the option that gives it.
 COST_SOURCES: dict[str, CostSource] = {
     s.name: s
@@ -83,7 +99,7 @@ COST_SOURCES: dict[str, CostSource] = {
         CostSource(
             "latency_table",
             LatencyTable,
-            lambda value: _load_table(value),  # defined below, with the roofline names it refuses
+            _load_table,
             "a latency table `chase profile` measured for this model on the target device (JSON file): "
             "for target=latency and channel_rank=latency_weighted",
             "a file `chase profile` wrote, or its dict",
@@ -117,22 +133,6 @@ def cost_model(value: Any) -> CostModel:
         f"a cost model must be one of {', '.join(s.type.__name__ for s in COST_SOURCES.values())} (or a "
         f"latency table's JSON file or dict), got {type(value).__name__}"
     )
-
-
-def _preset(value: str) -> str:
-    """The device part of a roofline option's value (``h200`` of ``h200:eager@256``)."""
-    return value.split("@")[0].split(":")[0]
-
-
-def _load_table(value: Any) -> LatencyTable:
-    """A latency table from its file or dict; a roofline's device name given instead is named as one."""
-    if isinstance(value, str) and not os.path.exists(value) and _preset(value) in DEVICES:
-        raise ValueError(
-            f"{value!r} is not a latency table's file: for the {_preset(value)} roofline give "
-            f"Roofline.parse({value!r}) (chase.sparsifier.roofline), roofline={value} in a config or "
-            f"--roofline {value}"
-        )
-    return LatencyTable.load(value)
 
 
 def describe_cost(cost: Any) -> str:

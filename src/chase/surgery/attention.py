@@ -218,19 +218,17 @@ def attention_attributes(module: nn.Module, layout: HeadLayout, shape_of: ShapeO
     tensor, rows = layout.count
     if shape_of(tensor)[0] % rows:
         raise ValueError(f"{shape_of(tensor)[0]} rows of {tensor!r} are not whole heads of {rows} rows")
-    attrs: dict[str, Any] = {}
-    if isinstance(getattr(module, "num_heads", None), int):
-        attrs["num_heads"] = heads
-    if isinstance(getattr(module, "num_key_value_heads", None), int):
-        attrs["num_key_value_heads"] = kv_heads
-    if isinstance(getattr(module, "attn_dim", None), int):
-        attrs["attn_dim"] = heads * layout.head_dim
-    if isinstance(getattr(module, "n_heads", None), int):
-        attrs["n_heads"] = heads
-    if isinstance(getattr(module, "num_attention_heads", None), int):
-        attrs["num_attention_heads"] = heads
-    if isinstance(getattr(module, "all_head_size", None), int):
-        attrs["all_head_size"] = heads * layout.head_dim
+    inner = heads * layout.head_dim
+    # the int attributes attention modules keep their head counts and width in, where a module has them
+    counts = {
+        "num_heads": heads,
+        "n_heads": heads,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "attn_dim": inner,
+        "all_head_size": inner,
+    }
+    attrs: dict[str, Any] = {a: v for a, v in counts.items() if isinstance(getattr(module, a, None), int)}
     if layout.kind == "window":
         prefix = f"{layout.module}." if layout.module else ""
         embed = shape_of(f"{prefix}qkv.weight")[1]
