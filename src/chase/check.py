@@ -61,6 +61,8 @@ class CheckReport:
     error: str = ""
     error_type: str = ""
     warnings: list[str] = field(default_factory=list)
+    kept: str = ""  # why channel groups are kept, counted by cause (ChannelGraph.why_kept)
+    explain: str = ""  # the channel graph, a line per group with why a kept one is kept (its summary)
 
     @property
     def ok(self) -> bool:
@@ -236,6 +238,7 @@ def _run(
         update_every=2,
     )
     rep.groups, rep.prunable_groups = len(sp.graph), len(sp.groups)
+    rep.kept, rep.explain = sp.graph.why_kept(), sp.graph.summary()
     rep.prunable_channels = sp.total_channels
     rep.seconds_build = time.perf_counter() - t
 

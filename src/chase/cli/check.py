@@ -40,7 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import chase
     from chase.check import CHECK_CHANNELS, check_model
     from chase.cli.args import given_spec_args
     from chase.cli.common import claim_output, write_json
@@ -62,13 +61,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model} (input {args.input}, {options}): {report.summary()}")
     for w in report.warnings:
         print(f"  warning: {w}")
-    graph = chase.channel_groups(
-        get_model(args.model, num_classes=args.num_classes).eval(),
-        torch.randn(1, 3, args.input, args.input),
-        prune_skip=channels.prune_skip,
-        prune_heads=channels.prune_heads,
-    )
-    print(graph.summary() if args.explain else f"  {graph.why_kept() or 'every channel group is prunable'}")
+    if report.explain:  # the graph check_model traced (none when the model failed before it)
+        print(report.explain if args.explain else f"  {report.kept or 'every channel group is prunable'}")
     if args.out:
         write_json(report.to_dict(), args.out)
     return 0 if report.ok else 1
