@@ -17,7 +17,9 @@ chase_macs0.5_per_cost chase_macs0.5_normalized chase_macs0.5_uniform chase_macs
 0.6 by this CPU's CIFAR ResNet-20 latency table, channels ranked by score, by score per millisecond saved
 and uniformly (what latency_weighted is under a latency budget), two seeds each (``--methods chase_lat0.6
 chase_lat0.6_per_cost chase_lat0.6_uniform chase_lat0.6@1 ...``), and score per millisecond by this
-CPU's roofline (``chase_lat0.6_roofline``); RigL's accuracy is the long protocol's.
+CPU's roofline (``chase_lat0.6_roofline``, and at a budget of 0.5: ``chase_lat0.5_roofline``); RigL's
+accuracy is the long protocol's. ``--name`` writes the results under another stem (a second table of the
+same protocol).
 
 Every run is ``chase train``'s own code with the protocol YAML + ``configs/methods/<method>.yaml``; the
 reported accuracy is the FINAL model's on all 10,000 test images (no selection). For every run the script
@@ -92,6 +94,7 @@ METHODS = {
     "chase_lat0.6_per_cost": "chase_lat0.6_skip_per_cost",
     "chase_lat0.6_uniform": "chase_lat0.6_skip_uniform",
     "chase_lat0.6_roofline": "chase_lat0.6_skip_roofline",
+    "chase_lat0.5_roofline": "chase_lat0.5_skip_roofline",
 }
 SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
 SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]
@@ -448,6 +451,7 @@ def main() -> None:
     )
     p.add_argument("--runs", default=None, help="folder of the run folders (default per protocol)")
     p.add_argument("--out", default=str(common.RESULTS), help="folder of the result files")
+    p.add_argument("--name", default=None, help="stem of the result files (default per protocol)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=128, help="the larger batch size of the speed comparison")
     p.add_argument("--smoke", action="store_true", help="1 epoch, tiny schedules: checks the script only")
@@ -456,6 +460,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     protocol, stem, runs = PROTOCOLS[args.protocol]
+    stem = args.name or stem
     args.runs = args.runs or str(ROOT / runs)
     runs_wanted = [parse_run(m) for m in (args.methods or list(METHODS))]
     base = load_config([protocol], [f"data_dir={args.data_dir}", *args.set, *(SMOKE if args.smoke else [])])

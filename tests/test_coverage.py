@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from chase import ChannelSpec
 from chase.check import check_model
 from chase.models import get_model
 
@@ -28,7 +29,7 @@ def test_family(name: str) -> None:
     report = check_model(
         lambda: get_model(name, num_classes=10, **kwargs),
         torch.randn(2, 3, size, size),
-        prune_skip=True,
+        ChannelSpec(channel_sparsity=0.5, prune_skip=True),
         steps=6,
     )
     assert report.ok, report.summary()

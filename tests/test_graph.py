@@ -791,12 +791,122 @@ def test_a_layer_run_several_times_is_one_group_across_its_calls():
 
     graph = chase.channel_groups(_SharedHead(), torch.randn(1, 3, 16, 16))
     assert graph["head1"].prunable and graph["up"].prunable  # a shared conv, a shared linear
-    # stem's channels and down's meet in head1's input columns (one weight, two calls): coupled, and
-    # Torch-Pruning does not see it, so the group is kept rather than pruned half-way
-    assert not graph["stem"].prunable and "disagree" in graph["stem"].reason
+    # stem's channels and down's meet in head1's input columns (one weight, two calls): channel j of
+    # both is one unit, walked from each call of head1 back to its producer
+    stem = graph["stem"]
+    assert stem.prunable and {("down.weight", "producer"), ("stem.weight", "producer")} <= {
+        (s.tensor, s.role) for s in stem.slots
+    }
     for skip in (False, True):
         report = check_model(
             _SharedHead, torch.randn(2, 3, 16, 16), ChannelSpec(channel_sparsity=0.5, prune_skip=skip)
         )
         assert report.status == "pass" and report.rel_diff == 0.0, report.error
         assert report.params_slim < report.params_dense
+
+
+#: ways to cut a projection's output into value and gate halves
+_CUTS = {
+    "tensor.chunk": lambda h: h.chunk(2, dim=1),
+    "torch.chunk": lambda h: torch.chunk(h, 2, 1),
+    "torch.split": lambda h: torch.split(h, h.shape[1] // 2, dim=1),
+    "tensor_split": lambda h: torch.tensor_split(h, 2, dim=1),
+    "slices": lambda h: (h[:, : h.shape[1] // 2], h[:, h.shape[1] // 2 :]),
+    "constant split": lambda h: torch.split(h, 8, dim=1),
+    "constant slices": lambda h: (h[:, :8], h[:, 8:]),
+}
+
+
+class _ConvGLU(nn.Module):
+    """``a, g = proj(x)`` cut in two along the channels, ``out(a * sigmoid(g))``: channel i of the value
+    and channel i of the gate are one unit with ``out``'s input column i."""
+
+    def __init__(self, cut: str = "tensor.chunk") -> None:
+        super().__init__()
+        self.cut = _CUTS[cut]
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj, self.out = nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.cut(self.proj(torch.relu(self.stem(x))))
+        return self.fc(self.out(a * torch.sigmoid(g)).mean((2, 3)))
+
+
+class _SwiGLU(nn.Module):
+    """A transformer MLP with one fused projection for value and gate, inside a residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 32), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        a, g = self.fc1(h).chunk(2, dim=-1)
+        return self.head(h + self.fc2(torch.nn.functional.silu(g) * a))
+
+
+def _pair_group(graph, producer: str):
+    """The group in which ``producer``'s rows come in value/gate pairs."""
+    return next(g for g in graph if any(s.tensor == producer and s.index.shape[1] == 2 for s in g.slots))
+
+
+@pytest.mark.parametrize("cut", ["tensor.chunk", "torch.chunk", "torch.split", "tensor_split", "slices"])
+def test_a_gated_split_is_one_unit_of_value_and_gate_channels(cut):
+    from chase import ChannelSpec
+    from chase.check import check_model
+
+    graph = channel_groups(_ConvGLU(cut), torch.randn(1, 3, 8, 8))
+    pair = _pair_group(graph, "proj.weight")
+    assert pair.prunable and pair.width == 8, str(graph)
+    rows = next(s.index for s in pair.slots if s.tensor == "proj.weight")
+    assert rows.tolist() == [[i, i + 8] for i in range(8)]  # value i and gate i
+    cols = next(s.index for s in pair.slots if s.tensor == "out.weight")
+    assert cols.tolist() == [[i] for i in range(8)]
+    assert "proj" not in {g.name for g in graph}  # no second group claims proj's rows
+    report = check_model(lambda: _ConvGLU(cut), torch.randn(2, 3, 8, 8), ChannelSpec(channel_sparsity=0.5))
+    assert report.status == "pass" and report.rel_diff == 0.0, report.error
+    assert report.params_slim < report.params_dense
+
+
+@pytest.mark.parametrize("cut", ["constant split", "constant slices"])
+def test_a_split_at_sizes_written_as_numbers_is_kept_and_says_why(cut):
+    graph = channel_groups(_ConvGLU(cut), torch.randn(1, 3, 8, 8))
+    pair = _pair_group(graph, "proj.weight")
+    assert not pair.prunable and "sizes written as numbers" in pair.reason and "use chunk" in pair.reason
+    assert graph["stem"].prunable  # the rest of the model is unaffected
+
+
+def test_swiglu_and_timm_glumlp_shrink_without_prune_skip():
+    import timm
+
+    from chase import ChannelSpec
+    from chase.check import check_model
+
+    graph = channel_groups(_SwiGLU(), torch.randn(2, 5, 6))
+    assert _pair_group(graph, "fc1.weight").prunable, str(graph)
+    report = check_model(_SwiGLU, torch.randn(2, 5, 6), ChannelSpec(channel_sparsity=0.5))
+    assert report.status == "pass" and report.rel_diff == 0.0 and report.params_slim < report.params_dense
+
+    def glu_mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(6, 8), timm.layers.GluMlp(8, 32, act_layer=nn.SiLU), nn.Linear(8, 3))
+
+    graph = channel_groups(glu_mlp(), torch.randn(2, 6))
+    assert _pair_group(graph, "1.fc1.weight").prunable, str(graph)
+    report = check_model(glu_mlp, torch.randn(2, 6), ChannelSpec(channel_sparsity=0.5))
+    assert report.status == "pass" and report.rel_diff == 0.0 and report.params_slim < report.params_dense
+
+    def vit_swiglu() -> nn.Module:  # timm's packed SwiGLU MLP over (batch, tokens, features)
+        from timm.layers import SwiGLUPacked
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(
+            img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_ratio=4, num_classes=3,
+            mlp_layer=SwiGLUPacked, act_layer=nn.SiLU,
+        )  # fmt: skip
+
+    graph = channel_groups(vit_swiglu(), torch.randn(1, 3, 16, 16))
+    assert _pair_group(graph, "blocks.0.mlp.fc1.weight").prunable, str(graph)
+    report = check_model(vit_swiglu, torch.randn(2, 3, 16, 16), ChannelSpec(channel_sparsity=0.5))
+    assert report.status == "pass" and report.rel_diff == 0.0 and report.params_slim < report.params_dense

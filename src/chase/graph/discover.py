@@ -22,7 +22,7 @@ from chase.graph.channel_graph import ChannelGraph
 from chase.graph.heads import attention_layouts, head_sides, with_head_groups
 from chase.graph.propagate import Reach, propagate
 from chase.graph.rule_base import ChanState
-from chase.graph.trace import Trace, unwrap_model
+from chase.graph.trace import Trace, prepare_inputs, unwrap_model
 from chase.graph.types import ChannelGroup, Slot
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ def channel_groups(
                     stacklevel=2,
                 )
                 _restore(modes, buffers)
+                train_inputs = example_inputs
                 dg, trace = tp_groups.build(model, example_inputs, keep_mode=False)
-            groups = _groups(model, dg, trace, prune_skip, prune_heads)
+            groups = _groups(model, dg, trace, prune_skip, prune_heads, train_inputs)
     finally:
         _restore(modes, buffers)
         _drop_new_hooks(hooks)
@@ -157,7 +158,7 @@ def _drop_new_hooks(before: dict[nn.Module, tuple[set[int], set[int]]]) -> None:
 
 
 def _groups(
-    model: nn.Module, dg: Any, trace: Trace, prune_skip: bool, prune_heads: bool
+    model: nn.Module, dg: Any, trace: Trace, prune_skip: bool, prune_heads: bool, inputs: Any
 ) -> list[ChannelGroup]:
     modules = dict(model.named_modules())
     names: dict[Any, str] = {m: n for n, m in reversed(list(model.named_modules()))}
@@ -170,20 +171,27 @@ def _groups(
     skip = head_sides(layouts)
     done_out: set[str] = {layer for layer, side in skip if side == "out"}
     done_in: set[str] = {layer for layer, side in skip if side == "in"}
-    raw = []
+    raw, deferred = [], []
     roots = tp_groups.roots(dg, model)
     for side in ("out", "in"):
         for name, m in roots:
             if name in (done_out if side == "out" else done_in):
                 continue
             g = tp_groups.group(dg, names, m, side)
+            if side == "out" and not g.problems and any(i.index is None for i in g.items):
+                # The layer's channels do not map one-to-one onto a consumer's: a split of them (a GLU's
+                # value and gate halves). The consumers' input groups hold the real units; this group
+                # stands only if none of them takes the layer's channels.
+                deferred.append(g)
+                continue
             outs, ins = tp_groups.covered(g)
             done_out |= outs
             done_in |= ins
             raw.append(g)
+    raw += [g for g in deferred if g.root not in done_out]
     order = {n: i for i, (n, _) in enumerate(roots)}
     raw.sort(key=lambda g: (order[g.root], g.side == "in"))
-    groups = [_translate(g, modules, trace, layer_calls, prune_skip) for g in raw]
+    groups = [_translate(g, modules, trace, layer_calls, prune_skip, model, inputs) for g in raw]
     groups = with_head_groups(model, groups, layouts, prune_heads=prune_heads)
     _check_disjoint(groups)
     return groups
@@ -212,6 +220,8 @@ def _translate(
     trace: Trace,
     layer_calls: dict[str, list[int]],
     prune_skip: bool,
+    model: nn.Module,
+    inputs: Any,
 ) -> ChannelGroup:
     """One Torch-Pruning group -> one ChannelGroup, checked against the op rules."""
     reach = _root_reach(g, modules, trace, layer_calls)
@@ -227,10 +237,15 @@ def _translate(
     for item in g.items:
         slots += _slots(item, modules, reach, problems)
     for name, st in reach.buffers.items():
-        slots.append(Slot(name, name.rpartition(".")[0], st.dim, _positions(st), "param"))
+        slots.append(Slot(name, name.rpartition(".")[0], st.dim, st.positions(), "param"))
     width = g.width
     if reach.grouped and not problems:
         slots, width = _grouped_units(g, slots, modules, reach, problems)
+    if reach.sized and not problems and not _follows_narrower(model, inputs, slots, modules):
+        problems.append(
+            f"{reach.sized[0]} at sizes written as numbers, which would not follow a narrower tensor: "
+            "compute them from the tensor's shape (h.shape[1] // 2) or use chunk"
+        )
     reason, residual = _decide(g, reach, problems, slots, prune_skip)
     name = g.root if g.side == "out" else f"{g.root}:in"
     return ChannelGroup(
@@ -344,13 +359,43 @@ def _param_size(modules: dict[str, nn.Module], fqn: str, dim: int) -> int:
     return t.shape[dim] if -t.dim() <= dim < t.dim() else 0
 
 
-def _positions(st: ChanState) -> torch.Tensor:
-    """``LongTensor[width, k]``: the positions of each of the state's channels along its dim."""
-    return torch.arange(st.start, st.stop).reshape(-1, st.k)
+@torch.no_grad()
+def _follows_narrower(
+    model: nn.Module, inputs: Any, slots: list[Slot], modules: dict[str, nn.Module]
+) -> bool:
+    """Whether the forward still runs with the group's first channel removed from every slot: the check
+    for splits and slices of the channels whose sizes the code may have written as constants. The
+    tensors are swapped in place for the one forward and put back."""
+    saved: list[tuple[nn.Module, str, dict[str, Any], Any]] = []
+    try:
+        for s in slots:
+            owner = modules[s.tensor.rpartition(".")[0]]
+            attr = s.tensor.rpartition(".")[2]
+            table = owner._parameters if attr in owner._parameters else owner._buffers
+            t = table[attr]
+            keep = torch.ones(t.shape[s.dim], dtype=torch.bool)
+            keep[s.index[0]] = False
+            narrow = t.detach()[(slice(None),) * s.dim + (keep,)]
+            saved.append((owner, attr, table, t))
+            table[attr] = nn.Parameter(narrow, requires_grad=False) if table is owner._parameters else narrow
+        args, kwargs, _ = prepare_inputs(inputs)
+        training = model.training
+        model.eval()
+        try:
+            model(*args, **kwargs)
+        finally:
+            model.train(training)
+        return True
+    except Exception as e:  # the shapes no longer fit: what a constant size does
+        log.debug("trial forward without one channel failed: %s", e)
+        return False
+    finally:
+        for _owner, attr, table, t in reversed(saved):
+            table[attr] = t
 
 
 def _same(index: torch.Tensor, st: ChanState) -> bool:
-    expect = _positions(st)
+    expect = st.positions()
     return index.shape == expect.shape and torch.equal(index, expect)
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 from torch import nn
 
 from chase.graph import rules
-from chase.graph.rule_base import ChanState, Unsupported
+from chase.graph.rule_base import ChanState, Unsupported, union
 from chase.graph.trace import Trace
 
 
@@ -37,6 +37,7 @@ class Reach:
     from_input: bool = False
     to_output: list[str] = field(default_factory=list)
     grouped: dict[str, int] = field(default_factory=dict)  # grouped conv module -> its groups
+    sized: list[str] = field(default_factory=list)  # splits/slices of the channels by written sizes
 
 
 def propagate(
@@ -54,19 +55,38 @@ def propagate(
     them, so the group holds what every call reads and writes."""
     reach = Reach()
     seen: dict[tuple[int, int], ChanState] = {}
-    todo = deque([(call, port, state)])
+    # (call, port, state, whether the channels came along the tensor at that port: then the walk does not
+    # go back along it; the root and another call of a shared layer start there and walk both ways)
+    todo = deque([(call, port, state, False)])
 
     def problem(msg: str) -> None:
         if msg not in reach.problems:
             reach.problems.append(msg)
 
+    def arrive(key: tuple[int, int], st: ChanState) -> Optional[ChanState]:
+        """The state to walk on from ``key`` now, or None when nothing new arrived there. The same
+        channels arriving at other positions of the same tensor (a GLU's value and gate halves) widen
+        its state: the walk goes on with both; states that cannot be merged are a problem."""
+        old = seen.get(key)
+        if old == st:
+            return None
+        if old is not None:
+            merged = union(old, st)
+            if merged is None:
+                problem(f"{trace.calls[key[0]].where()} sees the channels at two different positions")
+                return None
+            if merged == old:
+                return None
+            st = merged
+        seen[key] = st
+        return st
+
     while todo:
-        c, p, st = todo.popleft()
-        if (c, p) in seen:
-            if seen[(c, p)] != st:
-                problem(f"{trace.calls[c].where()} sees the channels at two different positions")
+        c, p, st, came = todo.popleft()
+        new = arrive((c, p), st)
+        if new is None:
             continue
-        seen[(c, p)] = st
+        st = new
         rec = trace.calls[c]
         try:
             eff = rules.apply(rec, p, st, modules.get(rec.module))
@@ -79,7 +99,7 @@ def propagate(
             if runs > 1 and (eff.role == "attention" or len(others) != runs - 1):
                 problem(f"layer '{rec.module}' runs {runs} times per forward (shared weights)")
             for c2 in others:  # the same weights at every call: the same channels
-                todo.append((c2, p, st))
+                todo.append((c2, p, st, False))
             side = 0 if eff.role in ("consumer", "norm", "depthwise") else -1
             reach.layers[(rec.module, eff.role)] = eff.ports[side]
             if eff.grouped:
@@ -90,31 +110,35 @@ def propagate(
             reach.residual.append(rec.where())
         if eff.mixing and eff.mixing not in reach.mixing:
             reach.mixing.append(eff.mixing)
+        if eff.sized and eff.sized not in reach.sized:
+            reach.sized.append(eff.sized)
         for q, s in eff.ports.items():
             if q != p:
-                if (c, q) in seen:
-                    if seen[(c, q)] != s:
-                        problem(f"{rec.where()} sees the channels at two different positions")
+                new = arrive((c, q), s)
+                if new is None:
                     continue
-                seen[(c, q)] = s
+                s = new
             if q < 0:
                 if (c, -1 - q) in trace.outputs:
                     reach.to_output.append(rec.where())
                 for c2, p2 in trace.consumers.get((c, -1 - q), ()):
-                    todo.append((c2, p2, s))
+                    todo.append((c2, p2, s, True))
                 continue
             ref = rec.inputs[q]
-            if q == p and ref.kind == "call":
+            if q == p and came:
                 continue  # that is where the channels came from
             if ref.kind == "call":
-                todo.append((ref.ref, -1 - ref.out, s))
+                todo.append((ref.ref, -1 - ref.out, s, True))
             elif ref.kind == "input":
                 reach.from_input = True
             elif ref.kind in ("param", "buffer"):
                 found = reach.params if ref.kind == "param" else reach.buffers
-                if found.setdefault(ref.ref, s) != s:
+                merged = union(found[ref.ref], s) if ref.ref in found else s
+                if merged is None:
                     what = "parameter" if ref.kind == "param" else "buffer"
                     problem(f"{what} '{ref.ref}' carries the channels twice")
+                else:
+                    found[ref.ref] = merged
             else:
                 problem(
                     f"{rec.where()} combines the channels with a {ref.kind} tensor of shape "

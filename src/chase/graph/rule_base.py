@@ -8,10 +8,12 @@ naming the layer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from chase.graph.trace import Call
@@ -25,16 +27,57 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class ChanState:
-    """The group's channels occupy positions ``[start, stop)`` of dimension ``dim``, ``k`` per channel."""
+    """The group's channels occupy positions ``[start, stop)`` of dimension ``dim``, ``k`` per channel.
+
+    ``also``: the starts of further blocks of the same length that carry the same channels (channel ``j``
+    also sits at ``o + j * k`` for each ``o``): the value and gate halves of a tensor that is split and
+    multiplied back together (a GLU) are one channel each, and removing it removes both positions.
+    """
 
     dim: int
     start: int
     stop: int
     k: int = 1
+    also: tuple[int, ...] = ()
 
     @property
     def width(self) -> int:
         return (self.stop - self.start) // self.k
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return (self.start, *self.also)
+
+    def shifted(self, offset: int) -> ChanState:
+        """The same channels ``offset`` positions further along ``dim``."""
+        return replace(
+            self,
+            start=self.start + offset,
+            stop=self.stop + offset,
+            also=tuple(o + offset for o in self.also),
+        )
+
+    def positions(self) -> torch.Tensor:
+        """``LongTensor[width, k * blocks]``: the positions of each channel along ``dim``, ascending."""
+        n = self.stop - self.start
+        return torch.cat([torch.arange(s, s + n).reshape(-1, self.k) for s in self.starts], dim=1)
+
+
+def blocks(starts: list[int], st: ChanState) -> ChanState:
+    """``st``'s channels in the blocks starting at ``starts`` (ascending)."""
+    return replace(st, start=starts[0], stop=starts[0] + st.stop - st.start, also=tuple(starts[1:]))
+
+
+def union(a: ChanState, b: ChanState) -> Optional[ChanState]:
+    """The channels of two states at once when they are the same channels at disjoint positions of one
+    dim (reached along two paths, as a GLU's value and gate halves are); None when they cannot be."""
+    if a.dim != b.dim or a.k != b.k or a.width != b.width:
+        return None
+    starts = sorted(set(a.starts) | set(b.starts))
+    n = a.stop - a.start
+    if any(y - x < n for x, y in itertools.pairwise(starts)):
+        return None
+    return blocks(starts, a)
 
 
 @dataclass
@@ -46,6 +89,9 @@ class Effect:
     residual: bool = False
     mixing: str = ""  # why removing a channel changes the other channels' values (LayerNorm, ...)
     grouped: int = 0  # a grouped (not depthwise) conv's ``groups``: channels go in units across its groups
+    # a split or slice of the channel dim with sizes given as numbers (not a count of equal pieces): the
+    # code must compute them from the tensor's shape for the op to follow a narrower tensor
+    sized: str = ""
 
 
 Rule = Callable[[Call, int, ChanState, Optional[nn.Module]], Effect]

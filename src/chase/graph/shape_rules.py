@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from chase.graph.layer_rules import pointwise
-from chase.graph.rule_base import ChanState, Effect, Unsupported, arg, data_port, norm_dim, outs
+from chase.graph.rule_base import (
+    ChanState,
+    Effect,
+    Unsupported,
+    arg,
+    blocks,
+    data_port,
+    norm_dim,
+    outs,
+)
 from chase.graph.trace import Call, _Port
 from chase.nested import tensors
 
@@ -107,6 +116,8 @@ def along_dim(call: Call, port: int, st: ChanState, module: Optional[nn.Module])
     ndim = len(call.inputs[0].shape)
     dims = [norm_dim(d, ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     drop = call.op in _DROPS_DIM
+    if call.op in PIECES and dims[0] == (st.dim if port == 0 else st.dim + drop):
+        return pieces(call, port, st, _piece_offsets(call, dims[0]))
     if port == 0:
         if st.dim in dims:
             raise Unsupported(f"{call.where()} acts along the channel dim")
@@ -118,12 +129,61 @@ def along_dim(call: Call, port: int, st: ChanState, module: Optional[nn.Module])
     return Effect({0: replace(st, dim=d), **outs(call, st)})
 
 
+#: ops that cut the channel dim into consecutive pieces, and whether the pieces are given by a count (as
+#: ``chunk(2)``: they follow a narrower tensor) rather than by sizes or positions written as numbers.
+PIECES = {
+    "chunk": lambda call: True,
+    "tensor_split": lambda call: (
+        isinstance(arg(call, 1, "indices_or_sections", None), int)
+        or isinstance(arg(call, 1, "sections", None), int)
+    ),
+    "split": lambda call: False,
+    "split_with_sizes": lambda call: False,
+    "narrow": lambda call: False,
+}
+
+
+def _piece_offsets(call: Call, dim: int) -> list[tuple[int, int]]:
+    """(start, size) along ``dim`` of each output of a split-like op (narrow: its one slice)."""
+    if call.op == "narrow":
+        start = norm_dim(arg(call, 2, "start", 0), call.inputs[0].shape[dim])
+        return [(start, call.out_shapes[0][dim])]
+    spans, at = [], 0
+    for shape in call.out_shapes:
+        spans.append((at, shape[dim]))
+        at += shape[dim]
+    return spans
+
+
+def pieces(call: Call, port: int, st: ChanState, spans: list[tuple[int, int]]) -> Effect:
+    """A split, chunk or slice of the channel dim: each output holds a consecutive piece of the input.
+
+    From the input, every block of the group's channels must lie within one piece (a block cut in two
+    cannot be followed); the outputs holding blocks carry the channels. From an output, its blocks sit
+    ``start`` further along in the input. The two halves of a GLU reach the input from two outputs: the
+    walk merges them into one state whose channel ``j`` is a value-gate pair."""
+    n = st.stop - st.start
+    sized = "" if call.op in PIECES and PIECES[call.op](call) else f"{call.where()} cuts the channels"
+    if port < 0:
+        return Effect({0: st.shifted(spans[-1 - port][0]), port: st}, sized=sized)
+    ports: dict[int, ChanState] = {0: st}
+    for i, (start, size) in enumerate(spans):
+        inside = [s - start for s in st.starts if start <= s and s + n <= start + size]
+        if any(s < start + size and start < s + n for s in st.starts if s - start not in inside):
+            raise Unsupported(f"{call.where()} cuts the group's channels across two pieces")
+        if inside:
+            ports[-1 - i] = blocks(inside, st)
+    return Effect(ports, sized=sized)
+
+
 def _prefix(shape: tuple[int, ...], value: int) -> bool:
     return any(math.prod(shape[:i]) == value for i in range(len(shape) + 1))
 
 
 def map_view(a: tuple[int, ...], b: tuple[int, ...], st: ChanState, where: str) -> ChanState:
     """The channel state after viewing a row-major tensor of shape ``a`` as shape ``b``."""
+    if st.also:
+        raise Unsupported(f"{where} reshapes channels that sit in several blocks (a split's halves)")
     d, size = st.dim, a[st.dim]
     outer = math.prod(a[:d])
     e, p = 0, 1
@@ -185,12 +245,11 @@ def cat(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -> Ef
     for r in call.inputs:
         offsets.append(offsets[-1] + r.shape[d])
     if port >= 0:
-        o = offsets[port]
-        return Effect({port: st, -1: replace(st, start=st.start + o, stop=st.stop + o)})
+        return Effect({port: st, -1: st.shifted(offsets[port])})
+    n = st.stop - st.start
     for q in range(len(call.inputs)):
-        if offsets[q] <= st.start and st.stop <= offsets[q + 1]:
-            o = offsets[q]
-            return Effect({q: replace(st, start=st.start - o, stop=st.stop - o), -1: st})
+        if all(offsets[q] <= s and s + n <= offsets[q + 1] for s in st.starts):
+            return Effect({q: st.shifted(-offsets[q]), -1: st})
     raise Unsupported(f"{call.where()}: a group spans two concatenated inputs")
 
 
@@ -206,14 +265,21 @@ def getitem(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -
     for i in idx:
         full.extend([slice(None)] * (len(shape) - used) if i is Ellipsis else [i])
     full.extend([slice(None)] * (len(shape) - sum(1 for i in full if i is not None)))
-    mapping, d_in, d_out = {}, 0, 0
+    mapping: dict[int, Optional[int]] = {}
+    cuts: dict[int, int] = {}  # input dim -> start of a step-1 slice that keeps only part of it
+    d_in, d_out = 0, 0
     for i in full:
         if i is None:
             d_out += 1
             continue
         if isinstance(i, slice):
-            whole = i.start in (None, 0) and i.step in (None, 1) and (i.stop is None or i.stop >= shape[d_in])
-            mapping[d_in] = d_out if whole else None
+            mapping[d_in] = d_out
+            if i.step in (None, 1) and not isinstance(i.start, _Port) and not isinstance(i.stop, _Port):
+                start = i.indices(shape[d_in])[0]
+                if start or call.out_shapes[0][d_out] != shape[d_in]:
+                    cuts[d_in] = start
+            else:
+                mapping[d_in] = None  # a strided slice: every other channel
             d_out += 1
         else:
             mapping[d_in] = None  # an integer index drops the dim
@@ -221,4 +287,19 @@ def getitem(call: Call, port: int, st: ChanState, module: Optional[nn.Module]) -
     d = st.dim if port == 0 else next((k for k, v in mapping.items() if v == st.dim), None)
     if d is None or mapping.get(d) is None:
         raise Unsupported(f"{call.where()} slices the channel dim")
-    return Effect({0: replace(st, dim=d), -1: replace(st, dim=mapping[d])})
+    out = mapping[d]
+    assert out is not None
+    if d not in cuts:
+        return Effect({0: replace(st, dim=d), -1: replace(st, dim=out)})
+    # a slice of the channel dim (a GLU's ``h[:, :c]``, ``h[:, c:]``): one piece of the input
+    eff = pieces(
+        call,
+        port if port == 0 else -1,
+        replace(st, dim=d) if port == 0 else st,
+        [(cuts[d], call.out_shapes[0][out])],
+    )
+    if port == 0:
+        return Effect(
+            {0: st, **{q: replace(s, dim=out) for q, s in eff.ports.items() if q < 0}}, sized=eff.sized
+        )
+    return Effect({0: replace(eff.ports[0], dim=d), -1: st}, sized=eff.sized)

@@ -163,6 +163,11 @@ def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
 
         return guarded
 
+    split = per_op.get("update_split_index_mapping")
+    split_map = getattr(mod, "_SplitIndexMapping", None)
+    if split is not None and split_map is not None:
+        per_op["update_split_index_mapping"] = _split_on_last_dim(split, split_map)
+
     def update_once(graph: Any) -> None:
         if id(graph) not in mapped:
             update(graph)
@@ -200,6 +205,35 @@ def tolerant_reshape_mapping(failed: list[str]) -> Iterator[None]:
         if flatten is not None:
             flatten.__call__ = expand
         _UNMAPPED.remove(failed)
+
+
+def _split_on_last_dim(update: Callable[..., Any], mapping: type) -> Callable[..., Any]:
+    """Torch-Pruning's split mapping, also for a split along the last dim of a tensor with more than two
+    dims: that is a linear layer's feature dim (a SwiGLU's fused projection over (batch, tokens,
+    features), cut into value and gate), which Torch-Pruning maps as the identity (and, in a model with
+    a 3-d parameter such as a ViT's position embedding, it turns split mapping off altogether, for splits
+    along the tokens). Each output of the split is mapped to its slice of the input, and back."""
+
+    def mapped(graph: Any, node: Any) -> None:
+        update(graph, node)
+        fn = getattr(node, "grad_fn", None)
+        sizes, dim = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_dim", None)
+        offsets = getattr(getattr(node, "module", None), "offsets", None)
+        if sizes is None or dim is None or offsets is None:
+            return
+        dim = dim - (1 << 64) if dim >= 1 << 63 else dim  # autograd saves -1 as an unsigned 64-bit int
+        if len(sizes) <= 2 or dim not in (-1, len(sizes) - 1):
+            return
+        for i, out in enumerate(node.outputs):
+            span = offsets[i : i + 2]
+            forward = next((d for d in node.dependencies if d.target is out), None)
+            back = next((d for d in out.dependencies if d.target is node), None)
+            if forward is not None:
+                forward.index_mapping[0] = mapping(offset=span, reverse=False)
+            if back is not None:
+                back.index_mapping[0] = mapping(offset=span, reverse=True)
+
+    return mapped
 
 
 def build(model: nn.Module, example_inputs: Any, *, keep_mode: bool = False) -> tuple[Any, Trace]:
