@@ -145,19 +145,20 @@ def count_flops(
     parameter name: bool mask}, e.g. ``sparsifier.masks``) give the sparse count; without them sparse ==
     dense. ``reference`` (the original dense model, same input) is counted too and its dense MACs stored
     for the ratios.
-    ``example_inputs`` is a tensor or a tuple of positional arguments whose first tensor's first
-    dimension is the batch.
+    ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword arguments (a
+    transformers model's ``input_ids=...``); the first tensor's first dimension is the batch.
     """
     module = unwrap_model(model)
     names = {m: n for n, m in module.named_modules()}
     report = FlopReport()
     seen: dict[str, LayerFlops] = {}
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}
+    args = () if kwargs else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     # per example: a tensor argument's batch, or a list of images' length (a detector's input)
     batch = next(
         (
             a.shape[0] if isinstance(a, torch.Tensor) else len(a)
-            for a in args
+            for a in (*args, *kwargs.values())
             if isinstance(a, (torch.Tensor, list))
         ),
         1,
@@ -217,7 +218,7 @@ def count_flops(
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
-            module.eval()(*args)
+            module.eval()(*args, **kwargs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:

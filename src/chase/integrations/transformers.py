@@ -1,0 +1,393 @@
+"""Hugging Face ``transformers``: configs that describe a narrowed model, and a ``Trainer`` callback.
+
+    from chase.integrations.transformers import ChaseCallback
+    cb = ChaseCallback(lambda model, opt: chase.Chase(model, opt, density=0.5, total_steps=steps,
+                                                      example_inputs=batch, channels=spec))
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+
+After Chase removes heads or hidden units, ``model.config`` still gives the old sizes, so transformers'
+own ``save_pretrained`` -> ``from_pretrained`` fails with a size mismatch. :func:`sync_config` sets the
+config's size fields to the model's widths where the architecture can say them (the same width in every
+layer: ``channel_rank="uniform"`` gives that), checked by building the architecture from the new config on
+the meta device and comparing every tensor's shape. Where it cannot (different widths per layer),
+``chase.save_pretrained`` / ``chase.from_pretrained`` save and rebuild the model from its channel history.
+transformers is imported lazily: this module works on any ``PreTrainedModel``-like object with a
+``config`` and a class that builds from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from chase.flops import count_flops
+from chase.io import atomic_write_bytes
+from chase.sparsifier import Sparsifier
+
+log = logging.getLogger(__name__)
+
+__all__ = ["STATE_FILE", "ChaseCallback", "sync_config"]
+
+#: the file the callback adds to each Trainer checkpoint folder: the sparsifier's state.
+STATE_FILE = "chase_state.pt"
+
+#: config fields Chase never changes: it removes whole heads (a head's width stays) and keeps the layer
+#: count, vocabulary and positions. Probing them could explain a narrower projection wrongly (fewer
+#: heads of the old width, or as many heads of a smaller width, give the same shape).
+FIXED_FIELDS = frozenset(
+    {
+        "head_dim",
+        "attention_head_size",
+        "kv_channels",
+        "d_kv",
+        "num_hidden_layers",
+        "n_layers",
+        "num_layers",
+        "vocab_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "num_labels",
+        "image_size",
+        "patch_size",
+        "num_channels",
+    }
+)
+
+
+def _shapes(cls: type, config: Any) -> Optional[dict[str, tuple[int, ...]]]:
+    """Every tensor's shape of ``cls(config)``, built on the meta device (no memory, no init cost);
+    None when the architecture refuses the config."""
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as e:  # an inconsistent config (hidden size not divisible by heads, ...)
+        log.debug("%s refuses the config: %s", cls.__name__, e)
+        return None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _int_fields(config: Any) -> dict[str, int]:
+    return {
+        k: v
+        for k, v in config.to_dict().items()
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and k not in FIXED_FIELDS
+    }
+
+
+def _solve(
+    field: str,
+    value: int,
+    cls: type,
+    config: Any,
+    base: dict[str, tuple[int, ...]],
+    now: dict[str, tuple[int, ...]],
+) -> Optional[int]:
+    """The value of ``field`` that gives the model's current sizes on the dims it controls, or None.
+
+    Each dim a field controls grows linearly with it (``size = a * value + b``: heads x head width, the
+    hidden units): one probe at ``value + 1`` gives ``a`` and ``b``, and the current size gives the value.
+    Every dim must give the same integer (one width for every layer)."""
+    probe = copy.deepcopy(config)
+    setattr(probe, field, value + 1)
+    grown = _shapes(cls, probe)
+    if grown is None or grown.keys() != base.keys():
+        return None
+    found: set[float] = set()
+    for k, shape in base.items():
+        for d, (s0, s1) in enumerate(zip(shape, grown[k])):
+            if s0 != s1:
+                a = s1 - s0
+                found.add((now[k][d] - (s0 - a * value)) / a)
+    if len(found) != 1:
+        return None
+    new = found.pop()
+    return int(new) if new.is_integer() and new > 0 else None
+
+
+def sync_config(model: nn.Module, *, strict: bool = True) -> Optional[dict[str, tuple[int, int]]]:
+    """Set ``model.config``'s size fields (heads, key/value heads, intermediate size, hidden size, ...) to
+    the widths the model has now, so that ``type(model)(model.config)`` builds exactly its shapes and
+    transformers' ``save_pretrained`` / ``AutoModel...from_pretrained`` round-trip it.
+
+    Each integer field of the config is probed on the meta device to see which tensor dims it sets; a
+    field whose dims all give one value is changed; then the architecture built from the new config must
+    have every tensor shape the model has. Nothing is changed unless it does.
+
+    Returns:
+        ``{field: (old, new)}`` of the fields changed (empty when the config already fits), or None with
+        ``strict=False`` when the config cannot describe the model.
+
+    Raises:
+        ValueError: (``strict=True``) the widths differ between layers or the architecture derives a size
+            the config cannot set (BERT's head width is ``hidden_size / num_attention_heads``): save with
+            ``chase.save_pretrained`` and load with ``chase.from_pretrained``, or train with
+            ``channel_rank="uniform"`` for widths the config can hold.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise TypeError(f"sync_config needs a transformers model with a config, not a {type(model).__name__}")
+    cls = type(model)
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    base = _shapes(cls, config)
+    if base is None:
+        raise ValueError(f"{cls.__name__} cannot be built from its own config")
+    if base == now:
+        return {}
+    changed: dict[str, tuple[int, int]] = {}
+    if base.keys() == now.keys():
+        for field, value in _int_fields(config).items():
+            new = _solve(field, value, cls, config, base, now)
+            if new is not None and new != value:
+                changed[field] = (value, new)
+    trial = copy.deepcopy(config)
+    for field, (_, new) in changed.items():
+        setattr(trial, field, new)
+    rebuilt = _shapes(cls, trial) if changed else base
+    if rebuilt != now:
+        wrong = sorted(k for k in now if rebuilt is None or rebuilt.get(k) != now[k])
+        msg = (
+            f"the config of {cls.__name__} cannot describe its narrowed widths ({len(wrong)} tensors differ, "
+            f"e.g. {wrong[:2]}): the widths differ between layers, or the architecture derives one from "
+            "another; save it with chase.save_pretrained and load it with chase.from_pretrained, or train "
+            'with channel_rank="uniform" for widths the config can hold'
+        )
+        if strict:
+            raise ValueError(msg)
+        log.info("%s", msg)
+        return None
+    for field, (_, new) in changed.items():
+        setattr(config, field, new)
+    if changed:
+        log.info("config updated to the narrowed widths: %s", {f: n for f, (_, n) in changed.items()})
+    return changed
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind Accelerate's wrapper (what the sparsifier hooks into)."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return (
+        getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )
+
+
+try:  # the base class when transformers is installed; the callback only needs its event methods
+    from transformers import TrainerCallback as _Base
+except ImportError:  # pragma: no cover - transformers is a dependency of this integration
+    _Base = object  # type: ignore[assignment,misc]
+
+
+class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
+    """Runs a chase sparsifier inside a transformers ``Trainer``.
+
+    Args:
+        make_sparsifier: ``(model, optimizer) -> Sparsifier``, called when training starts, with the
+            Trainer's model and the optimizer it created (the torch optimizer behind Accelerate's wrapper).
+        example_inputs: an input batch to count MACs on after each channel event (logged as
+            ``chase/macs``); without it only density, channel sparsity and parameters are logged.
+        sync_config: after each channel event, set the model's config to its widths where the
+            architecture can say them (:func:`sync_config`), so checkpoints load with transformers alone.
+        export_dir: at the end of training, save the model there: with ``save_pretrained`` of
+            transformers when its config describes it, else with ``chase.save_pretrained`` (which
+            ``chase.from_pretrained`` reloads).
+
+    The sparsifier steps after each optimizer step and before the gradients are cleared
+    (``on_optimizer_step``: once per optimizer step, gradient accumulation included). Its state is
+    written to each checkpoint folder (:data:`STATE_FILE`). To resume a run that removed channels, the
+    model must have the checkpoint's widths before the Trainer loads the weights: call
+    :meth:`resume_from` with the checkpoint before ``trainer.train(resume_from_checkpoint=...)``, or set
+    ``TrainingArguments(resume_from_checkpoint=...)``, which the callback reads when the Trainer is built.
+    Metrics go into the Trainer's logs (``chase/density``, ``chase/channel_sparsity``, ``chase/params``);
+    the Trainer calls its reporting callbacks (TensorBoard, W&B) before user callbacks, so use
+    :meth:`install` to add the callback in front of them.
+
+    Limits: a single process, or several with ``removal="mask"``: a physical removal under DDP would need
+    the Trainer's DDP wrapper rebuilt, which a callback cannot do (it raises, saying so).
+    """
+
+    def __init__(
+        self,
+        make_sparsifier: Callable[[nn.Module, torch.optim.Optimizer], Sparsifier],
+        *,
+        example_inputs: Any = None,
+        sync_config: bool = True,
+        export_dir: Optional[str | os.PathLike] = None,
+    ) -> None:
+        self.make_sparsifier = make_sparsifier
+        self.example_inputs = example_inputs
+        self.sync_config = sync_config
+        self.export_dir = export_dir
+        self.sparsifier: Optional[Sparsifier] = None
+        self._params0: Optional[int] = None
+        self._macs: Optional[int] = None
+        self._macs0: Optional[int] = None
+
+    def install(self, trainer: Any) -> ChaseCallback:
+        """Add this callback to ``trainer`` before its reporting callbacks, so they see its metrics."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    # ------------------------------------------------------------------ resume
+    def resume_from(self, model: nn.Module, checkpoint: str | os.PathLike) -> None:
+        """Narrow ``model`` to the widths of a checkpoint this callback wrote (before the Trainer loads its
+        weights): the sparsifier is built on the model as it is now, its state loaded (which replays the
+        channel removals) and it follows the Trainer's optimizer once training starts."""
+        path = pathlib.Path(checkpoint) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist: the checkpoint was not written with ChaseCallback (or is not a "
+                "Trainer checkpoint folder)"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = _unwrapped(model)
+        stand_in = torch.optim.SGD(model.parameters(), lr=0.0)  # replaced by the Trainer's in on_train_begin
+        self.sparsifier = self.make_sparsifier(model, stand_in)
+        self.sparsifier.load_state_dict(state["sparsifier"])
+        self._params0 = state.get("params0")
+        self._macs0 = state.get("macs0")
+        self._macs = None
+        if self.sync_config:
+            sync_config(model, strict=False)
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_init_end(
+        self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kw: Any
+    ) -> None:
+        resume = getattr(args, "resume_from_checkpoint", None)
+        if resume and model is not None and self.sparsifier is None:
+            self.resume_from(model, resume)
+
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Optional[nn.Module] = None,
+        optimizer: Any = None,
+        **kw: Any,
+    ) -> None:
+        if model is None or optimizer is None:
+            raise RuntimeError("ChaseCallback needs the Trainer's model and optimizer at on_train_begin")
+        model, opt = _unwrapped(model), _torch_optimizer(optimizer)
+        if self.sparsifier is None:
+            self.sparsifier = self.make_sparsifier(model, opt)
+        elif self.sparsifier.optimizer is not opt:  # resumed on a stand-in, or a second train() call
+            self.sparsifier.use_optimizer(opt)
+        if self._params0 is None:
+            self._params0 = sum(p.numel() for p in model.parameters())
+        if self._macs0 is None and self.example_inputs is not None:
+            self._macs0 = self._count_macs(model)
+
+    def on_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kw: Any
+    ) -> None:
+        if self.sparsifier is None:
+            return
+        info = self.sparsifier.step()
+        if not info.shapes_changed:
+            return
+        if getattr(args, "world_size", 1) > 1:
+            raise RuntimeError(
+                "channels were physically removed under a multi-process Trainer, whose DDP wrapper cannot "
+                "be rebuilt from a callback; use Chase(removal='mask') there"
+            )
+        self._macs = None
+        if self.sync_config and model is not None:
+            sync_config(_unwrapped(model), strict=False)
+
+    def on_log(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        logs: Optional[dict[str, Any]] = None,
+        model: Any = None,
+        **kw: Any,
+    ) -> None:
+        if self.sparsifier is None or logs is None or "loss" not in logs:
+            return  # training logs only (not evaluation's)
+        metrics = self.metrics(_unwrapped(model) if model is not None else None)
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)  # the Trainer recorded the logs just before this call
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.sparsifier is None or not getattr(state, "is_world_process_zero", True):
+            return
+        folder = pathlib.Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            log.warning("no checkpoint folder %s to write the sparsifier's state into", folder)
+            return
+        payload = {"sparsifier": self.sparsifier.state_dict(), "params0": self._params0, "macs0": self._macs0}
+        buffer = _to_bytes(payload)
+        atomic_write_bytes(folder / STATE_FILE, buffer)
+
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kw: Any
+    ) -> None:
+        if (
+            self.export_dir is not None
+            and self.sparsifier is not None
+            and getattr(state, "is_world_process_zero", True)
+        ):
+            self.export(self.export_dir)
+
+    # ------------------------------------------------------------------ results
+    def metrics(self, model: Optional[nn.Module] = None) -> dict[str, float]:
+        """Density, channel sparsity, parameters (and MACs with ``example_inputs``) of the model now;
+        parameters and MACs also as a ratio of the model at the start."""
+        assert self.sparsifier is not None
+        out = {
+            "chase/density": float(self.sparsifier.global_density()),
+            "chase/channel_sparsity": float(self.sparsifier.channel_sparsity_now()),
+        }
+        model = model if model is not None else self.sparsifier.module
+        params = sum(p.numel() for p in model.parameters())
+        out["chase/params"] = float(params)
+        if self._params0:
+            out["chase/params_ratio"] = params / self._params0
+        if self.example_inputs is not None:
+            if self._macs is None:
+                self._macs = self._count_macs(model)
+            out["chase/macs"] = float(self._macs)
+            if self._macs0:
+                out["chase/macs_ratio"] = self._macs / self._macs0
+        return out
+
+    def _count_macs(self, model: nn.Module) -> int:
+        return int(count_flops(model, self.example_inputs).dense)
+
+    def export(self, folder: str | os.PathLike) -> pathlib.Path:
+        """Save the trained model (masked weights zeroed, removed channels gone) to ``folder``: in
+        transformers' own format when its config can describe the widths (``AutoModel...from_pretrained``
+        loads it), else with ``chase.save_pretrained``. Returns the folder."""
+        assert self.sparsifier is not None, "nothing trained yet"
+        model = self.sparsifier.export()
+        folder = pathlib.Path(folder)
+        if sync_config(model, strict=False) is not None and hasattr(model, "save_pretrained"):
+            model.save_pretrained(folder)
+            log.info("saved %s in transformers' format (its config describes the widths)", folder)
+        else:
+            from chase.pretrained import save_pretrained
+
+            save_pretrained(self.sparsifier, folder)
+            log.info("saved %s with chase.save_pretrained (widths differ between layers)", folder)
+        return folder
+
+
+def _to_bytes(payload: Mapping[str, Any]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(dict(payload), buffer)
+    return buffer.getvalue()

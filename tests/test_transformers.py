@@ -1,0 +1,151 @@
+"""transformers integration: configs that describe narrowed models, and the Trainer callback (offline,
+tiny configs, CPU)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import chase  # noqa: E402
+from chase.integrations.transformers import STATE_FILE, ChaseCallback, sync_config  # noqa: E402
+
+
+def _llama() -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _bert() -> torch.nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=3,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def test_uniform_widths_reload_with_transformers_alone(tmp_path: pathlib.Path) -> None:
+    torch.manual_seed(0)
+    model, x = _llama().eval(), torch.randint(0, 100, (2, 8))
+    spec = chase.ChannelSpec(channel_sparsity=0.5, prune_heads=True, channel_rank="uniform")
+    chase.prune_channels(model, x, channels=spec)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 16  # 2 of 4 heads left
+    changed = sync_config(model)
+    assert changed == {
+        "num_attention_heads": (4, 2),
+        "num_key_value_heads": (2, 1),
+        "intermediate_size": (64, 32),
+    }
+    assert sync_config(model) == {}  # now it fits
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, again(x).logits)
+
+
+def test_widths_the_config_cannot_hold_are_refused_and_nothing_changes() -> None:
+    torch.manual_seed(0)
+    model, x = _bert().eval(), torch.randint(0, 100, (2, 8))
+    chase.prune_channels(model, x, channels=chase.ChannelSpec(channel_sparsity=0.5, prune_heads=True))
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match=r"chase.save_pretrained.*channel_rank=\"uniform\""):
+        sync_config(model)
+    assert sync_config(model, strict=False) is None
+    assert model.config.to_dict() == before  # all or nothing
+    with pytest.raises(TypeError, match="config"):
+        sync_config(torch.nn.Linear(2, 2))
+
+
+def _tokens(n: int = 32, classes: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 100, (n, 8), generator=g)
+    labels = ids[:, 0] % classes
+    return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+
+
+def _trainer(model, out: pathlib.Path, cb: ChaseCallback, steps: int = 8, **args):
+    targs = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=2, save_steps=4, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
+        disable_tqdm=True, dataloader_num_workers=0, **args,
+    )  # fmt: skip
+    return transformers.Trainer(model=model, args=targs, train_dataset=_tokens(), callbacks=[cb])
+
+
+def _callback(total: int = 8, export_dir=None) -> ChaseCallback:
+    example = {"input_ids": torch.randint(0, 100, (1, 8))}
+    spec = chase.ChannelSpec(channel_sparsity=0.5, channel_every=2, prune_heads=True)
+
+    def make(model, opt):
+        return chase.Chase(
+            model, opt, density=0.5, total_steps=total, update_every=2, example_inputs=example, channels=spec
+        )
+
+    return ChaseCallback(make, example_inputs=example, export_dir=export_dir)
+
+
+def test_trainer_callback_shrinks_logs_checkpoints_and_resumes_bit_exactly(tmp_path: pathlib.Path) -> None:
+    torch.manual_seed(0)
+    model, cb = _bert(), _callback(export_dir=tmp_path / "export")
+    dense = sum(p.numel() for p in model.parameters())
+    trainer = _trainer(model, tmp_path / "a", cb, gradient_accumulation_steps=2)
+    trainer.train()
+    assert cb.sparsifier is not None and cb.sparsifier.step_count == 8  # once per optimizer step
+    assert sum(p.numel() for p in model.parameters()) < dense
+    logged = [h for h in trainer.state.log_history if "chase/density" in h]
+    assert logged and logged[-1]["chase/channel_sparsity"] > 0 and logged[-1]["chase/macs_ratio"] < 1
+    ckpt = tmp_path / "a" / "checkpoint-4"
+    assert (ckpt / STATE_FILE).is_file()
+    # the export: BERT with heads removed cannot be described by its config -> chase's format
+    reloaded = chase.from_pretrained(tmp_path / "export", build=_bert)
+    x = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x).logits, cb.sparsifier.export().eval()(input_ids=x).logits)
+
+    # resume from step 4 in a fresh process state: same weights, masks and shapes as the run above
+    torch.manual_seed(0)
+    model2, cb2 = _bert(), _callback()
+    trainer2 = _trainer(model2, tmp_path / "a", cb2, gradient_accumulation_steps=2)
+    cb2.resume_from(model2, ckpt)
+    trainer2.train(resume_from_checkpoint=str(ckpt))
+    a, b = model.state_dict(), model2.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(m, cb2.sparsifier.masks[n]) for n, m in cb.sparsifier.masks.items())
+
+
+def test_resume_needs_the_callbacks_state(tmp_path: pathlib.Path) -> None:
+    cb = _callback()
+    with pytest.raises(FileNotFoundError, match="ChaseCallback"):
+        cb.resume_from(_bert(), tmp_path)
+
+
+def test_a_llama_trained_with_uniform_widths_exports_for_transformers_alone(tmp_path: pathlib.Path) -> None:
+    torch.manual_seed(0)
+    model = _llama()
+    example = {"input_ids": torch.randint(0, 100, (1, 8))}
+    spec = chase.ChannelSpec(channel_sparsity=0.5, channel_every=2, prune_heads=True, channel_rank="uniform")
+
+    def make(m, opt):
+        return chase.Chase(
+            m, opt, density=0.5, total_steps=8, update_every=2, example_inputs=example, channels=spec
+        )
+
+    cb = ChaseCallback(make, export_dir=tmp_path / "export")
+    data = [{"input_ids": t["input_ids"], "labels": t["input_ids"]} for t in _tokens()]
+    trainer = _trainer(model, tmp_path / "run", cb)
+    trainer.train_dataset = data
+    trainer.train()
+    assert model.config.num_attention_heads < 4 and model.config.intermediate_size < 64  # kept in sync
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    x = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, cb.sparsifier.export().eval()(x).logits)
+    # every checkpoint the Trainer wrote loads with transformers alone too
+    ckpt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-8")
+    assert ckpt.config.num_key_value_heads == model.config.num_key_value_heads
