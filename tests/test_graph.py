@@ -910,3 +910,32 @@ def test_swiglu_and_timm_glumlp_shrink_without_prune_skip():
     assert _pair_group(graph, "blocks.0.mlp.fc1.weight").prunable, str(graph)
     report = check_model(vit_swiglu, torch.randn(2, 3, 16, 16), ChannelSpec(channel_sparsity=0.5))
     assert report.status == "pass" and report.rel_diff == 0.0 and report.params_slim < report.params_dense
+
+
+class _SharedAttention(nn.Module):
+    """One attention block and one MLP applied twice (weights shared across two refinement steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for _ in range(2):
+            h = h + self.attn(h, h, h, need_weights=False)[0]
+            h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+def test_a_shared_attention_block_loses_its_channels_and_heads_at_every_call():
+    from chase import ChannelSpec
+    from chase.check import check_model
+
+    graph = channel_groups(_SharedAttention(), torch.randn(2, 5, 6), prune_skip=True, prune_heads=True)
+    assert graph["embed"].prunable and graph["attn:heads"].prunable and graph["fc1"].prunable, str(graph)
+    assert {"attn.in_proj_weight", "attn.out_proj.weight"} <= {s.tensor for s in graph["embed"].slots}
+    spec = ChannelSpec(channel_sparsity=0.5, prune_skip=True, prune_heads=True)
+    report = check_model(_SharedAttention, torch.randn(2, 5, 6), spec)
+    assert report.status == "pass" and report.rel_diff == 0.0 and report.params_slim < report.params_dense

@@ -164,8 +164,8 @@ def _groups(
     names: dict[Any, str] = {m: n for n, m in reversed(list(model.named_modules()))}
     names.update({id(p): n for n, p in reversed(list(model.named_parameters()))})
     layer_calls: dict[str, list[int]] = {}
-    for c in trace.calls:
-        if c.op in _LAYER_OPS:
+    for c in trace.calls:  # a layer run several times: its calls carry the same channels
+        if c.op in _LAYER_OPS or c.op == "multi_head_attention_forward":
             layer_calls.setdefault(c.module, []).append(c.index)
     layouts = attention_layouts(model, {c.module for c in trace.calls})
     skip = head_sides(layouts)

@@ -96,7 +96,7 @@ def propagate(
         if eff.role:
             runs = trace.module_calls[rec.module]
             others = [c2 for c2 in (layer_calls or {}).get(rec.module, ()) if c2 != c]
-            if runs > 1 and (eff.role == "attention" or len(others) != runs - 1):
+            if runs > 1 and len(others) != runs - 1:
                 problem(f"layer '{rec.module}' runs {runs} times per forward (shared weights)")
             for c2 in others:  # the same weights at every call: the same channels
                 todo.append((c2, p, st, False))
