@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from chase.sparsifier.latency import LatencyTable
-from chase.sparsifier.roofline import DEVICES, Roofline
+from chase.sparsifier.roofline import DEVICES, Roofline, split_option
 
 __all__ = [
     "COST_SOURCES",
@@ -76,16 +76,11 @@ class CostSource:
     metavar: str = "VALUE"
 
 
-def _preset(value: str) -> str:
-    """The device part of a roofline option's value (``h200`` of ``h200:eager@256``)."""
-    return value.split("@")[0].split(":")[0]
-
-
 def _load_table(value: Any) -> LatencyTable:
     """A latency table from its file or dict; a roofline's device name given instead is named as one."""
-    if isinstance(value, str) and not os.path.exists(value) and _preset(value) in DEVICES:
+    if isinstance(value, str) and not os.path.exists(value) and split_option(value)[0] in DEVICES:
         raise ValueError(
-            f"{value!r} is not a latency table's file: for the {_preset(value)} roofline give "
+            f"{value!r} is not a latency table's file: for the {split_option(value)[0]} roofline give "
             f"Roofline.parse({value!r}) (chase.sparsifier.roofline), roofline={value} in a config or "
             f"--roofline {value}"
         )

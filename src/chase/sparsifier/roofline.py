@@ -267,6 +267,14 @@ def _trace(module: nn.Module, example_inputs: Any, elem_bytes: int) -> list[_Ker
     return recorder.kernels
 
 
+def split_option(text: str) -> tuple[str, str, str]:
+    """The parts of a roofline option's text ``DEVICE[:MODE][@BATCH]``: (device or file, mode, batch), the
+    missing ones empty (the one reading of the grammar; :meth:`Roofline.parse` checks the parts)."""
+    device, _, batch = text.partition("@")
+    device, _, mode = device.partition(":") if not pathlib.Path(device).is_file() else (device, "", "")
+    return device, mode, batch
+
+
 class Roofline:
     """A cost model (:mod:`chase.sparsifier.costs`) that predicts time from a roofline of ``device``.
 
@@ -298,8 +306,7 @@ class Roofline:
         if not isinstance(text, (str, os.PathLike)):
             raise ValueError(f"roofline must be DEVICE[:fused|:eager][@BATCH], got {text!r}")
         text = str(text)
-        device, _, batch = text.partition("@")
-        device, _, mode = device.partition(":") if not pathlib.Path(device).is_file() else (device, "", "")
+        device, mode, batch = split_option(text)
         if mode not in ("", "fused", "eager"):
             raise ValueError(f"roofline {text!r}: the mode after ':' must be fused or eager, got {mode!r}")
         try:
