@@ -70,9 +70,10 @@ def _tokens(n: int = 32, classes: int = 3) -> list[dict[str, torch.Tensor]]:
 
 
 def _trainer(model, out: pathlib.Path, cb: ChaseCallback, steps: int = 8, **args):
+    args = {"save_strategy": "steps", **args}
     targs = transformers.TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
-        logging_steps=2, save_steps=4, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
+        logging_steps=2, save_steps=4, report_to=[], use_cpu=True, seed=0,
         disable_tqdm=True, dataloader_num_workers=0, **args,
     )  # fmt: skip
     return transformers.Trainer(model=model, args=targs, train_dataset=_tokens(), callbacks=[cb])
@@ -149,3 +150,53 @@ def test_a_llama_trained_with_uniform_widths_exports_for_transformers_alone(tmp_
     # every checkpoint the Trainer wrote loads with transformers alone too
     ckpt = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-8")
     assert ckpt.config.num_key_value_heads == model.config.num_key_value_heads
+
+
+def _ddp_worker(rank: int, world: int, out: str, port: int) -> None:
+    """One rank of the Trainer's own DDP (Accelerate on the gloo group the test started): a run with
+    removal="mask" (its final weights saved), then one with physical removal (its error saved)."""
+    import os
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    example = {"input_ids": torch.randint(0, 100, (1, 8))}
+    for removal in ("mask", "physical"):
+        torch.manual_seed(0)
+        model = _bert()
+        spec = chase.ChannelSpec(channel_sparsity=0.5, channel_every=2, removal=removal)
+
+        def make(m, opt, spec=spec):
+            return chase.Chase(
+                m, opt, density=0.5, total_steps=8, update_every=2, example_inputs=example, channels=spec
+            )
+
+        cb = ChaseCallback(make)
+        trainer = _trainer(model, pathlib.Path(out) / removal, cb, save_strategy="no", ddp_backend="gloo")
+        try:
+            trainer.train()
+        except RuntimeError as e:
+            (pathlib.Path(out) / f"{removal}{rank}.err").write_text(str(e))
+            continue
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save({"state": state, "cs": cb.sparsifier.channel_sparsity_now()}, f"{out}/{removal}{rank}.pt")
+
+
+@pytest.mark.slow
+def test_trainer_ddp_on_two_cpu_processes(tmp_path: pathlib.Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from nets import in_process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(in_process_group, args=(2, str(tmp_path / "init"), _ddp_worker, str(tmp_path), port), nprocs=2)
+    a, b = (torch.load(tmp_path / f"mask{r}.pt") for r in (0, 1))
+    assert a["cs"] > 0  # channels were removed (zeroed) during the run
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])  # the ranks agree
+    for r in (0, 1):  # a physical removal cannot re-wrap the Trainer's DDP: refused, saying what to do
+        assert "removal='mask'" in (tmp_path / f"physical{r}.err").read_text()
