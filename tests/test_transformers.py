@@ -30,9 +30,18 @@ def _bert() -> torch.nn.Module:
     return transformers.BertForSequenceClassification(cfg)
 
 
-def test_uniform_widths_reload_with_transformers_alone(tmp_path: pathlib.Path) -> None:
+def _qwen2() -> torch.nn.Module:  # derives its head width from hidden_size / heads unless told head_dim
+    cfg = transformers.Qwen2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("build", [_llama, _qwen2])
+def test_uniform_widths_reload_with_transformers_alone(tmp_path: pathlib.Path, build) -> None:
     torch.manual_seed(0)
-    model, x = _llama().eval(), torch.randint(0, 100, (2, 8))
+    model, x = build().eval(), torch.randint(0, 100, (2, 8))
     spec = chase.ChannelSpec(channel_sparsity=0.5, prune_heads=True, channel_rank="uniform")
     chase.prune_channels(model, x, channels=spec)
     assert model.model.layers[0].self_attn.q_proj.out_features == 16  # 2 of 4 heads left

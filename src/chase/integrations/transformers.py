@@ -73,6 +73,20 @@ def _shapes(cls: type, config: Any) -> Optional[dict[str, tuple[int, ...]]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def _pinned_head_dim(cls: type, config: Any, base: dict[str, tuple[int, ...]]) -> Any:
+    """The config with its head width written out as ``head_dim`` when the architecture derives it from
+    ``hidden_size / num_attention_heads`` but reads ``head_dim`` when the config has one (Qwen2-style):
+    fewer heads then keep their width. A copy; the config itself when that changes any shape."""
+    if getattr(config, "head_dim", None) or not getattr(config, "num_attention_heads", None):
+        return config
+    hidden = getattr(config, "hidden_size", None)
+    if not hidden or hidden % config.num_attention_heads:
+        return config
+    pinned = copy.deepcopy(config)
+    pinned.head_dim = hidden // config.num_attention_heads
+    return pinned if _shapes(cls, pinned) == base else config
+
+
 def _int_fields(config: Any) -> dict[str, int]:
     return {
         k: v
@@ -141,6 +155,7 @@ def sync_config(model: nn.Module, *, strict: bool = True) -> Optional[dict[str, 
     if base == now:
         return {}
     changed: dict[str, tuple[int, int]] = {}
+    config = _pinned_head_dim(cls, config, base)
     if base.keys() == now.keys():
         for field, value in _int_fields(config).items():
             new = _solve(field, value, cls, config, base, now)
@@ -162,8 +177,10 @@ def sync_config(model: nn.Module, *, strict: bool = True) -> Optional[dict[str, 
             raise ValueError(msg)
         log.info("%s", msg)
         return None
+    if getattr(config, "head_dim", None) != getattr(model.config, "head_dim", None):
+        model.config.head_dim = config.head_dim  # the head width, written out (see _pinned_head_dim)
     for field, (_, new) in changed.items():
-        setattr(config, field, new)
+        setattr(model.config, field, new)
     if changed:
         log.info("config updated to the narrowed widths: %s", {f: n for f, (_, n) in changed.items()})
     return changed
