@@ -175,3 +175,184 @@ def test_from_pretrained_names_a_pickle_under_the_weights_name_and_a_module_give
         chase.from_pretrained(tmp_path / "m", build=lambda: TinyResNet(width=16))
     with pytest.raises(TypeError, match="build must be a function"):
         chase.from_pretrained(tmp_path / "m", build=TinyResNet(width=16))
+
+
+# ------------------------------------------------------------------ transformers models, no build= needed
+def _tiny(kind: str):
+    """A tiny transformers model (random weights, built from a config) and an input for it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=100,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(config).eval(), torch.randint(0, 100, (2, 8))
+    if kind == "bert":
+        config = transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
+            max_position_embeddings=32, num_labels=3,
+        )  # fmt: skip
+        return transformers.BertForSequenceClassification(config).eval(), torch.randint(0, 100, (2, 8))
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4, num_labels=3,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(config).eval(), torch.randn(2, 3, 16, 16)
+
+
+def _narrowed(kind: str):
+    model, x = _tiny(kind)
+    result = chase.prune_channels(
+        model, x, channels=chase.ChannelSpec(channel_sparsity=0.5, prune_heads=True)
+    )
+    assert any(g.endswith(":heads") for g in result.removed), "no head was removed: the test would be weak"
+    return model, x, result.history
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "vit"])
+def test_a_narrowed_transformers_model_reloads_without_build(tmp_path, kind):
+    model, x, history = _narrowed(kind)
+    chase.save_pretrained(model, tmp_path / "m", history=history)
+    info = json.loads((tmp_path / "m" / "config.json").read_text())
+    dense = info["transformers"]["config"]
+    assert dense["architectures"] == [type(model).__name__]
+    assert (dense["num_attention_heads"], dense["intermediate_size"]) == (4, 64)  # the dense sizes
+    assert info["transformers"]["config_changes"] == {}
+    loaded = chase.from_pretrained(tmp_path / "m")
+    assert type(loaded) is type(model) and not loaded.training
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def _rewrite_config(model, kind):
+    """What a training integration may do after shrinking: write the narrowed sizes into model.config."""
+    model.config.num_attention_heads = 2
+    model.config.intermediate_size = 32
+    if kind == "llama":
+        model.config.num_key_value_heads = 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_a_config_rewritten_after_narrowing_is_restored_to_the_dense_one(tmp_path, kind):
+    model, x, history = _narrowed(kind)
+    _rewrite_config(model, kind)
+    chase.save_pretrained(model, tmp_path / "m", history=history)
+    record = json.loads((tmp_path / "m" / "config.json").read_text())["transformers"]
+    assert (record["config"]["num_attention_heads"], record["config"]["intermediate_size"]) == (4, 64)
+    assert record["config_changes"]["num_attention_heads"] == 2
+    loaded = chase.from_pretrained(tmp_path / "m")
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    # The rebuilt model's config reads as the saved model's did.
+    assert (loaded.config.num_attention_heads, loaded.config.intermediate_size) == (2, 32)
+
+
+def test_a_config_rewritten_to_every_narrowed_width_is_solved_back(tmp_path):
+    """Uniform widths, the residual stream narrowed too: the model's config can describe the narrow model
+    exactly (hidden size, heads, key/value heads, MLP width, as an integration writes it), and every one
+    of those sizes has to be solved back, where heads times head width could be solved either way."""
+    model, x = _tiny("llama")
+    spec = chase.ChannelSpec(channel_sparsity=0.5, prune_heads=True, prune_skip=True, channel_rank="uniform")
+    history = chase.prune_channels(model, x, channels=spec).history
+    layer, head_dim = model.model.layers[0], model.config.head_dim
+    narrow = {
+        "hidden_size": model.model.embed_tokens.weight.shape[1],
+        "intermediate_size": layer.mlp.gate_proj.out_features,
+        "num_attention_heads": layer.self_attn.q_proj.out_features // head_dim,
+        "num_key_value_heads": layer.self_attn.k_proj.out_features // head_dim,
+    }
+    assert narrow == {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    for field, value in narrow.items():
+        setattr(model.config, field, value)
+    chase.save_pretrained(model, tmp_path / "m", history=history)
+    dense = json.loads((tmp_path / "m" / "config.json").read_text())["transformers"]["config"]
+    assert {k: dense[k] for k in narrow} == {
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2
+    }  # fmt: skip
+    assert dense["head_dim"] == head_dim
+    assert torch.equal(_logits(chase.from_pretrained(tmp_path / "m"), x), _logits(model, x))
+
+
+def test_base_config_rebuilds_what_the_search_cannot_and_a_refusal_writes_nothing(tmp_path, monkeypatch):
+    from chase import hfconfig
+
+    model, x = _tiny("bert")
+    before = type(model.config).from_dict(model.config.to_dict())  # the config before narrowing
+    result = chase.prune_channels(
+        model, x, channels=chase.ChannelSpec(channel_sparsity=0.5, prune_heads=True)
+    )
+    _rewrite_config(model, "bert")
+    monkeypatch.setattr(hfconfig, "MAX_SEARCH_BUILDS", 0)  # a rewrite the search gives up on
+    with pytest.raises(ValueError, match="pass base_config="):
+        chase.save_pretrained(model, tmp_path / "m", history=result.history)
+    assert not (tmp_path / "m").exists()
+    wrong = before.to_dict() | {"intermediate_size": 128}
+    with pytest.raises(ValueError, match="the base_config given does not rebuild"):
+        chase.save_pretrained(model, tmp_path / "m", history=result.history, base_config=wrong)
+    assert not (tmp_path / "m").exists()
+    chase.save_pretrained(model, tmp_path / "m", history=result.history, base_config=before)
+    assert torch.equal(_logits(chase.from_pretrained(tmp_path / "m"), x), _logits(model, x))
+
+
+def test_the_config_a_model_was_loaded_from_restores_a_rewritten_one(tmp_path, monkeypatch):
+    """A model loaded with transformers' from_pretrained names its source (config.name_or_path); its
+    config there is the dense one, read from disk (a folder or the Hub cache), never from the network."""
+    import transformers
+
+    from chase import hfconfig
+
+    tiny, x = _tiny("bert")
+    tiny.save_pretrained(tmp_path / "base")
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    history = chase.prune_channels(
+        model, x, channels=chase.ChannelSpec(channel_sparsity=0.5, prune_heads=True)
+    ).history
+    _rewrite_config(model, "bert")
+    monkeypatch.setattr(hfconfig, "MAX_SEARCH_BUILDS", 0)  # only the loaded-from config can rebuild it
+    chase.save_pretrained(model, tmp_path / "m", history=history)
+    assert torch.equal(_logits(chase.from_pretrained(tmp_path / "m"), x), _logits(model, x))
+
+
+def test_a_transformers_model_keeps_its_dtype(tmp_path):
+    small, x = _tiny("llama")
+    # Built in bfloat16 as transformers does it (the rotary frequencies stay float32).
+    model = type(small)._from_config(small.config, dtype=torch.bfloat16).eval()
+    history = chase.prune_channels(
+        model, x, channels=chase.ChannelSpec(channel_sparsity=0.5, prune_heads=True)
+    ).history
+    chase.save_pretrained(model, tmp_path / "m", history=history)
+    loaded = chase.from_pretrained(tmp_path / "m")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+@pytest.mark.parametrize(
+    "tamper, words",
+    [
+        (lambda c: c.update(intermediate_size=10**7), "has size"),
+        (lambda c: c.update(vocab_size=10**7), "do not give the weights' shapes"),
+        (lambda c: c.update(architectures=["AutoConfig"]), "has no model class"),
+        (lambda c: c.update(model_type="gpt2"), "model_type"),
+    ],
+)
+def test_a_tampered_transformers_config_is_refused_before_anything_is_allocated(tmp_path, tamper, words):
+    """The config is untrusted input: the model it describes is built on the meta device and checked
+    against the history and the weights before a real (possibly huge) one is allocated."""
+    model, _, history = _narrowed("bert")
+    chase.save_pretrained(model, tmp_path / "m", history=history)
+    info = json.loads((tmp_path / "m" / "config.json").read_text())
+    tamper(info["transformers"]["config"])
+    (tmp_path / "m" / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=words) as raised:
+        chase.from_pretrained(tmp_path / "m")
+    assert "config.json" in str(raised.value)

@@ -3,7 +3,7 @@
 from chase.analysis import ChannelStats, channel_stats
 from chase.flops import FlopReport, count_flops, training_flops
 from chase.graph import channel_groups
-from chase.pretrained import from_pretrained, save_pretrained
+from chase.pretrained import from_pretrained, push_to_hub, save_pretrained
 from chase.slim import load_slim, save_slim
 from chase.sparsifier import (
     MEST,
@@ -46,6 +46,7 @@ __all__ = [
     "from_pretrained",
     "load_slim",
     "prune_channels",
+    "push_to_hub",
     "save_pretrained",
     "save_slim",
     "training_flops",
