@@ -223,19 +223,19 @@ def test_load_from_checkpoint_gives_the_narrow_module(shrunk, tmp_path):
 def test_density_channels_and_macs_reach_the_logger(shrunk):
     sp, module = shrunk["cb"].sparsifier, shrunk["module"]
     metrics = shrunk["trainer"].callback_metrics
-    assert float(metrics["sparsity/density"]) == pytest.approx(sp.global_density(), abs=1e-6)
-    assert float(metrics["sparsity/channel_sparsity"]) == pytest.approx(sp.channel_sparsity_now(), abs=1e-6)
+    assert float(metrics["chase/density"]) == pytest.approx(sp.global_density(), abs=1e-6)
+    assert float(metrics["chase/channel_sparsity"]) == pytest.approx(sp.channel_sparsity_now(), abs=1e-6)
     macs = chase.count_flops(module, torch.zeros(1, 3, 16, 16)).dense
-    assert float(metrics["sparsity/macs"]) == pytest.approx(macs, rel=1e-6)
+    assert float(metrics["chase/macs"]) == pytest.approx(macs, rel=1e-6)
 
     with open(pathlib.Path(shrunk["logger"].log_dir) / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("sparsity/macs")]
+        rows = [r for r in csv.DictReader(f) if r.get("chase/macs")]
     assert len(rows) == 24  # one row per optimizer step
-    by_step = [float(r["sparsity/macs"]) for r in rows]
+    by_step = [float(r["chase/macs"]) for r in rows]
     dense = chase.count_flops(TinyResNet(width=16), torch.zeros(1, 3, 16, 16)).dense
     assert by_step[0] == dense and by_step[-1] == macs < dense
     assert by_step == sorted(by_step, reverse=True) and len(set(by_step)) == 4  # dense, 3 events
-    sparsities = [float(r["sparsity/channel_sparsity"]) for r in rows]
+    sparsities = [float(r["chase/channel_sparsity"]) for r in rows]
     assert sparsities[4] == 0 < sparsities[5]  # the first event comes after step 6 (row 5)
 
 
@@ -273,7 +273,7 @@ def test_example_input_array_goes_to_a_keyword_factory(tmp_path):
     trainer = _trainer(tmp_path, cb, epochs=1)
     trainer.fit(module, _loader())
     assert seen == [module.example_input_array]
-    assert not any(k.startswith("sparsity/") for k in trainer.callback_metrics)
+    assert not any(k.startswith("chase/") for k in trainer.callback_metrics)
     with pytest.raises(RuntimeError, match="during fit"):
         cb.example_inputs  # noqa: B018 -- only the trainer's data can tell
 
@@ -393,7 +393,7 @@ def test_a_two_argument_factory_reads_example_inputs_and_the_rng_stays(tmp_path)
     trainer = _trainer(tmp_path, cb, epochs=1)
     trainer.fit(ChaseModule(), loader)
     assert kept == [True]
-    assert "sparsity/macs" in trainer.callback_metrics  # the input found is also the one MACs count on
+    assert "chase/macs" in trainer.callback_metrics  # the input found is also the one MACs count on
 
 
 def test_mask_mode_keeps_shapes_and_logs_the_macs_of_its_export(tmp_path):
@@ -408,7 +408,7 @@ def test_mask_mode_keeps_shapes_and_logs_the_macs_of_its_export(tmp_path):
     trainer.fit(module, _loader())  # one channel event, at step 6
     assert _widths(module) == _widths(ChaseModule())
     macs = chase.count_flops(cb.sparsifier.export(), torch.zeros(1, 3, 16, 16)).dense
-    assert float(trainer.callback_metrics["sparsity/macs"]) == pytest.approx(macs, rel=1e-6)
+    assert float(trainer.callback_metrics["chase/macs"]) == pytest.approx(macs, rel=1e-6)
     assert macs < chase.count_flops(module, torch.zeros(1, 3, 16, 16)).dense
     trainer.save_checkpoint(tmp_path / "mask.ckpt")
     assert HISTORY_KEY not in torch.load(tmp_path / "mask.ckpt", weights_only=False)  # full-size weights

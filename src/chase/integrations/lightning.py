@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from chase.flops import count_flops
+from chase.integrations.metrics import SparsityMetrics, narrows
 from chase.sparsifier import Sparsifier
 from chase.surgery import replay
 
@@ -139,10 +139,11 @@ class SparsityCallback(Callback):
             ``functools.partial(chase.Chase, density=0.1, total_steps=n)``), called with
             :attr:`example_inputs`. ``module`` is the LightningModule; the sparsifier may take one of its
             submodules instead (``chase.Chase(module.net, ...)``).
-        log_prefix: prefix of the metrics logged through ``pl_module.log_dict`` after every optimizer step:
-            ``density`` (kept weights over the dense size) and, for Chase, ``channel_sparsity`` and ``macs``
-            (MACs per example of the model as it is, counted at the start and after each channel event,
-            where an example input is known). None logs nothing.
+        log_prefix: prefix of the metrics logged through ``pl_module.log_dict`` after every optimizer step
+            (:class:`chase.integrations.metrics.SparsityMetrics`): ``density`` (kept weights over the dense
+            size) and, for Chase, ``channel_sparsity``, ``params`` and ``macs`` of the deployable model with
+            their ratios to the start (counted at the start and after each channel event; MACs where an
+            example input is known). None logs nothing.
 
     Limits: one optimizer; one process or ``strategy="ddp"`` (with ``ddp_spawn``/``ddp_fork``, Lightning
     copies rank 0's final weights into the main process's full-size module, so physical removal is refused
@@ -151,7 +152,7 @@ class SparsityCallback(Callback):
     """
 
     def __init__(
-        self, make_sparsifier: Callable[..., Sparsifier], *, log_prefix: str | None = "sparsity/"
+        self, make_sparsifier: Callable[..., Sparsifier], *, log_prefix: str | None = "chase/"
     ) -> None:
         self.make_sparsifier = make_sparsifier
         self.log_prefix = log_prefix
@@ -163,8 +164,8 @@ class SparsityCallback(Callback):
         self._trainer: Any = None
         self._module: nn.Module | None = None
         self._example: Any = _UNSET
-        self._probe: Any = None  # one example of the input, to count MACs on
-        self._metrics: dict[str, float] = {}
+        self._metrics = SparsityMetrics()
+        self._logged: dict[str, float] = {}
         self._hooked: tuple[nn.Module, Callable[[dict[str, Any]], None]] | None = None
 
     # ------------------------------------------------------------------ example inputs
@@ -219,7 +220,7 @@ class SparsityCallback(Callback):
             if self._pending is not None:
                 self.sparsifier.load_state_dict(self._pending)
         self._pending, self._restored = None, False
-        self._metrics = {}
+        self._metrics = SparsityMetrics(self._metrics.example_inputs)
         self._refresh_metrics(macs=True)
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -234,15 +235,15 @@ class SparsityCallback(Callback):
             _rewrap(trainer)
         if info.updated or info.channels_removed:
             self._refresh_metrics(macs=info.channels_removed > 0)
-        if self._metrics:
+        if self._logged:
             # Every step, from values recounted only when they change: a logger writes at its own cadence.
             pl_module.log_dict(
-                {f"{self.log_prefix}{k}": v for k, v in self._metrics.items()}, on_step=True, on_epoch=False
+                {f"{self.log_prefix}{k}": v for k, v in self._logged.items()}, on_step=True, on_epoch=False
             )
 
     def on_save_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         sp = self.sparsifier
-        if sp is None or not _narrows(sp):
+        if sp is None or not narrows(sp):
             return
         name = next((n for n, m in pl_module.named_modules() if m is sp.module), None)
         if name is not None:
@@ -302,7 +303,7 @@ class SparsityCallback(Callback):
             raise ValueError(
                 "make_sparsifier must build the sparsifier on the LightningModule or one of its submodules"
             )
-        if _narrows(sparsifier) and hasattr(trainer.strategy.launcher, "_recover_results_in_main_process"):
+        if narrows(sparsifier) and hasattr(trainer.strategy.launcher, "_recover_results_in_main_process"):
             sparsifier.remove()
             raise ValueError(
                 f"{type(sparsifier).__name__} removes channels physically, but this strategy's launcher "
@@ -310,7 +311,8 @@ class SparsityCallback(Callback):
                 "full-size module, which they no longer fit: use strategy='ddp', or "
                 "channels=chase.ChannelSpec(removal='mask')"
             )
-        self._probe = self._make_probe(pl_module) if sparsifier.removes_channels else None
+        probe = self._make_probe(pl_module) if sparsifier.removes_channels else None
+        self._metrics = SparsityMetrics(probe)
         return sparsifier
 
     def _make_probe(self, pl_module: nn.Module) -> Any:
@@ -322,18 +324,8 @@ class SparsityCallback(Callback):
         return _first_example(example)
 
     def _refresh_metrics(self, *, macs: bool) -> None:
-        sp = self.sparsifier
-        if sp is None or self.log_prefix is None:
-            return
-        self._metrics["density"] = sp.global_density()
-        if sp.removes_channels:
-            self._metrics["channel_sparsity"] = sp.channel_sparsity_now()
-            if macs and self._probe is not None:
-                # The model keeps its shapes in mask mode: its export is the narrow model.
-                model = sp.module if _narrows(sp) else sp.export()
-                with torch.no_grad():
-                    report = count_flops(model, _placed(self._probe, next(model.parameters())))
-                self._metrics["macs"] = float(report.dense)
+        if self.sparsifier is not None and self.log_prefix is not None:
+            self._logged = self._metrics.update(self.sparsifier, recount=macs)
 
     def _release(self) -> None:
         if self.sparsifier is not None:
@@ -349,11 +341,6 @@ class SparsityCallback(Callback):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _narrows(sparsifier: Sparsifier) -> bool:
-    """Whether the sparsifier slices channels out of the model itself (Chase with removal='physical')."""
-    return sparsifier.removes_channels and getattr(sparsifier, "removal", None) == "physical"
-
-
 def _rewrap(trainer: Any) -> None:
     """After a physical removal: rebuild the strategy's DistributedDataParallel around the narrowed module
     (DDP fixes its parameter list and gradient buckets when it is built), as Lightning's DDP setup does.
@@ -417,10 +404,10 @@ def _find_example_inputs(trainer: Any, module: nn.Module) -> Any:
     )
 
 
-def _first_example(example: Any) -> torch.Tensor | tuple[Any, ...] | None:
+def _first_example(example: Any) -> Any:
     """The first example of an input batch as a copy that does not keep the batch alive (count_flops
-    divides by the batch): a tensor, or a tuple of positional arguments; None for any other input, which
-    count_flops does not take."""
+    divides by the batch): a tensor, a tuple of positional or a dict of keyword arguments; None for any
+    other input, which count_flops does not take."""
 
     def first(t: Any) -> Any:
         return t[:1].clone() if isinstance(t, torch.Tensor) and t.ndim else t
@@ -429,19 +416,9 @@ def _first_example(example: Any) -> torch.Tensor | tuple[Any, ...] | None:
         return first(example)
     if isinstance(example, tuple):
         return tuple(first(t) for t in example)
+    if isinstance(example, dict):  # keyword arguments (a transformers model's input_ids=...)
+        return {k: first(t) for k, t in example.items()}
     return None
-
-
-def _placed(example: torch.Tensor | tuple[Any, ...], param: torch.Tensor) -> Any:
-    """``example`` on ``param``'s device, floating tensors in its dtype (a model moved or converted by the
-    strategy's precision since the input was found)."""
-
-    def place(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        return t.to(param.device, param.dtype if t.is_floating_point() else t.dtype)
-
-    return place(example) if isinstance(example, torch.Tensor) else tuple(place(t) for t in example)
 
 
 def _has_forward(module: nn.Module) -> bool:

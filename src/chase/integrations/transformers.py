@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from chase.flops import count_flops
+from chase.integrations.metrics import SparsityMetrics
 from chase.io import atomic_write_bytes
 from chase.sparsifier import Sparsifier
 
@@ -245,9 +245,8 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
         self.sync_config = sync_config
         self.export_dir = export_dir
         self.sparsifier: Optional[Sparsifier] = None
-        self._params0: Optional[int] = None
-        self._macs: Optional[int] = None
-        self._macs0: Optional[int] = None
+        self._metrics = SparsityMetrics(example_inputs)
+        self._recount = True  # parameters and MACs change only at channel events
 
     def install(self, trainer: Any) -> ChaseCallback:
         """Add this callback to ``trainer`` before its reporting callbacks, so they see its metrics."""
@@ -270,9 +269,8 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
         stand_in = torch.optim.SGD(model.parameters(), lr=0.0)  # replaced by the Trainer's in on_train_begin
         self.sparsifier = self.make_sparsifier(model, stand_in)
         self.sparsifier.load_state_dict(state["sparsifier"])
-        self._params0 = state.get("params0")
-        self._macs0 = state.get("macs0")
-        self._macs = None
+        self._metrics.load_state_dict(state.get("metrics"))
+        self._recount = True
         if self.sync_config:
             sync_config(model, strict=False)
 
@@ -300,10 +298,8 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
             self.sparsifier = self.make_sparsifier(model, opt)
         elif self.sparsifier.optimizer is not opt:  # resumed on a stand-in, or a second train() call
             self.sparsifier.use_optimizer(opt)
-        if self._params0 is None:
-            self._params0 = sum(p.numel() for p in model.parameters())
-        if self._macs0 is None and self.example_inputs is not None:
-            self._macs0 = self._count_macs(model)
+        self._metrics.update(self.sparsifier, recount=self._recount)  # the run's first counts
+        self._recount = False
 
     def on_optimizer_step(
         self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kw: Any
@@ -311,6 +307,7 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
         if self.sparsifier is None:
             return
         info = self.sparsifier.step()
+        self._recount |= info.channels_removed > 0
         if not info.shapes_changed:
             return
         if getattr(args, "world_size", 1) > 1:
@@ -318,7 +315,6 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
                 "channels were physically removed under a multi-process Trainer, whose DDP wrapper cannot "
                 "be rebuilt from a callback; use Chase(removal='mask') there"
             )
-        self._macs = None
         if self.sync_config and model is not None:
             sync_config(_unwrapped(model), strict=False)
 
@@ -333,7 +329,7 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
     ) -> None:
         if self.sparsifier is None or logs is None or "loss" not in logs:
             return  # training logs only (not evaluation's)
-        metrics = self.metrics(_unwrapped(model) if model is not None else None)
+        metrics = self.metrics()
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)  # the Trainer recorded the logs just before this call
@@ -345,7 +341,7 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
         if not folder.is_dir():
             log.warning("no checkpoint folder %s to write the sparsifier's state into", folder)
             return
-        payload = {"sparsifier": self.sparsifier.state_dict(), "params0": self._params0, "macs0": self._macs0}
+        payload = {"sparsifier": self.sparsifier.state_dict(), "metrics": self._metrics.state_dict()}
         buffer = _to_bytes(payload)
         atomic_write_bytes(folder / STATE_FILE, buffer)
 
@@ -360,29 +356,14 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
             self.export(self.export_dir)
 
     # ------------------------------------------------------------------ results
-    def metrics(self, model: Optional[nn.Module] = None) -> dict[str, float]:
-        """Density, channel sparsity, parameters (and MACs with ``example_inputs``) of the model now;
-        parameters and MACs also as a ratio of the model at the start."""
-        assert self.sparsifier is not None
-        out = {
-            "chase/density": float(self.sparsifier.global_density()),
-            "chase/channel_sparsity": float(self.sparsifier.channel_sparsity_now()),
-        }
-        model = model if model is not None else self.sparsifier.module
-        params = sum(p.numel() for p in model.parameters())
-        out["chase/params"] = float(params)
-        if self._params0:
-            out["chase/params_ratio"] = params / self._params0
-        if self.example_inputs is not None:
-            if self._macs is None:
-                self._macs = self._count_macs(model)
-            out["chase/macs"] = float(self._macs)
-            if self._macs0:
-                out["chase/macs_ratio"] = self._macs / self._macs0
-        return out
-
-    def _count_macs(self, model: nn.Module) -> int:
-        return int(count_flops(model, self.example_inputs).dense)
+    def metrics(self) -> dict[str, float]:
+        """What the callback logs, with the ``chase/`` prefix: density, channel sparsity, parameters and
+        MACs of the deployable model and their ratios to the start
+        (:class:`~chase.integrations.metrics.SparsityMetrics`)."""
+        assert self.sparsifier is not None, "nothing trained yet"
+        values = self._metrics.update(self.sparsifier, recount=self._recount)
+        self._recount = False
+        return {f"chase/{k}": v for k, v in values.items()}
 
     def export(self, folder: str | os.PathLike) -> pathlib.Path:
         """Save the trained model (masked weights zeroed, removed channels gone) to ``folder``: in
