@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "onnx": {"timing"},
     "deploy": {"nested", "onnx"},
     "bench": {"timing", "onnx", "deploy"},
-    "integrations": {"sparsifier", "flops", "io", "pretrained", "surgery", "nested"},
+    "integrations": {"sparsifier", "flops", "io", "pretrained", "surgery", "nested", "hfconfig"},
     "profile": {"graph", "sparse", "sparsifier", "surgery", "timing", "bench", "deploy"},
     "card": set(),
     "hub": set(),

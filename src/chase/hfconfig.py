@@ -27,7 +27,7 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -55,7 +55,7 @@ def is_transformers_model(module: nn.Module) -> bool:
     )
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
+def config_dict(config: Any) -> dict[str, Any]:
     """A transformers config (or its dict) as plain JSON (``to_json_string`` converts dtypes and the like)."""
     if isinstance(config, Mapping):
         return json.loads(json.dumps(dict(config)))
@@ -128,6 +128,10 @@ class _Verifier:
         self.attributes = _int_attributes(model, self.modules)
         self.worst = 2 * len(self.dense) + sum(len(a) + 1 for a in self.attributes.values()) + 1
 
+    def count(self) -> None:
+        """One more meta build (the search stops at :data:`MAX_SEARCH_BUILDS`)."""
+        self.builds += 1
+
     def score(self, config: Mapping[str, Any]) -> int:
         """The number of dense shapes that differ, plus the number of shapes and module integer attributes
         that differ after narrowing by the part of the history that fits (so a candidate that fixes the
@@ -164,7 +168,9 @@ class _Verifier:
         return wrong
 
 
-def _meta_shapes(config: Mapping[str, Any]) -> Optional[dict[str, tuple]]:
+def meta_shapes(config: Mapping[str, Any]) -> Optional[dict[str, tuple]]:
+    """Every tensor's shape of the model ``config`` builds, built on the meta device (no memory, no
+    init cost); None when the architecture refuses the config."""
     try:  # any config may be tried: whatever its constructor raises just rules it out
         with torch.device("meta"):
             return {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
@@ -173,25 +179,31 @@ def _meta_shapes(config: Mapping[str, Any]) -> Optional[dict[str, tuple]]:
         return None
 
 
-def _solved(
-    config: Mapping[str, Any], base: dict[str, tuple], field: str, verifier: _Verifier
+def solve_field(
+    config: Mapping[str, Any],
+    base: dict[str, tuple],
+    field: str,
+    target: Mapping[str, tuple],
+    on_build: Optional[Callable[[], None]] = None,
 ) -> Optional[int]:
-    """The value of the integer ``field`` that gives the dense sizes on the dims it sets, or None.
+    """The value of the integer ``field`` that gives the ``target`` sizes on the dims it sets, or None
+    (also when that is its value already). ``base``: the shapes ``config`` builds.
 
     A field sets the dims that change when it grows, linearly (``size = a * value + b``: heads times head
     width, hidden units); one build at ``value + 1`` (or ``2 * value``, for an architecture that wants
-    heads dividing the width) gives ``a`` and ``b``, and the dense size then gives the value. Every dim
+    heads dividing the width) gives ``a`` and ``b``, and the target size then gives the value. Every dim
     it sets must give the same whole value."""
     value = config[field]
     for probe in (value + 1, 2 * value):
-        verifier.builds += 1
-        grown = _meta_shapes({**config, field: probe})
+        if on_build is not None:
+            on_build()
+        grown = meta_shapes({**config, field: probe})
         if grown is not None and grown.keys() == base.keys():
             break
     else:
         return None
     found = {
-        value + (verifier.dense[k][d] - s0) * (probe - value) / (s1 - s0)
+        value + (target[k][d] - s0) * (probe - value) / (s1 - s0)
         for k, shape in base.items()
         for d, (s0, s1) in enumerate(zip(shape, grown[k]))
         if s0 != s1
@@ -203,10 +215,10 @@ def _solved(
 
 def _size_solutions(config: dict[str, Any], verifier: _Verifier) -> list[dict[str, Any]]:
     """The configs that build the dense shapes, reached from ``config`` by solving its size fields one at
-    a time (:func:`_solved`) in every order. Orders matter where a size is a product (query rows are
+    a time (:func:`solve_field`) in every order. Orders matter where a size is a product (query rows are
     heads times head width: a config written for the narrowed model solves to 4 heads of 8 or to 2 heads
     of 16); the verifier then tells which one is the saved model."""
-    root = _meta_shapes(config)
+    root = meta_shapes(config)
     if root is None or root.keys() != verifier.dense.keys():
         return []
     fields = [f for f, v in config.items() if type(v) is int and v >= 1]
@@ -217,13 +229,15 @@ def _size_solutions(config: dict[str, Any], verifier: _Verifier) -> list[dict[st
         if base == verifier.dense:
             found.append(current)
             continue
-        solved = {f: _solved(current, base, f, verifier) for f in (movable or fields)}
+        solved = {
+            f: solve_field(current, base, f, verifier.dense, verifier.count) for f in (movable or fields)
+        }
         solved = {f: v for f, v in solved.items() if v is not None}
         movable = movable or list(solved)
         for field, value in solved.items():
             nxt = {**current, field: value}
             key = tuple(nxt[f] for f in fields)
-            if key not in seen and (shapes := _meta_shapes(nxt)) is not None and shapes.keys() == base.keys():
+            if key not in seen and (shapes := meta_shapes(nxt)) is not None and shapes.keys() == base.keys():
                 seen.add(key)
                 states.append((nxt, shapes))
     return found
@@ -294,7 +308,7 @@ def _loaded_from(as_is: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(name, str) or not name:
         return []
     try:  # not cached, not a config, another model: this candidate is just missing
-        loaded = _config_dict(
+        loaded = config_dict(
             sys.modules["transformers"].AutoConfig.from_pretrained(name, local_files_only=True)
         )
     except Exception as e:
@@ -317,11 +331,11 @@ def record(
 
     Raises ``ValueError`` (before anything is written) when no candidate config rebuilds the model."""
     tf = sys.modules["transformers"]
-    as_is = _config_dict(model.config)
+    as_is = config_dict(model.config)
     as_is["architectures"] = [type(model).__name__]  # set by transformers' save_pretrained, not at init
     verifier = _Verifier(model, state, history)
     if base_config is not None:  # the caller's word is final: no other candidate
-        candidates = [{**_config_dict(base_config), "architectures": as_is["architectures"]}]
+        candidates = [{**config_dict(base_config), "architectures": as_is["architectures"]}]
     else:
         candidates = [as_is, *_loaded_from(as_is)]
     dense = next((c for c in candidates if verifier.score(c) == 0), None)

@@ -17,7 +17,6 @@ transformers is imported lazily: this module works on any ``PreTrainedModel``-li
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import pathlib
@@ -27,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from chase.hfconfig import config_dict, meta_shapes, solve_field
 from chase.integrations.metrics import SparsityMetrics
 from chase.io import atomic_write_bytes
 from chase.sparsifier import Sparsifier
@@ -61,68 +61,15 @@ FIXED_FIELDS = frozenset(
 )
 
 
-def _shapes(cls: type, config: Any) -> Optional[dict[str, tuple[int, ...]]]:
-    """Every tensor's shape of ``cls(config)``, built on the meta device (no memory, no init cost);
-    None when the architecture refuses the config."""
-    try:
-        with torch.device("meta"):
-            model = cls(config)
-    except Exception as e:  # an inconsistent config (hidden size not divisible by heads, ...)
-        log.debug("%s refuses the config: %s", cls.__name__, e)
-        return None
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _pinned_head_dim(cls: type, config: Any, base: dict[str, tuple[int, ...]]) -> Any:
+def _pinned_head_dim(config: dict[str, Any], base: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """The config with its head width written out as ``head_dim`` when the architecture derives it from
     ``hidden_size / num_attention_heads`` but reads ``head_dim`` when the config has one (Qwen2-style):
-    fewer heads then keep their width. A copy; the config itself when that changes any shape."""
-    if getattr(config, "head_dim", None) or not getattr(config, "num_attention_heads", None):
+    fewer heads then keep their width. Unchanged when writing it out changes any shape."""
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if config.get("head_dim") or not heads or not hidden or hidden % heads:
         return config
-    hidden = getattr(config, "hidden_size", None)
-    if not hidden or hidden % config.num_attention_heads:
-        return config
-    pinned = copy.deepcopy(config)
-    pinned.head_dim = hidden // config.num_attention_heads
-    return pinned if _shapes(cls, pinned) == base else config
-
-
-def _int_fields(config: Any) -> dict[str, int]:
-    return {
-        k: v
-        for k, v in config.to_dict().items()
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0 and k not in FIXED_FIELDS
-    }
-
-
-def _solve(
-    field: str,
-    value: int,
-    cls: type,
-    config: Any,
-    base: dict[str, tuple[int, ...]],
-    now: dict[str, tuple[int, ...]],
-) -> Optional[int]:
-    """The value of ``field`` that gives the model's current sizes on the dims it controls, or None.
-
-    Each dim a field controls grows linearly with it (``size = a * value + b``: heads x head width, the
-    hidden units): one probe at ``value + 1`` gives ``a`` and ``b``, and the current size gives the value.
-    Every dim must give the same integer (one width for every layer)."""
-    probe = copy.deepcopy(config)
-    setattr(probe, field, value + 1)
-    grown = _shapes(cls, probe)
-    if grown is None or grown.keys() != base.keys():
-        return None
-    found: set[float] = set()
-    for k, shape in base.items():
-        for d, (s0, s1) in enumerate(zip(shape, grown[k])):
-            if s0 != s1:
-                a = s1 - s0
-                found.add((now[k][d] - (s0 - a * value)) / a)
-    if len(found) != 1:
-        return None
-    new = found.pop()
-    return int(new) if new.is_integer() and new > 0 else None
+    pinned = {**config, "head_dim": hidden // heads}
+    return pinned if meta_shapes(pinned) == base else config
 
 
 def sync_config(model: nn.Module, *, strict: bool = True) -> Optional[dict[str, tuple[int, int]]]:
@@ -149,22 +96,22 @@ def sync_config(model: nn.Module, *, strict: bool = True) -> Optional[dict[str, 
         raise TypeError(f"sync_config needs a transformers model with a config, not a {type(model).__name__}")
     cls = type(model)
     now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    base = _shapes(cls, config)
+    current = {**config_dict(config), "architectures": [cls.__name__]}
+    base = meta_shapes(current)
     if base is None:
         raise ValueError(f"{cls.__name__} cannot be built from its own config")
     if base == now:
         return {}
+    current = _pinned_head_dim(current, base)
     changed: dict[str, tuple[int, int]] = {}
-    config = _pinned_head_dim(cls, config, base)
     if base.keys() == now.keys():
-        for field, value in _int_fields(config).items():
-            new = _solve(field, value, cls, config, base, now)
-            if new is not None and new != value:
-                changed[field] = (value, new)
-    trial = copy.deepcopy(config)
-    for field, (_, new) in changed.items():
-        setattr(trial, field, new)
-    rebuilt = _shapes(cls, trial) if changed else base
+        for field, value in current.items():
+            if type(value) is int and value > 0 and field not in FIXED_FIELDS:
+                new = solve_field(current, base, field, now)
+                if new is not None:
+                    changed[field] = (value, new)
+    trial = {**current, **{f: new for f, (_, new) in changed.items()}}
+    rebuilt = meta_shapes(trial) if changed else base
     if rebuilt != now:
         wrong = sorted(k for k in now if rebuilt is None or rebuilt.get(k) != now[k])
         msg = (
@@ -177,10 +124,10 @@ def sync_config(model: nn.Module, *, strict: bool = True) -> Optional[dict[str, 
             raise ValueError(msg)
         log.info("%s", msg)
         return None
-    if getattr(config, "head_dim", None) != getattr(model.config, "head_dim", None):
-        model.config.head_dim = config.head_dim  # the head width, written out (see _pinned_head_dim)
+    if current.get("head_dim") != getattr(config, "head_dim", None):
+        config.head_dim = current["head_dim"]  # the head width, written out (see _pinned_head_dim)
     for field, (_, new) in changed.items():
-        setattr(model.config, field, new)
+        setattr(config, field, new)
     if changed:
         log.info("config updated to the narrowed widths: %s", {f: n for f, (_, n) in changed.items()})
     return changed
