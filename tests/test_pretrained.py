@@ -230,6 +230,19 @@ def test_a_narrowed_transformers_model_reloads_without_build(tmp_path, kind):
     assert torch.equal(_logits(loaded, x), _logits(model, x))
 
 
+def test_a_folder_in_transformers_format_is_named_with_the_loader_to_use(tmp_path, monkeypatch):
+    """ChaseCallback's export_dir holds transformers' own format when the config describes the widths:
+    chase.from_pretrained and push_to_hub say so instead of "unsupported format None"."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # refused before any upload is tried
+    model, _ = _tiny("llama")
+    model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"transformers' own format \(model_type 'llama'\).*AutoModel"):
+        chase.from_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="transformers' own format"):
+        chase.push_to_hub(tmp_path / "hf", "user/repo")
+
+
 def _rewrite_config(model, kind):
     """What a training integration may do after shrinking: write the narrowed sizes into model.config."""
     model.config.num_attention_heads = 2

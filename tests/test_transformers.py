@@ -135,6 +135,42 @@ def test_resume_needs_the_callbacks_state(tmp_path: pathlib.Path) -> None:
         cb.resume_from(_bert(), tmp_path)
 
 
+def test_a_resume_the_trainer_is_not_told_of_is_refused_before_training(tmp_path: pathlib.Path) -> None:
+    """TrainingArguments(resume_from_checkpoint=...) narrows the model through the callback, but the
+    Trainer loads the checkpoint only when train() is given it: it would train the narrowed model from
+    step 0 with the sparsifier at the checkpoint's step."""
+    torch.manual_seed(0)
+    _trainer(_bert(), tmp_path / "a", _callback(), steps=4).train()
+    ckpt = tmp_path / "a" / "checkpoint-4"
+    torch.manual_seed(0)
+    model, cb = _bert(), _callback()
+    trainer = _trainer(model, tmp_path / "b", cb, resume_from_checkpoint=str(ckpt))
+    assert cb.sparsifier is not None and cb.sparsifier.step_count == 4  # read when the Trainer was built
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"trainer.train\(resume_from_checkpoint="):
+        trainer.train()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing trained
+
+
+def test_load_best_model_at_end_is_refused_with_physical_removal(tmp_path: pathlib.Path) -> None:
+    """The best checkpoint may be wider than the model at the end: the Trainer's load would fail after
+    the whole run. Refused when training starts, saying what to do instead."""
+    torch.manual_seed(0)
+    model, cb = _bert(), _callback()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "a"), max_steps=8, per_device_train_batch_size=4, save_steps=4,
+        eval_strategy="steps", eval_steps=4, load_best_model_at_end=True, report_to=[], use_cpu=True,
+        disable_tqdm=True,
+    )  # fmt: skip
+    data = _tokens()
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[cb]
+    )
+    with pytest.raises(ValueError, match="load_best_model_at_end=False"):
+        trainer.train()
+    assert cb.sparsifier is None and trainer.state.global_step == 0
+
+
 def test_a_llama_trained_with_uniform_widths_exports_for_transformers_alone(tmp_path: pathlib.Path) -> None:
     torch.manual_seed(0)
     model = _llama()

@@ -278,6 +278,13 @@ def _read_info(folder: pathlib.Path) -> dict[str, Any]:
         info = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{folder} is not a saved chase model ({CONFIG_FILE}: {e})") from None
+    if isinstance(info, dict) and "format" not in info and isinstance(info.get("model_type"), str):
+        # e.g. ChaseCallback's export_dir when the model's config describes its widths
+        raise ValueError(
+            f"{folder} is a model folder in transformers' own format (model_type {info['model_type']!r}), "
+            "not one chase.save_pretrained wrote: load it with transformers.AutoModel...from_pretrained "
+            "and share it with the model's push_to_hub"
+        )
     if not isinstance(info, dict) or info.get("format") != PRETRAINED_FORMAT:
         found = info.get("format") if isinstance(info, dict) else None
         raise ValueError(f"{folder}: unsupported format {found!r} (expected {PRETRAINED_FORMAT})")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from chase.hfconfig import config_dict, meta_shapes, solve_field
-from chase.integrations.metrics import SparsityMetrics
+from chase.integrations.metrics import SparsityMetrics, narrows
 from chase.io import atomic_write_bytes
 from chase.sparsifier import Sparsifier
 
@@ -194,6 +194,7 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
         self.sparsifier: Optional[Sparsifier] = None
         self._metrics = SparsityMetrics(example_inputs)
         self._recount = True  # parameters and MACs change only at channel events
+        self._resumed_from: Optional[str] = None  # the checkpoint resume_from restored, until training starts
 
     def install(self, trainer: Any) -> ChaseCallback:
         """Add this callback to ``trainer`` before its reporting callbacks, so they see its metrics."""
@@ -218,6 +219,7 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
         self.sparsifier.load_state_dict(state["sparsifier"])
         self._metrics.load_state_dict(state.get("metrics"))
         self._recount = True
+        self._resumed_from = str(checkpoint)
         if self.sync_config:
             sync_config(model, strict=False)
 
@@ -245,6 +247,27 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
             self.sparsifier = self.make_sparsifier(model, opt)
         elif self.sparsifier.optimizer is not opt:  # resumed on a stand-in, or a second train() call
             self.sparsifier.use_optimizer(opt)
+        resumed, self._resumed_from = self._resumed_from, None
+        if resumed is not None and state.global_step != self.sparsifier.step_count:
+            # The Trainer loads a checkpoint only when train() is given it (TrainingArguments'
+            # resume_from_checkpoint is for scripts to read): it would train the narrowed model from step 0.
+            raise RuntimeError(
+                f"ChaseCallback restored the widths and the sparsifier of {resumed} (step "
+                f"{self.sparsifier.step_count}), but the Trainer starts at step {state.global_step}: it "
+                f"loads the checkpoint's weights only when told, so call trainer.train("
+                f"resume_from_checkpoint={resumed!r})"
+            )
+        if getattr(args, "load_best_model_at_end", False) and narrows(self.sparsifier):
+            self.sparsifier.remove()  # lets go of the optimizer before anything trains
+            self.sparsifier = None
+            raise ValueError(
+                "load_best_model_at_end=True loads the best checkpoint into the model when training ends, "
+                "but Chase removes channels physically, so an earlier checkpoint is wider than the model "
+                "by then and would not load: set load_best_model_at_end=False and load "
+                "trainer.state.best_model_checkpoint afterwards (AutoModel...from_pretrained where the "
+                "config describes its widths, else a fresh model narrowed by ChaseCallback.resume_from "
+                "and its model.safetensors)"
+            )
         self._metrics.update(self.sparsifier, recount=self._recount)  # the run's first counts
         self._recount = False
 
