@@ -171,6 +171,38 @@ def test_load_best_model_at_end_is_refused_with_physical_removal(tmp_path: pathl
     assert cb.sparsifier is None and trainer.state.global_step == 0
 
 
+def test_with_masks_the_export_is_the_best_checkpoint_the_trainer_loaded(tmp_path: pathlib.Path) -> None:
+    """removal="mask" keeps the shapes, so load_best_model_at_end works; the export then takes the best
+    checkpoint's masks with its weights (not the last step's masks over the best weights)."""
+    torch.manual_seed(0)
+    model, example = _llama(), {"input_ids": torch.randint(0, 100, (1, 8))}
+    spec = chase.ChannelSpec(
+        channel_sparsity=0.5, channel_every=2, prune_heads=True, channel_rank="uniform", removal="mask"
+    )
+
+    def make(m, opt):
+        return chase.Chase(
+            m, opt, density=0.5, total_steps=8, update_every=2, example_inputs=example, channels=spec
+        )
+
+    cb = ChaseCallback(make, export_dir=tmp_path / "export")
+    data = [{"input_ids": t["input_ids"], "labels": t["input_ids"]} for t in _tokens()]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_steps=2, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+        metric_for_best_model="loss", greater_is_better=True, report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[cb]
+    )
+    trainer.train()
+    assert not trainer.state.best_model_checkpoint.endswith("checkpoint-8")  # an earlier one was loaded
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    x = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x).logits, model.eval()(x).logits, atol=1e-6)
+
+
 def test_a_llama_trained_with_uniform_widths_exports_for_transformers_alone(tmp_path: pathlib.Path) -> None:
     torch.manual_seed(0)
     model = _llama()

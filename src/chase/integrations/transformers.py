@@ -318,6 +318,17 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
     def on_train_end(
         self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kw: Any
     ) -> None:
+        best = getattr(state, "best_model_checkpoint", None)
+        if self.sparsifier is not None and getattr(args, "load_best_model_at_end", False) and best:
+            # The Trainer has just loaded the best checkpoint's weights (removal="mask", or no channels
+            # removed): take its masks too, so that the export is that model, not its weights under the
+            # last step's masks.
+            path = pathlib.Path(best) / STATE_FILE
+            if path.is_file():
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
+                self.sparsifier.load_state_dict(state_dict["sparsifier"])
+                self._metrics.load_state_dict(state_dict.get("metrics"))
+                self._recount = True
         if (
             self.export_dir is not None
             and self.sparsifier is not None
