@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import chase
+from chase.card import card_metadata
 
 hf = pytest.importorskip("huggingface_hub")
 import huggingface_hub.constants  # noqa: E402  (the package loads its submodules lazily)
@@ -336,6 +337,10 @@ def test_a_trained_sparsifier_card_carries_its_density_and_a_synthetic_dataset_i
     chase.save_pretrained(sp, tmp_path / "m", recipe={"dataset": "synthetic"})
     meta, body = _front_matter((tmp_path / "m" / "README.md").read_text())
     assert meta["chase"]["method"] == "RigL" and meta["chase"]["density"] == pytest.approx(0.3, abs=0.01)
+    noisy = {"method": "Chase", "density": 0.30000003580369267, "channel_sparsity": 0.49999998, "params": 7}
+    assert card_metadata(noisy)["chase"] == {  # what was counted in float32, as people read it
+        "method": "Chase", "density": 0.3, "channel_sparsity": 0.5, "params": 7
+    }  # fmt: skip
     assert "datasets" not in meta and "base_model" not in meta
     assert "build=MyModel" in body  # saved without a name: the example says a builder is needed
 

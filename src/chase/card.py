@@ -111,6 +111,9 @@ def card_metadata(info: Mapping[str, Any]) -> dict[str, Any]:
         meta["datasets"] = _datasets(info)
     numbers: dict[str, Any] = {"method": info["method"]} if info.get("method") else {}
     numbers.update({k: info[k] for k in ("density", "channel_sparsity", "params") if info.get(k) is not None})
+    for k in ("density", "channel_sparsity"):  # counted in float32: 0.30000003580369267 reads as 0.3
+        if isinstance(numbers.get(k), float) and math.isfinite(numbers[k]):
+            numbers[k] = round(numbers[k], 6)
     numbers.update(info.get("results") or {})
     numbers.update({k: v for k, v in (info.get("speed") or {}).items() if k in SPEED_KEYS})
     meta["chase"] = numbers
