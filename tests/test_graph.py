@@ -939,3 +939,31 @@ def test_a_shared_attention_block_loses_its_channels_and_heads_at_every_call():
     spec = ChannelSpec(channel_sparsity=0.5, prune_skip=True, prune_heads=True)
     report = check_model(_SharedAttention, torch.randn(2, 5, 6), spec)
     assert report.status == "pass" and report.rel_diff == 0.0 and report.params_slim < report.params_dense
+
+
+class _GatedDepthwiseFFN(nn.Module):
+    """A gated feed-forward block with a depthwise conv before the cut (Restormer's, NAFNet's gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+        self.project_in = nn.Conv2d(8, 32, 1)
+        self.dwconv = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.project_out = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, g = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.head((x + self.project_out(torch.nn.functional.gelu(a) * g)).mean((2, 3)))
+
+
+def test_a_gate_cut_after_a_depthwise_conv_is_one_unit_through_it():
+    from chase import ChannelSpec
+    from chase.check import check_model
+
+    graph = channel_groups(_GatedDepthwiseFFN(), torch.randn(1, 3, 8, 8))
+    pair = _pair_group(graph, "dwconv.weight")
+    assert pair.prunable and pair.width == 16 and len(graph) == 4, str(graph)  # no second group for it
+    assert {s.tensor for s in pair.slots} >= {"project_in.weight", "dwconv.weight", "project_out.weight"}
+    report = check_model(_GatedDepthwiseFFN, torch.randn(2, 3, 8, 8), ChannelSpec(channel_sparsity=0.5))
+    assert report.status == "pass" and report.rel_diff == 0.0 and report.params_slim < report.params_dense

@@ -178,17 +178,22 @@ def _groups(
             if name in (done_out if side == "out" else done_in):
                 continue
             g = tp_groups.group(dg, names, m, side)
-            if side == "out" and not g.problems and any(i.index is None for i in g.items):
+            if not g.problems and any(i.index is None for i in g.items):
                 # The layer's channels do not map one-to-one onto a consumer's: a split of them (a GLU's
-                # value and gate halves). The consumers' input groups hold the real units; this group
-                # stands only if none of them takes the layer's channels.
+                # value and gate halves, through a depthwise conv or not). A consumer's input group holds
+                # the real units; this group stands only if no other group takes the layer's channels.
                 deferred.append(g)
                 continue
             outs, ins = tp_groups.covered(g)
             done_out |= outs
             done_in |= ins
             raw.append(g)
-    raw += [g for g in deferred if g.root not in done_out]
+    for g in deferred:  # the ones no group took, each once
+        if g.root not in (done_out if g.side == "out" else done_in):
+            outs, ins = tp_groups.covered(g)
+            done_out |= outs
+            done_in |= ins
+            raw.append(g)
     order = {n: i for i, (n, _) in enumerate(roots)}
     raw.sort(key=lambda g: (order[g.root], g.side == "in"))
     groups = [_translate(g, modules, trace, layer_calls, prune_skip, model, inputs) for g in raw]
