@@ -967,3 +967,11 @@ def test_a_gate_cut_after_a_depthwise_conv_is_one_unit_through_it():
     assert {s.tensor for s in pair.slots} >= {"project_in.weight", "dwconv.weight", "project_out.weight"}
     report = check_model(_GatedDepthwiseFFN, torch.randn(2, 3, 8, 8), ChannelSpec(channel_sparsity=0.5))
     assert report.status == "pass" and report.rel_diff == 0.0 and report.params_slim < report.params_dense
+
+
+def test_a_check_with_nothing_to_remove_says_so_first():
+    from chase.check import check_model
+
+    report = check_model(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(2, 3, 8, 8))
+    assert report.ok and report.prunable_groups == 0
+    assert report.summary().startswith("pass, but nothing to remove") and "--explain" in report.summary()

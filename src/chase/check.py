@@ -76,6 +76,12 @@ class CheckReport:
             return f"{self.status} at {self.stage}: {self.error_type}: {self.error}"
         ratio = self.params_slim / self.params_dense if self.params_dense else 1.0
         macs = self.macs_slim / self.macs_dense if self.macs_dense else 1.0
+        if not self.prunable_groups:  # it ran and reloads, but no channel can go: say that first
+            return (
+                f"pass, but nothing to remove: none of the {self.groups} channel groups is prunable (only "
+                f"unstructured sparsity); the reloaded model matches (max |diff| {self.max_abs_diff:.2e}); "
+                "chase check --explain says why each group is kept"
+            )
         return (
             f"pass: {self.prunable_groups} of {self.groups} channel groups prunable "
             f"({self.prunable_channels} channels), {100 * self.channel_sparsity:.0f}% removed; "
