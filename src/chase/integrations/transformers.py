@@ -167,10 +167,11 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
 
     The sparsifier steps after each optimizer step and before the gradients are cleared
     (``on_optimizer_step``: once per optimizer step, gradient accumulation included). Its state is
-    written to each checkpoint folder (:data:`STATE_FILE`). To resume a run that removed channels, the
-    model must have the checkpoint's widths before the Trainer loads the weights: call
-    :meth:`resume_from` with the checkpoint before ``trainer.train(resume_from_checkpoint=...)``, or set
-    ``TrainingArguments(resume_from_checkpoint=...)``, which the callback reads when the Trainer is built.
+    written to each checkpoint folder (:data:`STATE_FILE`). A run that removed channels resumes with
+    ``trainer.train(resume_from_checkpoint=...)``: the model must have the checkpoint's widths before the
+    Trainer loads the weights, so the callback hooks the model's ``load_state_dict`` and, when narrower
+    weights come in, narrows it to the checkpoint under ``output_dir`` they come from. For a checkpoint
+    elsewhere, call :meth:`resume_from` first.
     Metrics go into the Trainer's logs (``chase/density``, ``chase/channel_sparsity``, ``chase/params``);
     the Trainer calls its reporting callbacks (TensorBoard, W&B) before user callbacks, so use
     :meth:`install` to add the callback in front of them.
@@ -195,6 +196,8 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
         self._metrics = SparsityMetrics(example_inputs)
         self._recount = True  # parameters and MACs change only at channel events
         self._resumed_from: Optional[str] = None  # the checkpoint resume_from restored, until training starts
+        self._checkpoints: Optional[pathlib.Path] = None  # the Trainer's output_dir
+        self._load_hook: Any = None
 
     def install(self, trainer: Any) -> ChaseCallback:
         """Add this callback to ``trainer`` before its reporting callbacks, so they see its metrics."""
@@ -227,9 +230,41 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
     def on_init_end(
         self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kw: Any
     ) -> None:
+        if model is None:
+            return
         resume = getattr(args, "resume_from_checkpoint", None)
-        if resume and model is not None and self.sparsifier is None:
+        if resume and self.sparsifier is None:
             self.resume_from(model, resume)
+        # trainer.train(resume_from_checkpoint=...) loads the checkpoint's weights before any callback
+        # event: a hook on the model's load_state_dict narrows it first, to the checkpoint it is given.
+        self._checkpoints = pathlib.Path(args.output_dir)
+        if self._load_hook is None:
+            self._load_hook = _unwrapped(model).register_load_state_dict_pre_hook(self._narrow_before_load)
+
+    def _narrow_before_load(
+        self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any
+    ) -> None:
+        """Before a state dict loads into the model: when its weights are narrower than the model and no
+        sparsifier runs yet (a resume), find the checkpoint folder they came from and :meth:`resume_from`
+        it, so that they fit."""
+        if self.sparsifier is not None or prefix:
+            return
+        mine = module.state_dict()
+        narrower = [k for k, v in state_dict.items() if k in mine and tuple(v.shape) != tuple(mine[k].shape)]
+        if not narrower:
+            return
+        folder = _checkpoint_holding(self._checkpoints, state_dict)
+        if folder is None:
+            log.warning(
+                "the weights being loaded are narrower than the model (%s) and come from no checkpoint of "
+                "%s with %s: call ChaseCallback.resume_from(model, checkpoint) first",
+                narrower[0],
+                self._checkpoints,
+                STATE_FILE,
+            )
+            return
+        log.info("narrowing the model to the widths of %s before its weights load", folder)
+        self.resume_from(module, folder)
 
     def on_train_begin(
         self,
@@ -362,6 +397,30 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
             save_pretrained(self.sparsifier, folder)
             log.info("saved %s with chase.save_pretrained (widths differ between layers)", folder)
         return folder
+
+
+def _checkpoint_holding(
+    output_dir: Optional[pathlib.Path], state: Mapping[str, Any]
+) -> Optional[pathlib.Path]:
+    """The checkpoint folder under ``output_dir`` (with the callback's state) whose safetensors weights
+    are ``state``: the first row of up to three of its tensors compared exactly, read lazily."""
+    if output_dir is None or not output_dir.is_dir():
+        return None
+    from safetensors import safe_open
+
+    keys = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim][:3]
+    for folder in sorted(output_dir.glob("checkpoint-*"), key=lambda f: f.stat().st_mtime, reverse=True):
+        if not (folder / STATE_FILE).is_file():
+            continue
+        same: list[bool] = []
+        for file in folder.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                same += [
+                    torch.equal(f.get_slice(k)[:1], state[k][:1].cpu()) for k in set(keys) & set(f.keys())
+                ]
+        if len(same) == len(keys) and all(same):
+            return folder
+    return None
 
 
 def _to_bytes(payload: Mapping[str, Any]) -> bytes:
