@@ -231,7 +231,8 @@ def main() -> None:
         "--state", default=None, help="JSON-lines file of finished runs (default OUT/coverage_state.jsonl)"
     )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
-    ap.add_argument("--memory-gb", type=float, default=16.0, help="address-space limit per run")
+    # ViT-L peaks at 15.3 GB resident in the check (more in address space): 16 stopped it
+    ap.add_argument("--memory-gb", type=float, default=22.0, help="address-space limit per run")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--prune-skip", action="store_true", help=argparse.SUPPRESS)
