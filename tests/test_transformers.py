@@ -13,29 +13,26 @@ transformers = pytest.importorskip("transformers")
 import chase  # noqa: E402
 from chase.integrations.transformers import STATE_FILE, ChaseCallback, sync_config  # noqa: E402
 
+#: the sizes every tiny model of these tests shares
+_TINY = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+}
+
 
 def _llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_TINY, num_key_value_heads=2))
 
 
 def _bert() -> torch.nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        num_labels=3,
-    )  # fmt: skip
-    return transformers.BertForSequenceClassification(cfg)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**_TINY, num_labels=3))
 
 
 def _qwen2() -> torch.nn.Module:  # derives its head width from hidden_size / heads unless told head_dim
-    cfg = transformers.Qwen2Config(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64,
-    )  # fmt: skip
-    return transformers.Qwen2ForCausalLM(cfg)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_TINY, num_key_value_heads=2))
 
 
 @pytest.mark.parametrize("build", [_llama, _qwen2])

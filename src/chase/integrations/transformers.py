@@ -28,7 +28,7 @@ from torch import nn
 
 from chase.hfconfig import config_dict, meta_shapes, solve_field
 from chase.integrations.metrics import SparsityMetrics, narrows
-from chase.io import atomic_write_bytes
+from chase.io import atomic_save, load_tensors
 from chase.sparsifier import Sparsifier
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
                 f"{path} does not exist: the checkpoint was not written with ChaseCallback (or is not a "
                 "Trainer checkpoint folder)"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path, "ChaseCallback's state")
         model = _unwrapped(model)
         stand_in = torch.optim.SGD(model.parameters(), lr=0.0)  # replaced by the Trainer's in on_train_begin
         self.sparsifier = self.make_sparsifier(model, stand_in)
@@ -347,8 +347,7 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
             log.warning("no checkpoint folder %s to write the sparsifier's state into", folder)
             return
         payload = {"sparsifier": self.sparsifier.state_dict(), "metrics": self._metrics.state_dict()}
-        buffer = _to_bytes(payload)
-        atomic_write_bytes(folder / STATE_FILE, buffer)
+        atomic_save(payload, folder / STATE_FILE)
 
     def on_train_end(
         self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None, **kw: Any
@@ -360,7 +359,7 @@ class ChaseCallback(_Base):  # type: ignore[misc,valid-type]
             # last step's masks.
             path = pathlib.Path(best) / STATE_FILE
             if path.is_file():
-                state_dict = torch.load(path, map_location="cpu", weights_only=True)
+                state_dict = load_tensors(path, "ChaseCallback's state")
                 self.sparsifier.load_state_dict(state_dict["sparsifier"])
                 self._metrics.load_state_dict(state_dict.get("metrics"))
                 self._recount = True
@@ -421,11 +420,3 @@ def _checkpoint_holding(
         if len(same) == len(keys) and all(same):
             return folder
     return None
-
-
-def _to_bytes(payload: Mapping[str, Any]) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(dict(payload), buffer)
-    return buffer.getvalue()
