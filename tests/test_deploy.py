@@ -81,6 +81,21 @@ def test_inductor_serves_other_batch_sizes_too():
         torch.testing.assert_close(d(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+def test_inductor_serving_compiles_nothing_more_for_inputs_made_in_or_out_of_inference_mode():
+    """What was compiled (frozen) at deploy is what serves: an input made under inference_mode has other
+    dispatch keys, and a recompile at the first served call ran unfrozen, and past Dynamo's limit of 8
+    per model class, silently in eager (it happened to the benchmarks' timings)."""
+    served = [deploy(_model(), X, backend="inductor") for _ in range(9)]  # more than the limit of 8
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for d in served:
+            with torch.inference_mode():
+                inner = torch.randn(4, 3, 16, 16)
+            d(inner)
+            d(torch.randn(4, 3, 16, 16))
+            with torch.no_grad():
+                d(torch.randn(4, 3, 16, 16))
+
+
 def test_openvino_says_its_precision():
     d = deploy(_model(), X, backend="openvino", dtype="bf16")
     assert d.info["inference_precision"] == "bf16" and d.info["max_relative_diff"] < 6e-2

@@ -127,13 +127,17 @@ class Inductor(Backend):
         info["batchnorm"] = "folded by Inductor's freezing"
         compiled = torch.compile(model, mode=mode)
         with compile_scope(), torch.inference_mode():
-            compiled(x)  # compiles here, with freezing on; later calls of this shape reuse the code
-        shape = tuple(x.shape)
+            # Compiles here, with freezing on. Dynamo guards on the input's dispatch keys, and a tensor made
+            # under inference_mode has other keys than one made outside: both kinds are compiled now, so
+            # that serving either never recompiles outside this scope (unfrozen, or eager past the limit).
+            compiled(x)
+            compiled(x.clone())  # an inference tensor
+        layout = (tuple(x.shape), x.stride())
 
         def run(inp: torch.Tensor) -> Any:
-            if tuple(inp.shape) == shape:
+            if (tuple(inp.shape), inp.stride()) == layout:
                 return compiled(inp)
-            with compile_scope():  # another batch size compiles again: with freezing too
+            with compile_scope():  # another batch size (or layout) compiles again: with freezing too
                 return compiled(inp)
 
         return run, [compiled]
