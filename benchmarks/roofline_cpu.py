@@ -1,16 +1,16 @@
 """Does the roofline predict what the CPU measures? (issue 26, item 2)
 
 This CPU's roofline is measured first (``chase.sparsifier.roofline.measure_device``: a convolution's
-FLOP/s, a large add's bandwidth, a tiny op's overhead). Then, for ResNet-50 (224, batch 32) and CIFAR
-ResNet-18 (32, batch 128), untrained Chase widths (``chase.untrained_slim``, prune_skip) are built four
-ways at the same budget:
+FLOP/s, a large add's bandwidth, a tiny op's overhead, the channel tile). Then, for ResNet-50 (224, batch
+32), CIFAR ResNet-18 and CIFAR ResNet-20 (32, batch 128), untrained Chase widths
+(``chase.untrained_slim``, prune_skip) are built four ways at the same budget:
 
 - ``score``: a MACs budget of 0.5, channels by score (the paper's ranking);
 - ``uniform``: the same budget, every group losing the same share;
 - ``latency-weighted``: the same budget, a group's share growing with its time per MAC (ResNet-50: the
-  committed CPU latency table; CIFAR ResNet-18: this CPU's roofline as the cost model);
-- ``roofline``: a latency budget of 0.5 predicted by this CPU's roofline (fused), channels by score per
-  predicted ms saved.
+  committed CPU latency table; the CIFAR networks: this CPU's roofline as the cost model);
+- ``roofline``: a latency budget of 0.5 predicted by this CPU's roofline (fused), widths in multiples of
+  its tile, channels by score per predicted ms saved.
 
 Every slim model and the dense one are deployed under Inductor (freezing) and timed alternately
 (``chase.bench.benchmark``), and under eager PyTorch; the roofline's predicted speedups (fused for
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "resnet50": (224, 1000, 32, ROOT / "benchmarks" / "results" / "resnet50_latency_table_cpu.json"),
     "cifar_resnet18": (32, 10, 128, None),
+    "cifar_resnet20": (32, 10, 128, None),
 }
 
 
@@ -56,7 +57,11 @@ def widths(name: str, size: int, classes: int, batch: int, table: Path | None, d
         "score": (spec, Budget.macs(0.5)),
         "uniform": (spec.replace(channel_rank="uniform"), Budget.macs(0.5)),
         "latency-weighted": (spec.replace(channel_rank="latency_weighted"), Budget.macs(0.5, weigh)),
-        "roofline": (spec.replace(channel_rank="score_per_cost"), Budget.latency(0.5, fused)),
+        # channel_multiple unset: the device's tile, as a user of the roofline gets it
+        "roofline": (
+            spec.replace(channel_rank="score_per_cost", channel_multiple=None),
+            Budget.latency(0.5, fused),
+        ),
     }
     models = {"dense": dense}
     with warnings.catch_warnings():
@@ -136,10 +141,10 @@ def markdown(payload: dict) -> str:
         "",
         f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, fp32, {m['date']}. This CPU's "
         f"roofline, measured: {d['flops'] / 1e9:.1f} GFLOP/s (a 3x3 convolution), {d['bandwidth'] / 1e9:.1f} "
-        f"GB/s (a large add), {d['launch_eager'] * 1e6:.1f} us per eager op. UNTRAINED widths "
-        "(`chase.untrained_slim`, "
-        "prune_skip, S_c 0.5 floors): `score`, `uniform`, `latency-weighted` at MACs 0.5; `roofline` at a "
-        "latency budget of 0.5 by this roofline (fused), ranked by score per predicted ms. Measured: "
+        f"GB/s (a large add), {d['launch_eager'] * 1e6:.1f} us per eager op, a channel tile of "
+        f"{d.get('tile', 1)}. UNTRAINED widths (`chase.untrained_slim`, prune_skip, S_c 0.5 floors): "
+        "`score`, `uniform`, `latency-weighted` at MACs 0.5 (any width); `roofline` at a latency budget of "
+        "0.5 by this roofline (fused), ranked by score per predicted ms, in multiples of the tile. Measured: "
         "medians of alternating timings (`chase.bench.benchmark`), dense and slim under the same backend; "
         "predicted: the roofline fused (Inductor) or eager.",
         "",

@@ -82,10 +82,10 @@ def test_inductor_serves_other_batch_sizes_too():
 
 
 def test_inductor_serving_compiles_nothing_more_for_inputs_made_in_or_out_of_inference_mode():
-    """What was compiled (frozen) at deploy is what serves: an input made under inference_mode has other
-    dispatch keys, and a recompile at the first served call ran unfrozen, and past Dynamo's limit of 8
-    per model class, silently in eager (it happened to the benchmarks' timings)."""
-    served = [deploy(_model(), X, backend="inductor") for _ in range(9)]  # more than the limit of 8
+    """What was compiled (frozen) at deploy is what serves: an input made under inference_mode (the user's,
+    or Deployed's own conversion to channels-last or another dtype) has other dispatch keys; it was
+    recompiled at its first call, unfrozen, and past Dynamo's limit of 8 per model class, silently eager."""
+    served = [deploy(_model(), X, backend="inductor", channels_last=i % 2 == 1) for i in range(9)]  # > 8
     with torch.compiler.set_stance("fail_on_recompile"):
         for d in served:
             with torch.inference_mode():

@@ -34,6 +34,51 @@ def test_the_time_of_a_linear_layer_is_the_roofline_by_hand():
         assert got == pytest.approx(1e3 * want, rel=1e-9)
 
 
+def _compute_bound(tile: int) -> Device:
+    return Device(
+        "toy", "cpu", "fp32", 1e9, 1e18, 0.0, 0.0, tile, compute_efficiency=1.0, memory_efficiency=1.0
+    )
+
+
+@pytest.mark.parametrize(
+    "layer, x, flops, padded",
+    [  # (FLOPs, FLOPs at a tile of 8): both weight dims of a product, a convolution's out and in channels,
+        # a depthwise convolution's channels but not its one input channel per group
+        (nn.Linear(100, 50, bias=False), torch.zeros(1, 100), 2 * 100 * 50, 2 * 104 * 56),
+        (
+            nn.Conv2d(20, 10, 3, bias=False),
+            torch.zeros(1, 20, 8, 8),
+            2 * 10 * 20 * 9 * 36,
+            2 * 16 * 24 * 9 * 36,
+        ),
+        (
+            nn.Conv2d(20, 20, 3, groups=20, bias=False),
+            torch.zeros(1, 20, 8, 8),
+            2 * 20 * 9 * 36,
+            2 * 24 * 9 * 36,
+        ),
+        (
+            nn.ConvTranspose2d(12, 20, 1, bias=False),
+            torch.zeros(1, 12, 4, 4),
+            2 * 12 * 20 * 16,
+            2 * 16 * 24 * 16,
+        ),
+    ],
+)
+def test_a_devices_tile_rounds_up_the_channels_a_weighted_kernel_computes(layer, x, flops, padded):
+    """Kernels compute whole tiles of channels: 50 channels cost what 56 do at a tile of 8."""
+    for tile, want in ((1, flops), (8, padded)):
+        got = Roofline(_compute_bound(tile), fused=False, batch_size=1).predict_ms(layer.eval(), x)
+        assert got == pytest.approx(1e3 * want / 1e9, rel=1e-9), tile
+
+
+def test_at_the_tile_a_narrower_unaligned_width_saves_nothing_and_an_aligned_one_does():
+    roof = Roofline(_compute_bound(16), fused=True, batch_size=8)
+    x = torch.zeros(1, 64, 8, 8)
+    time = {c: roof.predict_ms(nn.Conv2d(64, c, 3, bias=False).eval(), x) for c in (64, 54, 49, 48)}
+    assert time[64] == time[54] == time[49] > time[48]
+
+
 def test_a_fusing_runtime_costs_less_than_eager_and_folds_batchnorm():
     model = TinyResNet(width=16).eval()
     x = EXAMPLE[:1]
@@ -78,6 +123,7 @@ def test_bad_rooflines_are_refused(text, words):
 def test_a_measured_device_file_is_a_roofline(tmp_path):
     device = measure_device("cpu", repeats=3)
     assert device.kind == "cpu" and device.flops > 1e8 and device.bandwidth > 1e8 and device.launch_eager > 0
+    assert device.tile in (1, 2, 4, 8, 16, 32, 64) and f"channel tile {device.tile}" in device.source
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps({"device": device.__dict__}))
     r = Roofline.parse(f"{path}@16")

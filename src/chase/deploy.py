@@ -128,8 +128,9 @@ class Inductor(Backend):
         compiled = torch.compile(model, mode=mode)
         with compile_scope(), torch.inference_mode():
             # Compiles here, with freezing on. Dynamo guards on the input's dispatch keys, and a tensor made
-            # under inference_mode has other keys than one made outside: both kinds are compiled now, so
-            # that serving either never recompiles outside this scope (unfrozen, or eager past the limit).
+            # under inference_mode (as Deployed makes one when it converts the layout or dtype) has other
+            # keys than one made outside: both kinds are compiled now, so that serving either never
+            # recompiles outside this scope (unfrozen, and past Dynamo's limit of 8 per class, eager).
             compiled(x)
             compiled(x.clone())  # an inference tensor
         layout = (tuple(x.shape), x.stride())

@@ -107,7 +107,8 @@ def _roofline(args: argparse.Namespace) -> int:
     atomic_write_text(args.out, json.dumps({"device": dataclasses.asdict(device)}, indent=2) + "\n")
     print(
         f"wrote {args.out}: {device.name} ({args.dtype}) conv {device.flops / 1e9:.1f} GFLOP/s, "
-        f"bandwidth {device.bandwidth / 1e9:.1f} GB/s, per-op overhead {device.launch_eager * 1e6:.1f} us; "
+        f"bandwidth {device.bandwidth / 1e9:.1f} GB/s, per-op overhead {device.launch_eager * 1e6:.1f} us, "
+        f"channel tile {device.tile}; "
         f"use it as --roofline {args.out} or roofline: {args.out}"
     )
     return 0

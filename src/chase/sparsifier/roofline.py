@@ -17,10 +17,14 @@ sum over its kernels, scaled to ``batch_size``. Two ways of running it:
   BatchNorm folds into the convolution, pointwise operations (activations, residual adds) run in the
   producing kernel's epilogue and cost only the extra operands they read; launches are cheaper.
 
+Alignment: kernels compute whole tiles of channels (tensor-core tiles on a GPU, the channel blocks of
+oneDNN's convolutions on a CPU), so a convolution or a matrix product with weights computes as if its
+output channels and (ungrouped) input channels were rounded up to the device's ``tile``: 54 channels cost
+what 56 do at a tile of 8. The device's tile is also the default ``channel_multiple`` under a roofline.
+
 A channel's saving is measured the same way: the model with one more channel of a group removed (on a meta
 copy) against the model as it is. What the model does not capture: cache effects, algorithm choice per
-shape, alignment (odd widths leaving tensor-core paths: use ``channel_multiple``, whose default under a
-roofline is the device's tile), overlap of launches with work.
+shape, overlap of launches with work.
 """
 
 from __future__ import annotations
@@ -183,6 +187,15 @@ class _Kernel:
     act_bytes: float
     weight_bytes: float
     epilogue_bytes: float
+    #: the channel dims a device's tile rounds up (a weighted kernel's output and ungrouped input channels).
+    channels: tuple[int, ...] = ()
+
+    def padded(self, tile: int) -> float:
+        """The FLOPs the device computes at channel ``tile``: each channel dim rounded up to it."""
+        flops = self.flops
+        for c in self.channels:
+            flops *= math.ceil(c / tile) * tile / c
+        return flops
 
 
 _ZERO_COST = {"empty", "empty_like", "zeros", "ones", "full", "detach", "lift_fresh", "_to_copy"}
@@ -235,8 +248,29 @@ class _Recorder(TorchDispatchMode):
         # input), not the activation the producer already holds.
         act_inputs = [t for t in inputs if id(t) not in self.params]
         epilogue = sum(self._bytes(t) for t in act_inputs[1:]) if kind == "pointwise" else 0.0
-        self.kernels.append(_Kernel(kind, flops, acts, weights, epilogue))
+        channels = (
+            _tiled_channels(name, args, [t for t in inputs if id(t) in self.params])
+            if kind == "matmul"
+            else ()
+        )
+        self.kernels.append(_Kernel(kind, flops, acts, weights, epilogue, channels))
         return out
+
+
+def _tiled_channels(name: str, args: Any, weights: list[torch.Tensor]) -> tuple[int, ...]:
+    """The channel dims of a weighted kernel that a device's tile rounds up: a convolution's output channels
+    and, ungrouped, its input channels (a depthwise convolution's one input channel per group is not a
+    channel block); a matrix product's two weight dims (a Linear weight, transposed or not). None for a
+    product of activations (attention): its dims are not Chase's channels."""
+    weight = next((w for w in weights if w.dim() >= 2), None)
+    if weight is None:
+        return ()
+    if name == "convolution":
+        groups = args[8] if len(args) > 8 else 1
+        transposed = bool(args[6]) if len(args) > 6 else False
+        cout, cin = (weight.shape[1] * groups, weight.shape[0]) if transposed else weight.shape[:2]
+        return (int(cout),) if groups != 1 else (int(cout), int(cin))
+    return tuple(int(c) for c in weight.shape[-2:])
 
 
 def _flat(args: Any, kwargs: Any) -> list[Any]:
@@ -357,7 +391,7 @@ class Roofline:
             if self.fused and k.kind in ("pointwise", "norm"):  # in the producer's epilogue / folded
                 total += k.epilogue_bytes * b / bandwidth
                 continue
-            compute = k.flops * b / flops if k.kind == "matmul" else 0.0
+            compute = k.padded(d.tile) * b / flops if k.kind == "matmul" else 0.0
             total += max(compute, (k.act_bytes * b + k.weight_bytes) / bandwidth) + launch
         return total
 
@@ -475,8 +509,10 @@ def measure_device(
     with torch.no_grad():
         conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(dev, dt).eval()
         x = torch.randn(8, 64, 56, 56, device=dev, dtype=dt)
-        conv_s = median_time(lambda: conv(x))
+        # The faster layout is the peak (compiled runtimes pick it: oneDNN's blocked channels, NHWC on GPUs).
+        conv_s = min(median_time(lambda: conv(x)), _channels_last_time(conv, x, median_time))
         flops = 2 * 8 * 64 * 64 * 9 * 56 * 56 / conv_s
+        tile = _measure_tile(dev, dt, median_time)
         a = torch.randn(16 * 1024 * 1024, device=dev, dtype=dt)
         b = torch.randn_like(a)
         add_s = median_time(lambda: torch.add(a, b))
@@ -492,10 +528,43 @@ def measure_device(
         bandwidth,
         launch,
         launch / 4,
-        1,
+        tile,
         1.0,
         1.0,
         source=f"measured by chase.sparsifier.roofline.measure_device on {time.strftime('%Y-%m-%d')} "
         f"({torch.get_num_threads()} threads): conv {flops / 1e9:.1f} GFLOP/s, add "
-        f"{bandwidth / 1e9:.1f} GB/s, tiny op {launch * 1e6:.1f} us (fused launch assumed a quarter of it)",
+        f"{bandwidth / 1e9:.1f} GB/s, tiny op {launch * 1e6:.1f} us (fused launch assumed a quarter of it), "
+        f"channel tile {tile}",
     )
+
+
+def _channels_last_time(conv: nn.Module, x: torch.Tensor, median_time: Any) -> float:
+    conv = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return median_time(lambda: conv(x))
+
+
+#: a convolution's output channels count as one tile while halving them saves less than this share.
+_TILE_SAVING = 0.15
+
+
+def _measure_tile(dev: torch.device, dt: torch.dtype, median_time: Any) -> int:
+    """The channel block the device's convolutions compute in: the largest T of 2..32 whose output
+    channels cost as much at T/2 as at T (a 3x3 convolution of 64 input channels, channels-last: 16x16 at
+    batch 32 on a CPU, 56x56 at batch 256 on a GPU, where a smaller one is launch-bound), 1 when halving
+    always pays or the convolution costs the same at every width (overhead-bound: no block shows)."""
+    batch, size = (256, 56) if dev.type == "cuda" else (32, 16)
+    x = torch.randn(batch, 64, size, size, device=dev, dtype=dt).contiguous(memory_format=torch.channels_last)
+
+    def cost(cout: int) -> float:
+        conv = nn.Conv2d(64, cout, 3, padding=1, bias=False).to(dev, dt).eval()
+        conv = conv.to(memory_format=torch.channels_last)
+        return median_time(lambda: conv(x))
+
+    times = {c: cost(c) for c in (1, 2, 4, 8, 16, 32, 64)}
+    if times[1] > (1 - _TILE_SAVING) * times[64]:  # flat throughout: overhead-bound, no block to see
+        return 1
+    for tile in (32, 16, 8, 4, 2):
+        if times[tile // 2] > (1 - _TILE_SAVING) * times[tile]:
+            return tile
+    return 1
