@@ -416,9 +416,12 @@ class Roofline:
         return self.predict_ms(pruner.module, example)
 
     def channel_saving_ms(self, pruner: Any, example: Any) -> list[float]:
-        """Per group, the predicted time with one more channel (unit) of it removed, under the current
-        time: each on a meta copy of the model as it is."""
-        return self._savings(pruner, example, lambda alive: alive[:1])
+        """Per group, what a channel (unit) saves: the current time less the predicted time with one step
+        of the group removed, per channel of the step, each on a meta copy of the model as it is. A step
+        is a tile (or the channel multiple, if larger): one channel of 64 at a tile of 16 saves no compute
+        (63 computes as 64), and budgets counted in such savings would remove far too much."""
+        step = max(self.tile, int(getattr(pruner.spec, "channel_multiple", None) or 1))
+        return self._savings(pruner, example, lambda alive: alive[: max(1, min(step, alive.numel() - 1))])
 
     def mean_saving_ms(self, pruner: Any, example: Any) -> list[float]:
         """Per group, what a channel saves on average from the current width down to half of it."""
