@@ -94,6 +94,15 @@ def test_inductor_serving_compiles_nothing_more_for_inputs_made_in_or_out_of_inf
             d(torch.randn(4, 3, 16, 16))
             with torch.no_grad():
                 d(torch.randn(4, 3, 16, 16))
+            d(torch.randn(4, 3, 16, 16, requires_grad=True))  # history is dropped, not compiled for
+            d(torch.randn(4, 3, 16, 32)[..., ::2])  # strided: made contiguous in the served layout
+            d(torch.randn(4, 3, 16, 16, dtype=torch.float64))
+
+
+def test_chase_deploy_is_the_function():
+    import chase
+
+    assert chase.deploy is deploy
 
 
 def test_openvino_says_its_precision():

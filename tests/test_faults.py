@@ -401,7 +401,7 @@ def _bad_commands(run: pathlib.Path) -> list[tuple[list[str], str]]:
         (["profile", "--roofline", "-m", "resnet18", "-o", str(run / "r.json")], "drop --model"),
         (
             ["flops", "--model", "resnet18", "--latency-ratio", "0.5", "--latency-table", "h200"],
-            "h200 roofline",
+            "is a roofline's device",
         ),
         (
             [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import pathlib
 import shutil
 import warnings
@@ -71,6 +72,17 @@ def test_a_channel_spec_refuses_bad_options_on_construction(options, words):
 def test_a_budget_refuses_bad_options_on_construction(build, words):
     with pytest.raises(ValueError, match=words):
         build()
+
+
+def test_a_roofline_device_file_given_as_a_latency_table_is_named_as_a_roofline(tmp_path):
+    from chase.sparsifier.roofline import DEVICES
+
+    path = tmp_path / "cpu.json"  # as `chase profile --roofline` writes it
+    path.write_text(json.dumps({"device": dataclasses.asdict(DEVICES["t4"])}))
+    with pytest.raises(ValueError, match=r"is a roofline's device, not a latency table: give Roofline.parse"):
+        Budget.latency(0.5, str(path))
+    with pytest.raises(ValueError, match=r"is a roofline's device"):
+        Budget.latency(0.5, f"{path}@64")
 
 
 def test_the_flat_keywords_warning_names_the_callers_line_through_torch_decorators(monkeypatch):

@@ -71,9 +71,12 @@ class Deployed:
     keep: list[Any] = field(default_factory=list, repr=False)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the deployed device, dtype and memory layout."""
-        x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        """``x`` on the deployed device, dtype and memory layout (contiguous in it), without autograd
+        history: what the compiled code was compiled for (a requires-grad or strided input of the same
+        shape would compile again)."""
+        x = x.detach().to(self.device, self.dtype if x.is_floating_point() else x.dtype)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
 
     def __call__(self, x: torch.Tensor) -> Any:
         with torch.inference_mode():  # serving: no autograd (and compiled code guards on the mode)

@@ -6,8 +6,8 @@ A cost model answers, for a :class:`~chase.sparsifier.pruner.ChannelPruner` (its
 widths) and a one-example input:
 
 - ``model_ms(pruner, example)``: the model's forward time now (ms);
-- ``channel_saving_ms(pruner, example)``: per prunable group, what removing one more channel (unit) saves
-  now;
+- ``channel_saving_ms(pruner, example)``: per prunable group, what one more channel (unit) removed saves
+  now (a roofline counts it over a step of its device's tile);
 - ``mean_saving_ms(pruner, example)``: per group, what a channel saves on average from the dense width
   (what ``channel_rank="latency_weighted"`` weighs groups by, once, at the start of a run);
 - ``check(pruner, example)``: refuse (``ValueError``) a model it was not made for;
@@ -18,6 +18,7 @@ widths) and a one-example input:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,14 +78,27 @@ class CostSource:
 
 
 def _load_table(value: Any) -> LatencyTable:
-    """A latency table from its file or dict; a roofline's device name given instead is named as one."""
-    if isinstance(value, str) and not os.path.exists(value) and split_option(value)[0] in DEVICES:
+    """A latency table from its file or dict; a roofline's device (a preset name, or a file `chase profile
+    --roofline` wrote) given instead is named as one."""
+    if isinstance(value, (str, os.PathLike)) and _is_roofline(value):
         raise ValueError(
-            f"{value!r} is not a latency table's file: for the {split_option(value)[0]} roofline give "
-            f"Roofline.parse({value!r}) (chase.sparsifier.roofline), roofline={value} in a config or "
+            f"{str(value)!r} is a roofline's device, not a latency table: give "
+            f"Roofline.parse({str(value)!r}) (chase.sparsifier.roofline), roofline={value} in a config or "
             f"--roofline {value}"
         )
     return LatencyTable.load(value)
+
+
+def _is_roofline(value: str | os.PathLike) -> bool:
+    device = split_option(str(value))[0]
+    if not os.path.exists(device):
+        return device in DEVICES
+    try:  # a device file: {"device": {...}} as `chase profile --roofline` writes it
+        with open(device, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("device"), dict) and "flops" in data["device"]
 
 
 #: every kind of cost model by the option that gives it.

@@ -22,9 +22,10 @@ oneDNN's convolutions on a CPU), so a convolution or a matrix product with weigh
 output channels and (ungrouped) input channels were rounded up to the device's ``tile``: 54 channels cost
 what 56 do at a tile of 8. The device's tile is also the default ``channel_multiple`` under a roofline.
 
-A channel's saving is measured the same way: the model with one more channel of a group removed (on a meta
-copy) against the model as it is. What the model does not capture: cache effects, algorithm choice per
-shape, overlap of launches with work.
+A channel's saving is measured the same way: the model with one more step of a group removed (a step is
+the tile, or the channel multiple if larger; on a meta copy) against the model as it is, per channel.
+What the model does not capture: cache effects, algorithm choice per shape, overlap of launches with
+work.
 """
 
 from __future__ import annotations
