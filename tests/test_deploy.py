@@ -99,12 +99,6 @@ def test_inductor_serving_compiles_nothing_more_for_inputs_made_in_or_out_of_inf
             d(torch.randn(4, 3, 16, 16, dtype=torch.float64))
 
 
-def test_chase_deploy_is_the_function():
-    import chase
-
-    assert chase.deploy is deploy
-
-
 def test_openvino_says_its_precision():
     d = deploy(_model(), X, backend="openvino", dtype="bf16")
     assert d.info["inference_precision"] == "bf16" and d.info["max_relative_diff"] < 6e-2

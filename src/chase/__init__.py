@@ -1,9 +1,6 @@
 """chase: channel-aware dynamic sparse training for PyTorch."""
 
 from chase.analysis import ChannelStats, channel_stats
-from chase.deploy import (
-    deploy,
-)  # the function: chase.deploy(model, x, backend=...) (the module: chase.deploy's)
 from chase.flops import FlopReport, count_flops, training_flops
 from chase.graph import channel_groups
 from chase.pretrained import from_pretrained, push_to_hub, save_pretrained
@@ -46,7 +43,6 @@ __all__ = [
     "channel_groups",
     "channel_stats",
     "count_flops",
-    "deploy",
     "from_pretrained",
     "load_slim",
     "prune_channels",
