@@ -99,6 +99,7 @@ METHODS = {
     "chase_lat0.5_roofline_uniform": "chase_lat0.5_skip_roofline_uniform",
     "chase_lat0.5_roofline_m8": "chase_lat0.5_skip_roofline_m8",
     "chase_lat0.5_roofline_tiled": "chase_lat0.5_skip_roofline_tiled",
+    "chase_lat0.45_roofline_m8": "chase_lat0.45_skip_roofline_m8",
 }
 SMOKE = ["epochs=1", "train_limit=1024", "update_every=2", "channel_every=2", "channel_end_epoch=0.8"]
 SMOKE += ["bn_recalibrate=2", "speedup_batch=8"]
