@@ -18,14 +18,13 @@ widths) and a one-example input:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from chase.sparsifier.latency import LatencyTable
-from chase.sparsifier.roofline import DEVICES, Roofline, split_option
+from chase.sparsifier.roofline import DEVICES, Roofline, read_device, split_option
 
 __all__ = [
     "COST_SOURCES",
@@ -93,12 +92,11 @@ def _is_roofline(value: str | os.PathLike) -> bool:
     device = split_option(str(value))[0]
     if not os.path.exists(device):
         return device in DEVICES
-    try:  # a device file: {"device": {...}} as `chase profile --roofline` writes it
-        with open(device, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError):
+    try:  # a device file, read as the roofline reads it
+        read_device(device)
+    except ValueError:
         return False
-    return isinstance(data, dict) and isinstance(data.get("device"), dict) and "flops" in data["device"]
+    return True
 
 
 #: every kind of cost model by the option that gives it.

@@ -203,17 +203,19 @@ class ChannelPruner:
             )
             if step == 0:
                 left = kind.measure(self, example_inputs)
+                floors = f"min_channel_ratio {self.spec.min_channel_ratio}"
                 multiple = self.spec.channel_multiple or 1
+                if multiple > 1:
+                    floors += (
+                        f" and one multiple of channel_multiple {multiple} (a roofline's default: its tile)"
+                    )
                 warnings.warn(
                     f"{kind.name} budget not reached: {left:,} {kind.unit} left for {target:,} allowed, and "
-                    "every prunable group is at its floor: min_channel_ratio "
-                    f"{self.spec.min_channel_ratio}"
-                    + (f" and one multiple of channel_multiple {multiple} (a roofline's default: its tile)"
-                       if multiple > 1 else "")
-                    + "; lower them, or raise the budget (what is left is time or size no channel removal "
-                    "touches: launches, the input, layers kept whole)",
+                    f"every prunable group is at its floor: {floors}; lower them, or raise the budget (what "
+                    "is left is time or size no channel removal touches: launches, the input, layers kept "
+                    "whole)",
                     stacklevel=3,
-                )  # fmt: skip
+                )
                 break
             removed += step
         return removed

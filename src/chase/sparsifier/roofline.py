@@ -51,7 +51,7 @@ from chase.nested import map_tensors
 from chase.sparsifier.dry_run import meta_copy
 from chase.surgery import remove_channels
 
-__all__ = ["DEVICES", "Device", "Roofline", "measure_device"]
+__all__ = ["DEVICES", "Device", "Roofline", "measure_device", "read_device"]
 
 ROOFLINE_FORMAT_VERSION = 1
 #: bytes per element of the deployed dtypes.
@@ -323,7 +323,7 @@ class Roofline:
     """
 
     def __init__(self, device: Union[str, os.PathLike, Device], *, fused: bool = True, batch_size: int = 32):
-        self.device = _device(device)
+        self.device = read_device(device)
         if not isinstance(fused, bool):
             raise ValueError(f"fused must be True or False, got {fused!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -421,7 +421,7 @@ class Roofline:
         of the group removed, per channel of the step, each on a meta copy of the model as it is. A step
         is a tile (or the channel multiple, if larger): one channel of 64 at a tile of 16 saves no compute
         (63 computes as 64), and budgets counted in such savings would remove far too much."""
-        step = max(self.tile, int(getattr(pruner.spec, "channel_multiple", None) or 1))
+        step = max(self.tile, pruner.spec.channel_multiple or 1)
         return self._savings(pruner, example, lambda alive: alive[: max(1, min(step, alive.numel() - 1))])
 
     def mean_saving_ms(self, pruner: Any, example: Any) -> list[float]:
@@ -463,7 +463,9 @@ class Roofline:
         return out
 
 
-def _device(value: Union[str, os.PathLike, Device]) -> Device:
+def read_device(value: Union[str, os.PathLike, Device]) -> Device:
+    """The :class:`Device` a preset name, a :class:`Device` or a file `chase profile --roofline` wrote
+    gives; ``ValueError`` naming what is wrong otherwise."""
     if isinstance(value, Device):
         return value
     if isinstance(value, str) and value.lower() in DEVICES:
